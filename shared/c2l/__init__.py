@@ -1,0 +1,1 @@
+"""fedst shared/c2l."""

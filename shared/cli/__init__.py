@@ -1,0 +1,1 @@
+"""The `fedst` command line. Each command group lives in its own module and imports heavy libraries lazily."""

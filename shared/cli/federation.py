@@ -1,0 +1,7 @@
+"""`fedst` commands of the federation module."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the top-level app."""

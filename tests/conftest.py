@@ -1,0 +1,34 @@
+"""Shared fixtures: the real data in ../shared/data (skipped cleanly when absent) and a generated consortium."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FEDST_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared/data; skips the calling test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} (../shared/data is absent)")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    return shared_path()
+
+
+@pytest.fixture(scope="session")
+def synthetic_consortium(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated consortium (3 sites, fixed seed) in the real on-disk formats, shared by the session."""
+    from shared.synthetic import generate_consortium
+
+    out = tmp_path_factory.mktemp("consortium")
+    generate_consortium(out, n_sites=3, seed=0)
+    return out
