@@ -49,3 +49,9 @@ PREDICTED = "predicted"
 
 DRIFT = "drift"
 """uns key: DRIFT parameters recorded on its output."""
+
+PREDICTED_BASELINE = "predicted_knn"
+"""layers key: the kNN cell-to-spot baseline's imputation, written beside SpaDiT's by ``fedst impute``."""
+
+SPADIT = "spadit"
+"""uns key: SpaDiT parameters, metrics and timings recorded on ``fedst impute`` output."""

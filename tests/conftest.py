@@ -32,3 +32,15 @@ def synthetic_consortium(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("consortium")
     generate_consortium(out, n_sites=3, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_stores(synthetic_consortium: Path, tmp_path_factory: pytest.TempPathFactory) -> list:
+    """The generated consortium's sites prepared as 32 px patch stores (the tiny preset's resolution)."""
+    from shared.store.prepare import prepare_store
+
+    out = tmp_path_factory.mktemp("stores")
+    return [
+        prepare_store(site / "site.toml", out / site.name, patch_px=32, progress=False)
+        for site in sorted(synthetic_consortium.glob("site-*"))
+    ]

@@ -1,1 +1,32 @@
-"""fedst shared/c2l."""
+"""C2L-ST: central histology diffusion model, gene-conditioned local modulation, DP adaptation, synthesis.
+
+Flower-free (the federation drives these functions with plain torch state dicts). Torch and diffusers are
+imported lazily: `from shared.c2l import create_central` loads them only when the name is first used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "create_central": "shared.c2l.central",
+    "CentralDiffusion": "shared.c2l.central",
+    "train_central": "shared.c2l.train",
+    "adapt": "shared.c2l.adapt",
+    "DPConfig": "shared.c2l.dp",
+    "ConditionedDiffusion": "shared.c2l.modulation",
+    "create_conditioned": "shared.c2l.modulation",
+    "save_adapter": "shared.c2l.modulation",
+    "load_adapter": "shared.c2l.modulation",
+    "synthesize": "shared.c2l.synthesize",
+    "audit": "shared.c2l.audit",
+    "EMA": "shared.c2l.ema",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'shared.c2l' has no attribute {name!r}")

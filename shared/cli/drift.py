@@ -1,7 +1,81 @@
-"""`fedst` commands of the drift module."""
+"""`fedst drift` (heat-kernel smoothing of an h5ad) and `fedst evaluate` (all metrics of a prediction)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+def _read_h5ad(path: Path, what: str):
+    import anndata
+
+    from shared.errors import FedstError
+
+    if not path.is_file():
+        raise FedstError(f"{what}: file not found: {path}")
+    try:
+        return anndata.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for a non-h5ad file
+        raise FedstError(f"{what}: {path} is not a readable .h5ad file ({type(exc).__name__}: {exc})") from exc
+
+
+def drift(
+    input: Path = typer.Argument(..., help="Input .h5ad (obsm['spatial'] required; obs['section'] splits the graph)."),
+    out: Path = typer.Option(..., "--out", help="Output .h5ad."),
+    t: float = typer.Option(2.0, "--t", help="Diffusion time."),
+    k: int = typer.Option(3, "--k", help="Neighbour parameter (threshold: k*N-th distance; knn: k neighbours)."),
+    graph: str = typer.Option("threshold", "--graph", help="threshold | knn | radius"),
+    radius: Optional[float] = typer.Option(None, "--radius", help="Radius of the radius graph (coordinate units)."),
+    laplacian: str = typer.Option("unnormalised", "--laplacian", help="unnormalised | normalised"),
+    embedding: Optional[str] = typer.Option(None, "--embedding", help="Diffuse obsm[KEY] into obsm[KEY_drift] instead of X."),
+    method: str = typer.Option("chebyshev", "--method", help="chebyshev | expm_multiply | dense (parity, small N)"),
+) -> None:
+    """Smooth expression (or an embedding) with DRIFT's heat kernel exp(-tL) over the spatial graph."""
+    from shared import keys
+    from shared.downstream.drift import drift_adata
+    from shared.errors import require
+
+    require(graph in ("threshold", "knn", "radius"), f"--graph: expected threshold, knn or radius, got {graph!r}")
+    require(laplacian in ("unnormalised", "normalised"), f"--laplacian: expected unnormalised or normalised, got {laplacian!r}")
+    adata = _read_h5ad(input, "input")
+    result = drift_adata(
+        adata, t=t, k=k, graph=graph, radius=radius, laplacian_kind=laplacian, embedding=embedding, method=method  # type: ignore[arg-type]
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.write_h5ad(out)
+    info = result.uns[keys.DRIFT]
+    typer.echo(
+        f"drift: {adata.n_obs} spots, {info['n_edges']} edges, {info['n_isolated']} isolated, "
+        f"t={t}, graph={graph} -> {out}"
+    )
+
+
+def evaluate(
+    pred: Path = typer.Argument(..., help="Prediction .h5ad (layers['predicted'] if present, else X)."),
+    truth: Path = typer.Argument(..., help="Truth .h5ad (X; obsm['spatial'] for SSC)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write all metrics (incl. per gene) as JSON."),
+    top_k: int = typer.Option(50, "--top-k", help="k of pcc_top_k."),
+) -> None:
+    """Compare a prediction with the truth (spots and genes paired by name) and print every metric."""
+    import json
+
+    from shared.downstream.metrics import evaluate_anndata
+
+    result = evaluate_anndata(_read_h5ad(pred, "prediction"), _read_h5ad(truth, "truth"), top_k=top_k)
+    for key, value in result.items():
+        if key == "per_gene":
+            continue
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        typer.echo(f"{key:<24} {shown}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+        typer.echo(f"metrics written to {json_out}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level app."""
+    """Add `drift` and `evaluate` to the top-level app."""
+    app.command("drift")(drift)
+    app.command("evaluate")(evaluate)

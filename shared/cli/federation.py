@@ -1,7 +1,60 @@
-"""`fedst` commands of the federation module."""
+"""`fedst demo` and `fedst federation ...`: the main job and helpers around a Flower federation."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
+
+federation_app = typer.Typer(help="Inspect federated runs.", no_args_is_help=True, add_completion=False)
+
+
+def demo(
+    sites: int = typer.Option(3, "--sites", help="number of simulated sites"),
+    out: Path = typer.Option(Path("fedst-demo"), "--out", help="folder for the consortium, runs and site work dirs"),
+    preset: str = typer.Option("synthetic", "--preset", help="synthetic (generated consortium) | her2st (../shared/data)"),
+    backend: str = typer.Option("c2l", "--backend", help="c2l (the real workflow) | toy (tiny CNN, seconds)"),
+    rounds: int = typer.Option(0, "--rounds", help="pretraining rounds (0: run config default)"),
+    strategy: str = typer.Option("", "--strategy", help="fedavg | fedprox | fedadam (empty: run config default)"),
+    timeout: float = typer.Option(3600.0, "--timeout", help="seconds before the run is stopped"),
+) -> None:
+    """Run the whole consortium workflow (pretrain, adapt, synthesize, downstream) as a Flower simulation."""
+    from shared.federation.demo import run_demo
+
+    overrides: dict = {"backend": backend}
+    if rounds:
+        overrides["rounds-pretrain"] = rounds
+    if strategy:
+        overrides["strategy"] = strategy
+    if preset == "her2st":
+        overrides.setdefault("patch-px", 32)
+    run_demo(out, sites=sites, preset=preset, overrides=overrides, timeout=timeout, echo=typer.echo)
+
+
+@federation_app.command("status")
+def status(run_dir: Path = typer.Argument(..., help="a run directory (holds results.json)")) -> None:
+    """Summarise a run directory: status, phases, rounds, per-site metrics, failures."""
+    import json
+
+    from shared.errors import FedstError
+
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise FedstError(f"{path}: no results.json (expected a fedst run directory)")
+    results = json.loads(path.read_text())
+    typer.echo(f"run {results.get('run')}: {results.get('status')}" + (f" ({results['error']})" if results.get("error") else ""))
+    for phase, block in results.get("phases", {}).items():
+        rounds = block.get("rounds", [])
+        typer.echo(f"  {phase}: {len(rounds)} rounds" if rounds else f"  {phase}")
+        sites = block.get("sites") or (rounds[-1]["sites"] if rounds else {})
+        for site, metrics in sorted(sites.items()):
+            typer.echo(f"    {site}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        failed = {**block.get("failed", {}), **(rounds[-1].get("failed", {}) if rounds else {})}
+        for site, why in failed.items():
+            typer.echo(f"    {site} FAILED: {why}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
+    app.command("demo")(demo)
+    app.add_typer(federation_app, name="federation")

@@ -1,7 +1,81 @@
-"""`fedst` commands of the predict module."""
+"""`fedst predict` (H&E -> expression for a section or store) and `fedst train-predictor`."""
+
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
 
+def predict(
+    model: Path = typer.Option(..., "--model", help="Predictor directory written by `fedst train-predictor`."),
+    section: Path = typer.Option(..., "--section", help="A SITE.toml (prepared on the fly with the model's patch "
+                                 "parameters) or a patch store directory."),
+    out: Path = typer.Option(..., "--out", help="Output .h5ad (PNG heatmaps are written beside it)."),
+    top: int = typer.Option(4, "--top", help="Number of genes (most variable) in the heatmaps."),
+    sample_steps: Optional[int] = typer.Option(None, "--sample-steps", help="FLAG: Heun steps (default: the model's)."),
+    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="FLAG: samples averaged (default: the model's)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+) -> None:
+    """Predict expression from H&E; writes AnnData (X = prediction, obsm spatial, truth in layers if measured)."""
+    import tempfile
+
+    from shared.downstream.predictor import load_predictor, plot_prediction, prediction_adata
+    from shared.errors import require
+    from shared.store.format import PatchStore, is_store
+
+    require(out.suffix == ".h5ad", f"--out {out}: expected a path ending in .h5ad")
+    predictor = load_predictor(model)
+    kw = {k: v for k, v in (("sample_steps", sample_steps), ("n_samples", n_samples)) if v is not None}
+    require(not kw or predictor.kind == "flag", "--sample-steps/--n-samples apply only to FLAG models")
+    with tempfile.TemporaryDirectory(prefix="fedst-predict-") as tmp:
+        if is_store(section):
+            store = PatchStore(section)
+        else:
+            require(section.is_file() and section.suffix == ".toml", f"--section {section}: expected a SITE.toml or a patch store directory")
+            from shared.store.prepare import prepare_store
+
+            params = predictor.patch_params
+            store = prepare_store(section, Path(tmp) / "store", panel=predictor.genes,
+                                  patch_px=int(params.get("patch_px", 64)), field_um=float(params.get("field_um", 112.0)),
+                                  progress=progress)  # fmt: skip
+        adata = prediction_adata(predictor, store, **kw)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    typer.echo(f"wrote {out} ({adata.n_obs} spots x {adata.n_vars} genes)")
+    for sec in dict.fromkeys(adata.obs["section"].astype(str)):
+        png = plot_prediction(adata, out.with_name(f"{out.stem}.{sec}.png"), n_genes=top, section=sec)
+        typer.echo(f"wrote {png}")
+
+
+def train_predictor_cmd(
+    stores: List[Path] = typer.Argument(..., help="Training patch stores (same gene panel)."),
+    out: Path = typer.Option(..., "--out", help="Directory to save the predictor in."),
+    kind: str = typer.Option("ridge", "--kind", help="ridge | mlp | flag"),
+    encoder: str = typer.Option("stats", "--encoder", help="'stats' or a timm architecture name."),
+    encoder_weights: Optional[Path] = typer.Option(None, "--encoder-weights", help="Local weights file for the encoder."),
+    extra: List[Path] = typer.Option([], "--extra", help="Synthetic stores added to training (repeatable)."),
+    preset: str = typer.Option("tiny", "--preset", help="FLAG: tiny | small | base."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="FLAG: training steps."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="MLP: training epochs."),
+    seed: int = typer.Option(0, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (FLAG; default: CUDA when available)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train an H&E -> expression predictor on patch stores and save it (config JSON + safetensors)."""
+    from shared.downstream.predictor import train_predictor
+
+    kw: dict = {}
+    if kind == "flag":
+        kw.update(preset=preset, device=device, **({"steps": steps} if steps is not None else {}))
+    if kind == "mlp" and epochs is not None:
+        kw["epochs"] = epochs
+    predictor = train_predictor(stores, kind, encoder, extra_stores=extra, seed=seed, progress=progress,
+                                encoder_weights=encoder_weights, **kw)  # fmt: skip
+    predictor.save(out)
+    typer.echo(f"wrote {out} ({predictor!r})")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
+    app.command("predict")(predict)
+    app.command("train-predictor")(train_predictor_cmd)

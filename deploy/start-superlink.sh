@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Operator (lead site): the SuperLink with TLS, SuperNode authentication, no runtime dependency installation.
+# Usage: deploy/start-superlink.sh CERT_DIR STATE_DIR [PORT]   (binds 127.0.0.1; put nginx in front, see nginx.conf)
+set -euo pipefail
+certs="${1:?cert dir (ca.crt server.crt server.key)}"; state="${2:?state dir}"; port="${3:-9200}"
+mkdir -p "$state"
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+exec flower-superlink \
+  --host "${FEDST_BIND:-127.0.0.1}" --port "$port" \
+  --ssl-ca-certfile "$certs/ca.crt" --ssl-certfile "$certs/server.crt" --ssl-keyfile "$certs/server.key" \
+  --enable-supernode-auth \
+  --disable-runtime-dependency-installation \
+  --database "$state/state.db"

@@ -1,0 +1,237 @@
+"""The consortium workflow on the server: pretrain -> adapt -> synthesize -> downstream, one Flower run.
+
+Each phase is its own message action (``train.pretrain``, ``train.adapt``, ``query.synthesize``,
+``evaluate.downstream``). Training phases run through a fedst strategy (server/strategy.py) and checkpoint
+after every round; the other phases broadcast one message and collect scalar metrics per site.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from server.strategy import PhaseMixin, arrays_to_numpy, make_strategy, numpy_to_arrays, site_label
+from shared.config import RunConfig
+from shared.errors import FedstError
+from shared.federation.checkpoint import load_checkpoint, save_checkpoint
+from shared.federation.report import weighted, write_json, write_run_report
+
+
+def resolve_run_dir(run: RunConfig, run_id: int | str) -> Path:
+    name = run.run_name or f"run-{run_id}"
+    return (Path(run.out_dir).expanduser() / name).absolute()
+
+
+def load_panel(run: RunConfig) -> list[str] | None:
+    """The consortium gene panel (ordered), from ``consortium/panel.txt`` when a consortium is configured."""
+    if not run.consortium:
+        return None
+    path = Path(run.consortium) / "panel.txt"
+    if not path.is_file():
+        return None
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def initial_central(run: RunConfig) -> dict[str, np.ndarray]:
+    """Fresh central weights (seeded), or the warm-start weights the operator named."""
+    if run.warm_start:
+        path = Path(run.warm_start).expanduser()
+        if not path.exists():
+            raise FedstError(f"run config 'warm-start': {path} does not exist")
+        from safetensors.numpy import load_file
+
+        file = path / "model.safetensors" if path.is_dir() else path
+        if not file.is_file():
+            candidates = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+            if not candidates:
+                raise FedstError(f"run config 'warm-start': no .safetensors weights in {path}")
+            file = candidates[0]
+        state = load_file(str(file))
+        expected = _fresh_central(run)
+        problems = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+        if problems or set(state) != set(expected):
+            raise FedstError(f"run config 'warm-start': {file} does not match the {run.backend}/{run.preset} model "
+                             f"(first mismatching tensor: {(problems or sorted(set(state) ^ set(expected)))[0]!r})")
+        return {k: state[k] for k in expected}
+    return _fresh_central(run)
+
+
+def _fresh_central(run: RunConfig) -> dict[str, np.ndarray]:
+    if run.backend == "toy":
+        from shared.federation import toy
+
+        return toy.initial_state(run.seed)
+    from shared.federation import c2l_backend
+
+    return c2l_backend.for_run(run).initial_state(run.seed)
+
+
+def initial_adapter(run: RunConfig, central: dict[str, np.ndarray], panel: list[str] | None) -> dict[str, np.ndarray]:
+    if panel is None:
+        raise FedstError("run config 'federated-adapt' needs the consortium panel (set 'consortium' to a folder with panel.txt)")
+    if run.backend == "toy":
+        from shared.federation import toy
+
+        film = toy.build_adapter(len(panel))
+        return {k: v.detach().numpy().copy() for k, v in film.state_dict().items()}
+    from shared.federation import c2l_backend
+
+    return c2l_backend.for_run(run).initial_adapter(central, panel)
+
+
+class Workflow:
+    """Runs the configured phases against a Flower Grid and writes the run directory."""
+
+    def __init__(self, grid: Grid, run: RunConfig, run_dir: Path, run_id: int | str = 0):
+        self.grid = grid
+        self.run = run
+        self.run_dir = run_dir
+        self.run_id = run_id
+        self.panel = load_panel(run)
+        self.results: dict[str, Any] = {
+            "run": str(run_id), "status": "running", "config": run.to_dict(), "phases": {}, "timing": {},
+            "run-dir": str(run_dir),
+        }
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def base_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"default-work-root": str(self.run_dir / "sites")}
+        if self.panel is not None:
+            config["panel"] = list(self.panel)
+        return config
+
+    def wait_for_sites(self) -> list[int]:
+        deadline = time.monotonic() + self.run.round_timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.run.min_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise FedstError(f"only {len(nodes)} sites connected after {self.run.round_timeout:.0f} s (min-sites {self.run.min_sites})")
+            log(INFO, "waiting for sites: %d connected, min-sites %d", len(nodes), self.run.min_sites)
+            time.sleep(1.0)
+
+    def save_results(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / "results.json", self.results)
+
+    # -- phases -------------------------------------------------------------------------------------------
+    def run_all(self) -> dict[str, Any]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / "resolved-config.json", self.run.to_dict())
+        central: dict[str, np.ndarray] | None = None
+        try:
+            for phase in self.run.phase_list:
+                started = time.perf_counter()
+                log(INFO, "fedst: phase %s", phase)
+                if phase == "pretrain":
+                    central = self.pretrain()
+                elif phase == "adapt":
+                    central = central if central is not None else self._latest_central()
+                    self.adapt(central)
+                elif phase == "synthesize":
+                    self.results["phases"]["synthesize"] = self.broadcast("query.synthesize", RecordDict())
+                elif phase == "downstream":
+                    self.results["phases"]["downstream"] = self.broadcast("evaluate.downstream", RecordDict())
+                self.results["timing"][phase] = time.perf_counter() - started
+                self.save_results()
+            self.results["status"] = "completed"
+        except Exception as exc:
+            self.results["status"] = "failed"
+            self.results["error"] = str(exc)
+            raise
+        finally:
+            write_run_report(self.run_dir, self.results)
+        return self.results
+
+    def _latest_central(self) -> dict[str, np.ndarray]:
+        found = load_checkpoint(self.run_dir, "pretrain")
+        return found[1] if found else initial_central(self.run)
+
+    def train_phase(self, phase: str, rounds: int, initial: dict[str, np.ndarray], extra_records: dict[str, Any] | None = None,
+                    strategy_kind: str = "pretrain") -> dict[str, np.ndarray]:
+        """R rounds of `phase` through the strategy; checkpoint each round; resume from the last checkpoint."""
+        nodes = self.wait_for_sites()
+        strategy = make_strategy(self.run, len(nodes), strategy_kind)
+        offset, arrays, history = 0, initial, []
+        if self.run.resume and (found := load_checkpoint(self.run_dir, phase)) is not None:
+            offset, arrays, opt_state, meta = found
+            if meta.get("fingerprint") != self.run.fingerprint():
+                changed = sorted(k for k in self.run.fingerprint() if meta.get("fingerprint", {}).get(k) != self.run.fingerprint()[k])
+                raise FedstError(f"resume: run config differs from the checkpoint's in {changed} ({self.run_dir})")
+            strategy.import_state(opt_state)
+            history = meta.get("history", [])
+            log(INFO, "fedst: resuming %s after round %d", phase, offset)
+        strategy.setup_phase(phase, self.run, round_offset=offset, extra_records=extra_records, extra_config=self.base_config())
+        self.results["phases"][phase] = {"rounds": history}
+        remaining = rounds - offset
+        if remaining <= 0:
+            return arrays
+
+        def checkpoint(server_round: int, current: ArrayRecord):
+            if server_round == 0:
+                return None
+            rows = history + strategy.history
+            self.results["phases"][phase] = {"rounds": rows}
+            save_checkpoint(self.run_dir, phase, server_round + offset, arrays_to_numpy(current), strategy.export_state(),
+                            {"fingerprint": self.run.fingerprint(), "history": rows})
+            self.save_results()
+            return None
+
+        result = strategy.start(
+            grid=self.grid, initial_arrays=numpy_to_arrays(arrays), num_rounds=remaining, timeout=self.run.round_timeout,
+            train_config=ConfigRecord(), evaluate_fn=checkpoint,
+        )
+        self.results["phases"][phase] = {"rounds": history + strategy.history}
+        return arrays_to_numpy(result.arrays)
+
+    def pretrain(self) -> dict[str, np.ndarray]:
+        return self.train_phase("pretrain", self.run.rounds_pretrain, initial_central(self.run))
+
+    def adapt(self, central: dict[str, np.ndarray]) -> None:
+        if self.run.federated_adapt:
+            adapter = initial_adapter(self.run, central, self.panel)
+            final = self.train_phase("adapt", self.run.rounds_adapt, adapter, extra_records={"central": numpy_to_arrays(central)},
+                                     strategy_kind="adapt")
+            from safetensors.numpy import save_file
+
+            save_file(final, str(self.run_dir / "federated-adapter.safetensors"))
+            return
+        block = self.broadcast("train.adapt", RecordDict({"central": numpy_to_arrays(central)}))
+        block["rounds"] = [{"round": 1, "sites": block["sites"], "failed": block["failed"], "rejected": {}, "aggregate": block["weighted"]}]
+        self.results["phases"]["adapt"] = block
+
+    def broadcast(self, message_type: str, content: RecordDict) -> dict[str, Any]:
+        """Send one message to every site; collect per-site scalar metrics, tolerate failures as configured."""
+        nodes = self.wait_for_sites()
+        content["config"] = ConfigRecord(self.base_config())
+        messages = [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
+        replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
+        sites: dict[str, dict[str, float]] = {}
+        failed: dict[str, str] = {}
+        for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+            label = site_label(msg.metadata.src_node_id)
+            if msg.has_error():
+                failed[label] = f"error: {msg.error.reason}"
+            elif len(msg.content.array_records) != 0:
+                failed[label] = "reply carried arrays where only scalar metrics are allowed (discarded)"
+            else:
+                record = next(iter(msg.content.metric_records.values()), {})
+                sites[label] = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+        for node in nodes:
+            if site_label(node) not in sites and site_label(node) not in failed:
+                failed[site_label(node)] = "no reply before round-timeout"
+        for label, why in failed.items():
+            log(WARNING, "%s: %s failed: %s", message_type, label, why)
+        if len(sites) < self.run.min_sites or len(failed) > self.run.failure_tolerance:
+            raise FedstError(f"{message_type}: {len(sites)} sites replied (min-sites {self.run.min_sites}), {len(failed)} failed "
+                             f"(failure-tolerance {self.run.failure_tolerance}): " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+        return {"sites": sites, "failed": failed, "weighted": weighted(sites)}

@@ -1,0 +1,170 @@
+"""Gene-conditioned local modulation of a frozen central model: a gene encoder drives zero-initialised FiLM.
+
+The encoder reads the panel's normalised expression together with the measured mask (an unmeasured gene is
+zero AND flagged, so "not measured" differs from "not expressed"); its embedding yields a per-channel
+(scale, shift) for every ResNet block of the UNet, applied to the block output as (1 + scale) * h + shift.
+The FiLM layers start at zero, so before adaptation the conditioned model equals the central model exactly.
+The all-missing condition (mask = 0) is the null condition used by condition dropout and classifier-free
+guidance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from shared.c2l import checkpoint
+from shared.c2l.central import CentralDiffusion
+from shared.errors import FedstError
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def film_channels(central: CentralDiffusion) -> list[int]:
+    """Output channels of every ResNet block of the central UNet, in module order (the FiLM sites)."""
+    return [int(m.out_channels) for _, m in _resnet_blocks(central)]
+
+
+def _resnet_blocks(central: CentralDiffusion) -> list[tuple[str, nn.Module]]:
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return [(n, m) for n, m in central.unet.named_modules() if isinstance(m, ResnetBlock2D)]
+
+
+class GeneModulation(nn.Module):
+    """Gene encoder MLP + one zero-initialised FiLM projection per ResNet block (the only trained weights)."""
+
+    def __init__(self, panel: Sequence[str], channels: Sequence[int], hidden_dim: int = 64, embed_dim: int = 32):
+        super().__init__()
+        self.config: dict[str, Any] = dict(
+            panel=[str(g) for g in panel], channels=[int(c) for c in channels],
+            hidden_dim=int(hidden_dim), embed_dim=int(embed_dim),
+        )
+        n_genes = len(self.config["panel"])
+        if n_genes == 0:
+            raise FedstError("gene modulation: empty gene panel")
+        self.encoder = nn.Sequential(
+            nn.Linear(2 * n_genes, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, embed_dim), nn.SiLU()
+        )
+        self.film = nn.ModuleList(nn.Linear(embed_dim, 2 * c) for c in self.config["channels"])
+        for layer in self.film:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def panel(self) -> list[str]:
+        return self.config["panel"]
+
+    def forward(self, expression: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-block (scale, shift), each (B, C)."""
+        mask = mask.to(expression.dtype)
+        embedding = self.encoder(torch.cat([expression * mask, mask], dim=1))
+        out = []
+        for layer in self.film:
+            scale, shift = layer(embedding).chunk(2, dim=1)
+            out.append((scale, shift))
+        return out
+
+
+class ConditionedDiffusion(nn.Module):
+    """Frozen central model + trainable GeneModulation. `forward(x, t, expression, mask)` is pure.
+
+    Hooks on the central's ResNet blocks apply the FiLM parameters computed for the current call only; with
+    no call in progress they are the identity, so the central model used on its own is unaffected.
+    """
+
+    def __init__(self, central: CentralDiffusion, modulation: GeneModulation):
+        super().__init__()
+        if modulation.config["channels"] != film_channels(central):
+            raise FedstError("adapter does not fit the central model: its FiLM channels differ from the UNet's blocks")
+        self.central = central
+        self.modulation = modulation
+        self._film: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.info: dict[str, Any] = {}  # provenance carried along (epsilon, store, training summary)
+        self._handles = [
+            module.register_forward_hook(self._make_hook(i)) for i, (_, module) in enumerate(_resnet_blocks(central))
+        ]
+        self.freeze_central()
+
+    def _make_hook(self, index: int):
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+            if self._film is None:
+                return None
+            scale, shift = self._film[index]
+            return output * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+
+        return hook
+
+    def freeze_central(self) -> None:
+        self.central.requires_grad_(False)
+        self.central.eval()
+
+    def train(self, mode: bool = True) -> "ConditionedDiffusion":
+        super().train(mode)
+        self.central.eval()  # frozen parts stay in eval mode whatever the wrapper's mode
+        return self
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, expression: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self._film = self.modulation(expression, mask)
+        try:
+            return self.central(x, t)
+        finally:
+            self._film = None
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def panel(self) -> list[str]:
+        return self.modulation.panel
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def trainable_fraction(self) -> float:
+        return self.trainable_parameters() / self.central.num_parameters()
+
+
+def create_conditioned(central: CentralDiffusion, panel: Sequence[str], hidden_dim: int = 64,
+                       embed_dim: int = 32) -> ConditionedDiffusion:
+    return ConditionedDiffusion(central, GeneModulation(panel, film_channels(central), hidden_dim, embed_dim))
+
+
+def save_adapter(model: ConditionedDiffusion, directory: str | Path, **metadata: Any) -> Path:
+    """Only the modulation weights + config + the hash of the central weights they belong to + metadata."""
+    info = {k: v for k, v in model.info.items() if k != "adapter_hash"}
+    config = {"kind": "c2l-adapter", **info, **metadata, **model.modulation.config,
+              "central_hash": model.central.weights_hash()}
+    return checkpoint.save_weights(directory, model.modulation.state_dict(), config,
+                                   weights=ADAPTER_WEIGHTS, config_name=ADAPTER_CONFIG)
+
+
+def load_adapter_config(directory: str | Path) -> dict[str, Any]:
+    config = checkpoint.load_config(directory, ADAPTER_CONFIG)
+    if config.get("kind") != "c2l-adapter":
+        raise FedstError(f"{Path(directory) / ADAPTER_CONFIG}: not a c2l adapter config")
+    return config
+
+
+def load_adapter(central: CentralDiffusion, directory: str | Path) -> ConditionedDiffusion:
+    """Attach a saved adapter to `central`; FedstError when it was trained on different central weights."""
+    config = load_adapter_config(directory)
+    central_hash = central.weights_hash()
+    if config.get("central_hash") != central_hash:
+        raise FedstError(
+            f"{Path(directory) / ADAPTER_CONFIG}: adapter belongs to central weights {str(config.get('central_hash'))[:12]}, "
+            f"not to the given central model {central_hash[:12]}"
+        )
+    modulation = GeneModulation(config["panel"], config["channels"], config["hidden_dim"], config["embed_dim"])
+    checkpoint.load_state_strict(modulation, checkpoint.load_weights(directory, ADAPTER_WEIGHTS),
+                                 Path(directory) / ADAPTER_WEIGHTS)
+    model = ConditionedDiffusion(central, modulation)
+    model.info = {k: v for k, v in config.items() if k not in modulation.config and k != "kind"}
+    model.info["adapter_hash"] = checkpoint.weights_hash(modulation.state_dict())
+    return model.eval()

@@ -1,0 +1,450 @@
+"""The one H&E -> expression entry point used by the federation's downstream phase, the experiment and the CLI.
+
+    predictor = train_predictor([store_a, store_b], kind="ridge", encoder="stats", extra_stores=[synthetic])
+    pred = predictor.predict(held_out_store)            # (spots x panel genes), store spot order
+    metrics = evaluate_predictor(predictor, held_out_store)
+    predictor.save(out_dir); load_predictor(out_dir)
+
+Kinds: ``ridge`` (HEST protocol: scaler -> PCA -> RidgeCV), ``mlp`` (small torch MLP), ``flag`` (graph
+transformer + gene-token DiT, VE-SDE). Features come from ``obsm['X_<encoder>']`` when every store has them
+(precomputed by e.g. a pathology foundation model), else from ``create_encoder(encoder, weights)`` on the
+store's patches. Targets are the store's ``X`` (log1p-normalised panel expression). Entries a section did
+not measure (``layers['measured'] == 0``) are excluded from the MLP/FLAG losses; ridge, which has no
+per-entry mask, sees them filled with that gene's mean over measured training spots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from shared import keys
+from shared.errors import FedstError, require
+from shared.store.format import PatchStore, is_store
+
+if TYPE_CHECKING:
+    from shared.downstream.encoders import ImageEncoder
+
+KINDS = ("ridge", "mlp", "flag")
+FORMAT = "fedst-predictor"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SpotBatch:
+    """Everything a predictor consumes about a set of spots (one or several stores)."""
+
+    patches: np.ndarray | None  # (N, P, P, 3) uint8, or None when features are given
+    coords: np.ndarray  # (N, 2) full-resolution pixels
+    sections: np.ndarray  # (N,) str, unique across stores
+    mpp: dict[str, float]
+    features: np.ndarray | None = None  # (N, D) precomputed
+
+
+def _dense(matrix: Any) -> np.ndarray:
+    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float32)
+
+
+def _open(store: PatchStore | str | os.PathLike) -> PatchStore:
+    return store if isinstance(store, PatchStore) else PatchStore(store)
+
+
+def _section_mpp(spots: Any, store: PatchStore) -> dict[str, float]:
+    mpp = spots.uns.get(keys.MPP, store.manifest.get("params", {}).get("mpp"))
+    sections = [str(s) for s in np.unique(spots.obs[keys.SECTION].astype(str))]
+    if isinstance(mpp, Mapping):
+        return {s: float(mpp.get(s, 0.5)) for s in sections}
+    return {s: float(mpp) if mpp is not None else 0.5 for s in sections}
+
+
+def _store_batch(
+    store: PatchStore, rows: np.ndarray | None, feature_key: str | None, prefix: str = ""
+) -> tuple[SpotBatch, Any]:
+    spots = store.spots
+    rows = np.arange(spots.n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
+    require(rows.size == 0 or (rows.min() >= 0 and rows.max() < spots.n_obs), f"{store.path}: spot indices outside 0..{spots.n_obs - 1}")
+    sub = spots[rows]
+    sections = sub.obs[keys.SECTION].astype(str).to_numpy()
+    mpp = _section_mpp(spots, store)
+    if keys.SPATIAL in sub.obsm:
+        coords = np.asarray(sub.obsm[keys.SPATIAL], dtype=np.float64)
+    else:  # e.g. synthetic pairs without a layout: every spot its own graph (far apart)
+        coords = np.stack([np.arange(len(rows)) * 1e6, np.zeros(len(rows))], 1)
+    features = None
+    if feature_key is not None:
+        require(feature_key in sub.obsm, f"{store.path}: spot table lacks obsm[{feature_key!r}]")
+        features = np.asarray(sub.obsm[feature_key], dtype=np.float32)
+        patches = None
+    else:
+        patch_rows = sub.obs[keys.PATCH_INDEX].to_numpy().astype(np.int64) if keys.PATCH_INDEX in sub.obs else rows
+        order = np.argsort(patch_rows)
+        patches = np.empty((len(rows), *store.patches.shape[1:]), dtype=np.uint8)
+        patches[order] = store.patches[patch_rows[order]]
+    sections = np.array([prefix + s for s in sections], dtype=object)
+    batch = SpotBatch(patches, coords, sections, {prefix + k: v for k, v in mpp.items()}, features)
+    return batch, sub
+
+
+def _concat(batches: list[SpotBatch]) -> SpotBatch:
+    feats = [b.features for b in batches]
+    return SpotBatch(
+        patches=None if any(b.patches is None for b in batches) else np.concatenate([b.patches for b in batches]),
+        coords=np.concatenate([b.coords for b in batches]),
+        sections=np.concatenate([b.sections for b in batches]),
+        mpp={k: v for b in batches for k, v in b.mpp.items()},
+        features=None if any(f is None for f in feats) else np.concatenate(feats),
+    )
+
+
+class Predictor:
+    """A trained H&E -> expression model with its encoder and gene panel; see module docstring."""
+
+    def __init__(
+        self,
+        kind: str,
+        model: Any,
+        genes: list[str],
+        encoder: str,
+        encoder_kw: dict[str, Any] | None = None,
+        feature_key: str | None = None,
+        patch_params: dict[str, Any] | None = None,
+        encoder_obj: "ImageEncoder | None" = None,
+        info: dict[str, Any] | None = None,
+    ):
+        self.kind = kind
+        self.model = model
+        self.genes = list(genes)
+        self.encoder = encoder
+        self.encoder_kw = dict(encoder_kw or {})
+        self.feature_key = feature_key
+        self.patch_params = dict(patch_params or {})
+        self._encoder = encoder_obj
+        self.info = dict(info or {})
+
+    # ---- features ----
+    def _get_encoder(self) -> "ImageEncoder":
+        if self._encoder is None:
+            from shared.downstream.encoders import create_encoder
+
+            self._encoder = create_encoder(self.encoder, **self.encoder_kw)
+        return self._encoder
+
+    def features(self, batch: SpotBatch) -> np.ndarray:
+        if batch.features is not None:
+            return batch.features
+        require(batch.patches is not None, "predictor: neither features nor patches were given")
+        return self._get_encoder().embed(batch.patches)
+
+    # ---- prediction ----
+    def _batch_of(self, data: Any) -> SpotBatch:
+        if isinstance(data, SpotBatch):
+            return data
+        if isinstance(data, (PatchStore, str, os.PathLike)):
+            store = _open(data)
+            if store.panel != self.genes:
+                missing = [g for g in self.genes if g not in set(store.panel)]
+                raise FedstError(
+                    f"{store.path}: gene panel differs from the predictor's ({len(store.panel)} vs {len(self.genes)} "
+                    f"genes; {len(missing)} of the predictor's missing, e.g. {missing[:3]})"
+                )
+            key = self.feature_key if self.feature_key in store.spots.obsm else None
+            require(self.feature_key is None or key is not None, f"{store.path}: predictor was trained on obsm[{self.feature_key!r}], which this store lacks")
+            return _store_batch(store, None, key)[0]
+        if isinstance(data, tuple) and len(data) >= 2:
+            patches, coords = np.asarray(data[0]), np.asarray(data[1], dtype=np.float64)
+            sections = np.asarray(data[2]).astype(str) if len(data) > 2 else np.full(len(coords), "section")
+            mpp = data[3] if len(data) > 3 else self.patch_params.get("mpp_default", 0.5)
+            mpp_map = dict(mpp) if isinstance(mpp, Mapping) else {str(s): float(mpp) for s in np.unique(sections)}
+            require(len(patches) == len(coords) == len(sections), "predict: patches, coords and sections differ in length")
+            return SpotBatch(patches, coords, sections, mpp_map)
+        raise FedstError("predict: expected a PatchStore, a store path, or (patches, coords[, sections[, mpp]])")
+
+    def predict(self, data: "PatchStore | str | os.PathLike | tuple | SpotBatch", **kw: Any) -> np.ndarray:
+        """(spots x panel genes) float32 normalised expression, in the input's spot order."""
+        batch = self._batch_of(data)
+        feats = self.features(batch)
+        if self.kind == "flag":
+            return self.model.predict(feats, batch.coords, batch.sections, batch.mpp, **kw)
+        return np.clip(self.model.predict(feats), 0.0, None).astype(np.float32)
+
+    # ---- persistence ----
+    def save(self, out: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save(out / "model")
+        has_weights = False
+        if self.feature_key is None:
+            state = self._get_encoder().state_dict()
+            if state:
+                save_file(state, str(out / "encoder.safetensors"))
+                has_weights = True
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind, "genes": self.genes,
+            "encoder": self.encoder, "encoder_kw": {k: v for k, v in self.encoder_kw.items() if k != "weights"},
+            "encoder_weights": "encoder.safetensors" if has_weights else None,
+            "feature_key": self.feature_key, "patch_params": self.patch_params, "info": self.info,
+        }  # fmt: skip
+        (out / "predictor.json").write_text(json.dumps(meta, indent=2, default=str))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Predictor(kind={self.kind!r}, encoder={self.encoder!r}, genes={len(self.genes)})"
+
+
+def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predictor:
+    """A predictor saved by ``Predictor.save``; FedstError naming the file when it is not one."""
+    path = Path(path)
+    meta_path = path / "predictor.json"
+    require(meta_path.is_file(), f"{path}: not a saved predictor (no predictor.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FedstError(f"{meta_path}: corrupt ({exc.msg})") from None
+    require(meta.get("format") == FORMAT, f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+    require(meta.get("format_version") == FORMAT_VERSION, f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
+    kind = meta["kind"]
+    model = _model_class(kind).load(path / "model", **({"device": device} if kind == "flag" else {}))
+    encoder_kw = dict(meta.get("encoder_kw") or {})
+    encoder_obj = None
+    if meta.get("feature_key") is None:
+        from shared.downstream.encoders import create_encoder
+
+        weights = path / meta["encoder_weights"] if meta.get("encoder_weights") else None
+        encoder_obj = create_encoder(meta["encoder"], weights=weights, **encoder_kw)
+    return Predictor(kind, model, meta["genes"], meta["encoder"], encoder_kw, meta.get("feature_key"),
+                     meta.get("patch_params"), encoder_obj, meta.get("info"))  # fmt: skip
+
+
+def _model_class(kind: str) -> Any:
+    require(kind in KINDS, f"predictor kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if kind == "ridge":
+        from shared.downstream.baselines import RidgeBaseline
+
+        return RidgeBaseline
+    if kind == "mlp":
+        from shared.downstream.baselines import MLPRegressor
+
+        return MLPRegressor
+    from shared.downstream.flag import FlagRegressor
+
+    return FlagRegressor
+
+
+def _rows_for(store: PatchStore, spot_indices: Mapping[Any, np.ndarray] | None) -> np.ndarray | None:
+    if not spot_indices:
+        return None
+    for key, rows in spot_indices.items():
+        if key is store or (not isinstance(key, PatchStore) and Path(key).resolve() == store.path.resolve()):
+            return np.asarray(rows, dtype=np.int64)
+    return None
+
+
+def _targets(subs: list[Any], genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    Y = np.concatenate([_dense(s.X) for s in subs])
+    M = np.concatenate(
+        [_dense(s.layers[keys.MEASURED]) if keys.MEASURED in s.layers else np.ones((s.n_obs, len(genes)), np.float32) for s in subs]
+    )
+    require(np.isfinite(Y).all(), "training expression contains NaN or Inf")
+    return Y, (M > 0).astype(np.float32)
+
+
+def train_predictor(
+    train_stores: Sequence[PatchStore | str | os.PathLike],
+    kind: str = "ridge",
+    encoder: str = "stats",
+    *,
+    extra_stores: Sequence[PatchStore | str | os.PathLike] = (),
+    seed: int = 0,
+    progress: bool = True,
+    spot_indices: Mapping[Any, np.ndarray] | None = None,
+    encoder_weights: str | os.PathLike | None = None,
+    encoder_kw: Mapping[str, Any] | None = None,
+    use_precomputed: bool = True,
+    **kw: Any,
+) -> Predictor:
+    """Train a ``kind`` predictor on the real spots of ``train_stores`` (+ synthetic ``extra_stores``).
+
+    ``spot_indices``: {store or store path: row indices} restricts a store's real spots (spot-fraction
+    sweeps); stores not named contribute all spots; extra stores are never subset. Remaining keyword
+    arguments go to the model: ridge ``n_components``/``alphas``; mlp ``hidden``, ``layers``, ``dropout``,
+    ``epochs``, ``lr``...; flag any ``FlagSettings`` field (``preset``, ``steps``, ``sample_steps``,
+    ``n_samples``, ``gene_embeddings``, ``model={...}`` overrides, ...).
+    """
+    require(kind in KINDS, f"predictor kind {kind!r}: expected one of {', '.join(KINDS)}")
+    stores = [_open(s) for s in train_stores]
+    extras = [_open(s) for s in extra_stores]
+    require(len(stores) + len(extras) > 0, "train_predictor: no training store given")
+    all_stores = stores + extras
+    genes = all_stores[0].panel
+    for store in all_stores[1:]:
+        require(store.panel == genes, f"{store.path}: gene panel differs from {all_stores[0].path}'s (stores must share one panel)")
+    feature_key = f"X_{encoder}"
+    if not (use_precomputed and all(feature_key in s.spots.obsm for s in all_stores)):
+        feature_key = None
+    encoder_kw = dict(encoder_kw or {})
+    log = _Log(progress)
+    batches, subs = [], []
+    for i, store in enumerate(all_stores):
+        rows = _rows_for(store, spot_indices) if i < len(stores) else None
+        batch, sub = _store_batch(store, rows, feature_key, prefix=f"{i}:")
+        batches.append(batch)
+        subs.append(sub)
+    data = _concat(batches)
+    require(len(data.coords) >= 3, f"train_predictor: only {len(data.coords)} training spots")
+    Y, M = _targets(subs, genes)
+    predictor = Predictor(
+        kind, None, genes, encoder, encoder_kw, feature_key,
+        patch_params=_patch_params(stores[0] if stores else extras[0]),
+        info={"train_stores": [str(s.path) for s in stores], "extra_stores": [str(s.path) for s in extras],
+              "n_train_spots": int(len(Y)), "n_synthetic_spots": int(sum(s.n_obs for s in subs[len(stores):])),
+              "seed": seed},
+    )  # fmt: skip
+    if feature_key is None:
+        from shared.downstream.encoders import create_encoder
+
+        predictor._encoder = create_encoder(encoder, weights=encoder_weights, **encoder_kw)
+    log(f"features: {len(Y)} spots via {'obsm[' + feature_key + ']' if feature_key else 'encoder ' + encoder}")
+    feats = predictor.features(data)
+    log(f"training {kind} on {feats.shape[1]}-d features -> {len(genes)} genes")
+    predictor.model = _fit(kind, feats, Y, M, data, genes, seed, log, kw)
+    return predictor
+
+
+def _patch_params(store: PatchStore) -> dict[str, Any]:
+    params = store.manifest.get("params", {})
+    return {k: params[k] for k in ("patch_px", "field_um", "tile_px", "max_tiles_per_section") if k in params}
+
+
+def _fit(kind: str, feats: np.ndarray, Y: np.ndarray, M: np.ndarray, data: SpotBatch, genes: list[str], seed: int, log: "_Log", kw: dict[str, Any]) -> Any:
+    if kind == "ridge":
+        from shared.downstream.baselines import RidgeBaseline
+
+        filled = np.where(M > 0, Y, (Y * M).sum(0) / np.maximum(M.sum(0), 1))
+        model = RidgeBaseline(**kw).fit(feats, filled)
+        log(f"ridge: alpha {model.alpha_:g}")
+        return model
+    if kind == "mlp":
+        from shared.downstream.baselines import MLPRegressor
+
+        arch = {k: kw.pop(k) for k in ("hidden", "layers", "dropout") if k in kw}
+        model = MLPRegressor(feats.shape[1], Y.shape[1], **arch)
+        every = max(1, kw.get("epochs", 200) // 10)
+        return model.fit(
+            feats, Y, M, seed=seed, **kw,
+            on_epoch=lambda e, tr, va: log(f"mlp epoch {e + 1}: train {tr:.4f} val {va:.4f}") if (e + 1) % every == 0 else None,
+        )  # fmt: skip
+    from shared.downstream.flag import FlagRegressor, FlagSettings
+
+    device = kw.pop("device", None)
+    settings = FlagSettings(**{"seed": seed, **kw})
+    every = max(1, settings.steps // 10)
+    mask = None if M.all() else M
+    return FlagRegressor(settings, device=device).fit(
+        feats, Y, data.coords, data.sections, genes, data.mpp, mask,
+        on_step=lambda s, loss: log(f"flag step {s + 1}/{settings.steps}: loss {loss:.4f}") if (s + 1) % every == 0 else None,
+    )  # fmt: skip
+
+
+class _Log:
+    """Concise progress lines on stderr (via logging) when enabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            import logging
+
+            logging.getLogger("fedst.predictor").info(message)
+            import sys
+
+            print(f"[predictor] {message}", file=sys.stderr, flush=True)
+
+
+def evaluate_predictor(
+    predictor: Predictor, store: PatchStore | str | os.PathLike, sections: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Metrics of ``predictor`` on ``store`` (optionally only ``sections``) via the shared metrics module."""
+    from shared.downstream.metrics import evaluate_predictions
+
+    store = _open(store)
+    spots = store.spots
+    section_of = spots.obs[keys.SECTION].astype(str).to_numpy()
+    rows = np.arange(spots.n_obs)
+    if sections is not None:
+        wanted = [str(s) for s in sections]
+        unknown = sorted(set(wanted) - set(section_of))
+        require(not unknown, f"{store.path}: no section(s) {unknown} (has {sorted(set(section_of))})")
+        rows = np.flatnonzero(np.isin(section_of, wanted))
+    pred = predictor.predict(store)[rows]
+    truth = _dense(spots.X)[rows]
+    coords = np.asarray(spots.obsm[keys.SPATIAL], dtype=np.float64)[rows]
+    return evaluate_predictions(pred, truth, coords, section_of[rows], list(store.panel))
+
+
+def prediction_adata(predictor: Predictor, store: PatchStore | str | os.PathLike, **predict_kw: Any) -> Any:
+    """AnnData of a prediction: X = prediction (also layers[PREDICTED]); obs section; obsm[SPATIAL] kept;
+    measured truth in layers[NORMALISED] and its mask in layers[MEASURED] when the store measured anything."""
+    import anndata as ad
+
+    store = _open(store)
+    spots = store.spots
+    pred = predictor.predict(store, **predict_kw)
+    out = ad.AnnData(X=pred, obs=spots.obs[[c for c in (keys.SECTION, keys.SITE) if c in spots.obs]].copy(), var=spots.var[[]].copy())
+    out.obsm[keys.SPATIAL] = np.asarray(spots.obsm[keys.SPATIAL], dtype=np.float64)
+    out.layers[keys.PREDICTED] = pred.copy()
+    measured = _dense(spots.layers[keys.MEASURED]) if keys.MEASURED in spots.layers else np.zeros_like(pred)
+    if measured.any():
+        out.layers[keys.NORMALISED] = _dense(spots.X)
+        out.layers[keys.MEASURED] = measured
+    if keys.MPP in spots.uns:
+        out.uns[keys.MPP] = spots.uns[keys.MPP]
+    out.uns["fedst_prediction"] = {
+        "kind": predictor.kind, "encoder": predictor.encoder, "store": str(store.path),
+        "target": "log1p(counts / library size * 1e4) on the panel", **{k: v for k, v in predictor.info.items() if k != "seed"},
+    }  # fmt: skip
+    return out
+
+
+def plot_prediction(adata: Any, out_png: Path, n_genes: int = 4, section: str | None = None) -> Path:
+    """Spatial heatmaps of the most variable genes: predicted (left) vs measured (right) when measured exists."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sec = adata.obs[keys.SECTION].astype(str).to_numpy()
+    section = section or sec[0]
+    rows = sec == section
+    pred = _dense(adata.X)[rows]
+    truth = _dense(adata.layers[keys.NORMALISED])[rows] if keys.NORMALISED in adata.layers else None
+    ref = truth if truth is not None else pred
+    genes = np.argsort(-ref.var(0))[: min(n_genes, ref.shape[1])]
+    xy = np.asarray(adata.obsm[keys.SPATIAL])[rows]
+    cols = 2 if truth is not None else 1
+    fig, axes = plt.subplots(len(genes), cols, figsize=(3.2 * cols, 3.0 * len(genes)), squeeze=False)
+    for r, g in enumerate(genes):
+        panels = [("predicted", pred[:, g])] + ([("measured", truth[:, g])] if truth is not None else [])
+        lo = min(p[1].min() for p in panels)
+        hi = max(p[1].max() for p in panels)
+        for c, (label, values) in enumerate(panels):
+            ax = axes[r, c]
+            im = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=8, cmap="viridis", vmin=lo, vmax=hi)
+            ax.invert_yaxis()
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{adata.var_names[g]} {label}", fontsize=9)
+        fig.colorbar(im, ax=axes[r].tolist(), shrink=0.8)
+    fig.suptitle(f"section {section}", fontsize=10)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,262 @@
+"""The three arms of the experiment as one cell function: ``ArmRunner(config, out)(cell, workdir)``.
+
+- ``local``: each site trains the predictor on its own real training spots at the fraction;
+- ``federated``: central diffusion model pretrained through the federation's Flower workflow (once per seed,
+  cached: it never sees expression, so it does not depend on the fraction), adapted per site on the
+  fraction's spots (optionally DP-SGD), synthetic pairs added to the fraction's real spots;
+- ``pooled``: one predictor on every site's real training spots at the fraction (the upper bound).
+
+Every arm scores the same held-out sections with the same genes and the same metric function.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from shared import keys
+from shared.errors import FedstError, require
+from shared.experiment.config import ExperimentConfig
+from shared.experiment.data import CACHE, SiteData, prepare_sites, subset_store
+from shared.experiment.planner import Cell
+from shared.store.format import PatchStore
+
+
+def _dense(matrix: Any) -> np.ndarray:
+    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float32)
+
+
+def fraction_rows(site: SiteData, fraction: float, seed: int) -> np.ndarray:
+    """Nested subset of the site's training spots (rows of its training store) for this fraction and seed."""
+    from shared.splits import fraction_subset
+
+    return fraction_subset(site.train.n_spots, fraction, seed=seed)
+
+
+class ArmRunner:
+    """Prepares the data once (lazily) and runs any cell of the grid."""
+
+    def __init__(self, config: ExperimentConfig, out: Path, *, log: Callable[[str], None] = print):
+        self.config = config
+        self.out = Path(out)
+        self.log = log
+        self._sites: list[SiteData] | None = None
+
+    # -- data ---------------------------------------------------------------------------------------------
+    @property
+    def sites(self) -> list[SiteData]:
+        if self._sites is None:
+            self._sites = prepare_sites(self.config, self.out, self.log)
+        return self._sites
+
+    def prepare(self) -> None:
+        """Generate / prepare / split every site's data (cached under ``out/cache``)."""
+        _ = self.sites
+
+    def report_extras(self) -> dict[str, Any]:
+        """Per-site split and genes for the report (only when the data were prepared in this process)."""
+        if self._sites is None:
+            try:
+                _ = self.sites
+            except FedstError:
+                return {}
+        return {"sites_detail": {
+            s.name: {"train_sections": s.site.train_sections, "held_out": list(s.site.held_out),
+                     "train_spots": s.train.n_spots, "test_spots": s.test.n_spots, "n_genes": len(s.genes),
+                     "genes": s.genes}
+            for s in self.sites
+        }}
+
+    # -- cells --------------------------------------------------------------------------------------------
+    def __call__(self, cell: Cell, workdir: Path) -> dict[str, Any]:
+        _seed_everything(cell.seed)
+        if cell.arm == "local":
+            return self.run_local(cell, workdir)
+        if cell.arm == "pooled":
+            return self.run_pooled(cell, workdir)
+        if cell.arm == "federated":
+            return self.run_federated(cell, workdir)
+        raise FedstError(f"unknown arm {cell.arm!r}")
+
+    def _train(self, stores: list[PatchStore], rows: list[np.ndarray], seed: int, extra: list[PatchStore] | None = None):
+        from shared.downstream.predictor import train_predictor
+
+        p = self.config.predictor
+        return train_predictor(stores, kind=p.kind, encoder=p.encoder, extra_stores=extra or [],
+                               spot_indices={store: r for store, r in zip(stores, rows)}, seed=seed, progress=False,
+                               **p.options)
+
+    def _score(self, site: SiteData, predictor: Any, workdir: Path, cell: Cell) -> tuple[dict[str, Any], dict[str, str]]:
+        """Metrics of ``predictor`` on the site's held-out sections, plus the prediction artifact for figures."""
+        from shared.downstream.metrics import evaluate_predictions
+
+        pred = np.asarray(predictor.predict(site.test), dtype=np.float32)
+        require(pred.shape == (site.test.n_spots, len(site.test.panel)),
+                f"predictor returned {pred.shape}, expected {(site.test.n_spots, len(site.test.panel))}")
+        spots = site.test.spots
+        truth = _dense(spots.X)[:, site.gene_index]
+        pred = pred[:, site.gene_index]
+        coords = np.asarray(spots.obsm[keys.SPATIAL], dtype=np.float64)
+        sections = spots.obs[keys.SECTION].astype(str).to_numpy()
+        scores = evaluate_predictions(pred, truth, coords, sections, site.genes)
+        metrics = {name: _metric(scores, name) for name in ("PCC", "MSE", "GSC", "SSC")}
+        first = sections == sections[0]
+        path = workdir / f"pred_{site.name}.npz"
+        np.savez_compressed(path, pred=pred[first], truth=truth[first], coords=coords[first],
+                            genes=np.array(site.genes), section=np.array(sections[0]))
+        return metrics, {"predictions": str(path.relative_to(self.out))}
+
+    def run_local(self, cell: Cell, workdir: Path) -> dict[str, Any]:
+        sites, artifacts = {}, {}
+        for site in self.sites:
+            rows = fraction_rows(site, cell.fraction, cell.seed)
+            predictor = self._train([site.train], [rows], cell.seed)
+            metrics, artifacts[site.name] = self._score(site, predictor, workdir, cell)
+            sites[site.name] = {**metrics, "n_train_spots": int(len(rows))}
+        return {"sites": sites, "artifacts": artifacts}
+
+    def run_pooled(self, cell: Cell, workdir: Path) -> dict[str, Any]:
+        rows = [fraction_rows(site, cell.fraction, cell.seed) for site in self.sites]
+        predictor = self._train([s.train for s in self.sites], rows, cell.seed)
+        sites, artifacts = {}, {}
+        total = int(sum(len(r) for r in rows))
+        for site in self.sites:
+            metrics, artifacts[site.name] = self._score(site, predictor, workdir, cell)
+            sites[site.name] = {**metrics, "n_train_spots": total}
+        return {"sites": sites, "artifacts": artifacts}
+
+    def run_federated(self, cell: Cell, workdir: Path) -> dict[str, Any]:
+        from shared.c2l.adapt import adapt
+        from shared.c2l.dp import DPConfig
+
+        m = self.config.model
+        central, pretrain_info = self.central(cell.seed)
+        sites, artifacts = {}, {}
+        for site in self.sites:
+            rows = fraction_rows(site, cell.fraction, cell.seed)
+            real = subset_store(site.train, rows, workdir / site.name / "real", tile_sections=[],
+                                note=f"fraction {cell.fraction:g}, seed {cell.seed}")
+            batch = min(m.batch_size, max(1, real.n_spots - 1))
+            dp = None
+            if cell.dp:
+                dp = DPConfig(target_epsilon=m.dp_epsilon, target_delta=m.dp_delta, max_grad_norm=m.dp_max_grad_norm)
+            started = time.perf_counter()
+            adapted, summary = adapt(central, real, steps=m.adapt_steps, batch_size=batch, lr=m.lr, seed=cell.seed,
+                                     dp=dp, progress=False, **m.overrides.get("adapt", {}))
+            n_synth = max(m.min_synthetic, int(round(m.synthetic_per_spot * real.n_spots)))
+            synthetic = self._synthesize(central, adapted, real, n_synth, workdir / site.name / "synthetic", cell.seed)
+            gen_seconds = time.perf_counter() - started
+            predictor = self._train([site.train], [rows], cell.seed, extra=[synthetic])
+            metrics, artifacts[site.name] = self._score(site, predictor, workdir, cell)
+            grid = workdir / f"patches_{site.name}.npz"
+            k = self.config.report.grid_patches
+            real_rows = real.spots.obs[keys.PATCH_INDEX].to_numpy()[:k]
+            synth_rows = synthetic.spots.obs[keys.PATCH_INDEX].to_numpy()[:k]
+            np.savez_compressed(grid, real=np.asarray(real.patches[real_rows]), synthetic=np.asarray(synthetic.patches[synth_rows]))
+            artifacts[site.name]["patches"] = str(grid.relative_to(self.out))
+            sites[site.name] = {
+                **metrics, "n_train_spots": int(len(rows)), "n_synthetic": int(synthetic.n_spots),
+                "epsilon": summary.get("epsilon"), "delta": summary.get("delta"),
+                "adapt_final_loss": _last_finite(summary.get("losses", [])),
+                "trainable_fraction": summary.get("trainable_fraction"), "generation_s": round(gen_seconds, 2),
+            }
+        return {"sites": sites, "artifacts": artifacts, "pretraining": pretrain_info}
+
+    def _synthesize(self, central: Any, adapted: Any, real: PatchStore, n: int, out: Path, seed: int) -> PatchStore:
+        from shared.c2l.synthesize import synthesize
+
+        m = self.config.model
+        return synthesize(central, adapted, real, n, out, sampler=m.sampler, steps=m.sample_steps, guidance=m.guidance,
+                          seed=seed, perturb=m.perturb, progress=False, **m.overrides.get("synthesize", {}))
+
+    # -- central model (federated pretraining, once per seed) ---------------------------------------------
+    def central(self, seed: int):
+        """The central model of this seed, pretrained through the federation once and cached on disk."""
+        from shared.c2l.central import CentralDiffusion
+
+        root = self.out / CACHE / "central" / f"seed-{seed}"
+        done = root / "done.json"
+        if done.is_file():
+            return CentralDiffusion.from_pretrained(root / "model"), json.loads(done.read_text())
+        started = time.perf_counter()
+        model, info = self._pretrain(seed, root)
+        model.save_pretrained(root / "model")
+        info = {**info, "seconds": round(time.perf_counter() - started, 2), "seed": seed}
+        done.write_text(json.dumps(info, indent=2))
+        self.log(f"central model (seed {seed}) pretrained in {info['seconds']:.1f} s via {info['route']}")
+        return CentralDiffusion.from_pretrained(root / "model"), info
+
+    def _pretrain(self, seed: int, root: Path):
+        from shared.c2l.central import create_central
+
+        import torch
+
+        m = self.config.model
+        panel = self.sites[0].train.panel
+        model = create_central(m.preset, sample_size=self.config.store.patch_px, panel=panel,
+                               **m.overrides.get("central", {}))
+        state = federated_pretrain(self.config, self.sites, seed, root, log=self.log)
+        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}, strict=True)
+        return model, {"route": "flower (server.workflow.Workflow over server.localgrid.LocalGrid, client.app)",
+                       "rounds": m.pretrain_rounds, "local_steps": m.pretrain_steps, "strategy": m.strategy}
+
+
+def federated_pretrain(config: ExperimentConfig, sites: list[SiteData], seed: int, root: Path, *,
+                       log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
+    """Run the federation's pretrain phase (its Workflow, strategies and ClientApp) over the sites' TRAINING
+    stores in this process; return the final central state dict (numpy)."""
+    from client.app import app as client_app
+    from server.localgrid import LocalGrid
+    from server.workflow import Workflow
+    from shared.config import RunConfig
+    from shared.federation.checkpoint import load_checkpoint
+
+    m = config.model
+    run = RunConfig.from_mapping({
+        "backend": "c2l", "preset": m.preset, "phases": "pretrain", "strategy": m.strategy,
+        "rounds-pretrain": m.pretrain_rounds, "local-steps": m.pretrain_steps, "batch-size": m.batch_size,
+        "patch-px": config.store.patch_px, "seed": seed, "min-sites": len(sites), "failure-tolerance": 0,
+        "out-dir": str(root), "run-name": "flower-run", "sites-root": str(root / "sites"),
+        **{k: v for k, v in m.overrides.get("federation", {}).items()},
+    })
+    nodes = {i + 1: {"data-path": str(s.train.path), "work-dir": str(root / "sites" / s.name), "site": s.name}
+             for i, s in enumerate(sites)}
+    grid = LocalGrid(client_app, nodes, run.to_dict(), run_id=seed + 1)
+    run_dir = root / "flower-run"
+    log(f"federated pretraining (seed {seed}): {len(sites)} sites, {m.pretrain_rounds} rounds x {m.pretrain_steps} steps, {m.strategy}")
+    Workflow(grid, run, run_dir, run_id=seed + 1).run_all()
+    found = load_checkpoint(run_dir, "pretrain")
+    if found is None:
+        raise FedstError(f"federated pretraining wrote no checkpoint under {run_dir}")
+    return found[1]
+
+
+METRIC_KEYS = {"PCC": "pcc_per_slide_mean", "MSE": "mse", "GSC": "gsc", "SSC": "ssc"}
+"""Report name -> key of ``shared.downstream.metrics.evaluate_predictions``' output."""
+
+
+def _metric(scores: dict[str, Any], name: str) -> float | None:
+    value = scores.get(METRIC_KEYS[name])
+    return None if value is None else float(value)
+
+
+def _last_finite(values: list[float]) -> float | None:
+    finite = [v for v in values if v == v]
+    return float(finite[-1]) if finite else None
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass

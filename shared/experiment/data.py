@@ -1,0 +1,194 @@
+"""The experiment's data: per site a prepared store, split by section into a training and a held-out store.
+
+Everything lives under ``<out>/cache`` and is reused by a resumed run. The held-out store never feeds
+pretraining, adaptation, synthesis or gene selection: it exists only to be predicted and scored.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from shared import keys
+from shared.errors import FedstError, require
+from shared.experiment.config import ExperimentConfig, ResolvedSite, resolve_sites
+from shared.store.format import PatchStore, StoreWriter, is_store
+
+CACHE = "cache"
+
+
+@dataclass
+class SiteData:
+    """One site's stores and its evaluation genes (top-k chosen on its training sections only)."""
+
+    site: ResolvedSite
+    full: PatchStore
+    train: PatchStore
+    test: PatchStore
+    genes: list[str]
+    gene_index: np.ndarray  # columns of the panel that are evaluated
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+
+def ensure_consortium(config: ExperimentConfig, out: Path, log: Callable[[str], None] = print) -> Path | None:
+    """Generate the synthetic consortium once (a marker records the parameters it was made with)."""
+    if config.synthetic is None:
+        return None
+    from shared.synthetic import generate_consortium
+
+    root = out / CACHE / "consortium"
+    params = {"n_sites": config.synthetic.n_sites, "seed": config.synthetic.seed, **config.synthetic.options}
+    marker = root / ".generated.json"
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return root
+    log(f"generating synthetic consortium ({config.synthetic.n_sites} sites, seed {config.synthetic.seed}) in {root}")
+    generate_consortium(root, **params)
+    marker.write_text(json.dumps(params))
+    return root
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_site_toml(site: ResolvedSite, path: Path, panel: Path | None) -> Path:
+    """A SITE.toml with absolute paths holding exactly the site's sections (train and held-out)."""
+    lines = [f"site = {_toml_value(site.name)}"]
+    if panel is not None:
+        lines.append(f"panel = {_toml_value(panel)}")
+    for table in site.sections:
+        lines.append("")
+        lines.append("[[sections]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    text = "\n".join(lines) + "\n"
+    tomllib.loads(text)  # what we write must parse
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.read_text() != text:  # keep mtime stable so prepare_store stays a no-op
+        path.write_text(text)
+    return path
+
+
+def subset_store(
+    store: PatchStore, rows: np.ndarray, out: Path, *, tile_sections: Sequence[str] | None = (), note: str = ""
+) -> PatchStore:
+    """Write a store holding the spot rows ``rows`` of ``store`` (and the tiles of ``tile_sections``; None = all).
+
+    Reused when ``out`` is already a store made from the same rows (checked through the manifest).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    tag = {"parent": str(store.path), "parent_files": store.manifest.get("files", {}), "n_rows": int(len(rows)),
+           "rows_sha": _hash_rows(rows), "tile_sections": None if tile_sections is None else list(tile_sections)}
+    if is_store(out):
+        existing = PatchStore(out)
+        if existing.manifest.get("provenance", {}).get("subset_of") == tag:
+            return existing
+    spots = store.spots[rows].copy()
+    patch_rows = spots.obs[keys.PATCH_INDEX].to_numpy().astype(np.int64)
+    table = store.tile_table
+    if tile_sections is None:
+        tile_mask = np.ones(len(table), dtype=bool)
+    else:
+        tile_mask = table[keys.SECTION].astype(str).isin([str(s) for s in tile_sections]).to_numpy()
+    tile_rows = np.flatnonzero(tile_mask)
+    with StoreWriter(out, patch_px=store.patch_px) as writer:
+        patches = writer.allocate_patches(len(rows))
+        if len(rows):
+            patches[:] = store.patches[patch_rows]
+        tiles = writer.allocate_tiles(len(tile_rows))
+        if len(tile_rows):
+            tiles[:] = store.tiles[tile_rows]
+        spots.obs[keys.PATCH_INDEX] = np.arange(len(rows), dtype=np.int64)
+        writer.set_spots(spots)
+        writer.set_tile_table(table.iloc[tile_rows].reset_index(drop=True))
+        writer.manifest["params"].update({k: v for k, v in store.manifest.get("params", {}).items() if k != "patch_px"})
+        writer.manifest["provenance"] = {**store.manifest.get("provenance", {}), "subset_of": tag, "note": note}
+        writer.manifest["synthetic"] = store.synthetic
+    return PatchStore(out)
+
+
+def _hash_rows(rows: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _dense(matrix: Any) -> np.ndarray:
+    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix)
+
+
+def select_genes(train: PatchStore, test: PatchStore, top_k: int) -> tuple[list[str], np.ndarray]:
+    """Top-k highly variable genes of the TRAINING sections' counts (one batch per section).
+
+    Candidates are genes measured in every section of the site (the measured mask is metadata, not values),
+    so every evaluated gene has a truth on the held-out sections.
+    """
+    import anndata as ad
+
+    from shared.genes import select_hvg
+
+    panel = train.panel
+    measured = np.ones(len(panel), dtype=bool)
+    for store in (train, test):
+        if keys.MEASURED in store.spots.layers:
+            measured &= _dense(store.spots.layers[keys.MEASURED]).min(axis=0) > 0
+    candidates = [g for g, m in zip(panel, measured) if m]
+    require(len(candidates) >= 2, f"{train.path}: fewer than 2 genes are measured in every section of the site")
+    spots = train.spots
+    counts = _dense(spots.layers[keys.COUNTS]).astype(np.float32)
+    index = {g: i for i, g in enumerate(panel)}
+    cols = [index[g] for g in candidates]
+    parts = []
+    sections = spots.obs[keys.SECTION].astype(str).to_numpy()
+    for section in dict.fromkeys(sections):
+        part = ad.AnnData(counts[sections == section][:, cols])
+        part.var_names = candidates
+        parts.append(part)
+    chosen = list(select_hvg(parts, n_top=top_k, exclude_prefixes=None))[:top_k]
+    require(len(chosen) >= 2, f"{train.path}: gene selection returned {len(chosen)} genes (need >= 2)")
+    return chosen, np.array([index[g] for g in chosen], dtype=np.int64)
+
+
+def prepare_sites(config: ExperimentConfig, out: Path, log: Callable[[str], None] = print) -> list[SiteData]:
+    """Resolve, prepare and split every site's data (cached under ``out/cache``)."""
+    from shared.splits import section_indices
+    from shared.store.prepare import prepare_store
+
+    consortium = ensure_consortium(config, out, log)
+    sites = resolve_sites(config, consortium)
+    panel = config.panel or next((s.panel for s in sites if s.panel is not None), None)
+    if panel is None and consortium is not None and (consortium / "panel.txt").is_file():
+        panel = consortium / "panel.txt"
+    result = []
+    for site in sites:
+        root = out / CACHE / "sites" / site.name
+        toml = write_site_toml(site, root / "site.toml", panel)
+        log(f"preparing store of {site.name} ({len(site.sections)} sections)")
+        full = prepare_store(toml, root / "store", panel=panel, patch_px=config.store.patch_px,
+                             field_um=config.store.field_um, max_tiles_per_section=config.store.max_tiles_per_section,
+                             progress=False)
+        missing = [s for s in site.section_ids if s not in full.sections]
+        require(not missing, f"site {site.name!r}: prepared store {full.path} lacks sections {missing}")
+        train_rows = section_indices(full, site.train_sections)
+        test_rows = section_indices(full, list(site.held_out))
+        require(len(train_rows) >= 2, f"site {site.name!r}: training sections {site.train_sections} hold {len(train_rows)} spots")
+        require(len(test_rows) >= 3, f"site {site.name!r}: held-out sections {list(site.held_out)} hold {len(test_rows)} spots")
+        train = subset_store(full, train_rows, root / "train", tile_sections=site.train_sections, note="training sections")
+        test = subset_store(full, test_rows, root / "test", tile_sections=[], note="held-out sections")
+        genes, gene_index = select_genes(train, test, config.predictor.top_k)
+        result.append(SiteData(site, full, train, test, genes, gene_index))
+    panels = {tuple(s.full.panel) for s in result}
+    if len(panels) > 1:
+        raise FedstError("the sites' stores have different gene panels; give the consortium panel with 'panel' in the config")
+    return result

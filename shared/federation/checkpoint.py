@@ -1,0 +1,61 @@
+"""Server checkpoints: global model, completed round, strategy state (FedAdam moments) and run config.
+
+Layout: ``<run>/checkpoints/<phase>/round-<k>/{model.safetensors, strategy.safetensors, state.json}`` plus
+``<run>/checkpoints/<phase>/latest.json`` naming the newest complete one (written last, atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from shared.errors import FedstError
+
+
+def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    root: Path,
+    phase: str,
+    server_round: int,
+    arrays: Mapping[str, np.ndarray],
+    strategy_state: Mapping[str, np.ndarray],
+    meta: Mapping[str, Any],
+) -> Path:
+    """Write one checkpoint and point ``latest.json`` at it; returns its folder."""
+    from safetensors.numpy import save_file
+
+    folder = Path(root) / "checkpoints" / phase / f"round-{server_round:04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / "model.safetensors"))
+    save_file({k: np.ascontiguousarray(v) for k, v in strategy_state.items()}, str(folder / "strategy.safetensors"))
+    _atomic_json(folder / "state.json", {"phase": phase, "round": server_round, **dict(meta)})
+    _atomic_json(folder.parent / "latest.json", {"round": server_round, "path": folder.name})
+    return folder
+
+
+def load_checkpoint(root: Path, phase: str) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]] | None:
+    """(round, arrays, strategy state, meta) of the newest checkpoint of ``phase``, or None when there is none."""
+    from safetensors.numpy import load_file
+
+    base = Path(root) / "checkpoints" / phase
+    latest = base / "latest.json"
+    if not latest.is_file():
+        return None
+    try:
+        pointer = json.loads(latest.read_text())
+        folder = base / pointer["path"]
+        meta = json.loads((folder / "state.json").read_text())
+        arrays = load_file(str(folder / "model.safetensors"))
+        strategy = load_file(str(folder / "strategy.safetensors"))
+    except (OSError, KeyError, ValueError) as exc:
+        raise FedstError(f"{base}: checkpoint is unreadable ({exc}); delete it or start without resume") from None
+    return int(meta["round"]), arrays, strategy, meta

@@ -1,0 +1,108 @@
+"""`fedst demo`: the whole consortium workflow as a Flower simulation on generated (or her2st) sites."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.errors import FedstError
+from shared.federation.runner import REPO, SuperLink
+
+HER2ST_GROUPS = [["C2", "C3"], ["C4", "C5", "C6"]]  # sections with images; >= 2 per site (one is held out)
+HER2ST_MPP = 0.72
+
+
+def her2st_consortium(data: Path, out: Path, n_sites: int) -> Path:
+    """SITE.toml files grouping the real her2st sections with images into sites; panel = HisToGene's genes."""
+    import numpy as np
+
+    if n_sites != len(HER2ST_GROUPS):
+        raise FedstError(f"--preset her2st has {len(HER2ST_GROUPS)} sites (sections C2-C6 grouped so each site can hold one out); got --sites {n_sites}")
+    for sub in ("counts", "spots", "images"):
+        if not (data / sub).is_dir():
+            raise FedstError(f"her2st data: {data / sub} is missing (expected ../shared/data/her2st)")
+    out.mkdir(parents=True, exist_ok=True)
+    genes = [str(g) for g in np.load(data / "histogene_genes.npy", allow_pickle=True)]
+    (out / "panel.txt").write_text("\n".join(genes) + "\n")
+    for i, group in enumerate(HER2ST_GROUPS):
+        site = out / f"site-{i}"
+        site.mkdir(exist_ok=True)
+        lines = [f'site = "her2st-{i}"', 'panel = "../panel.txt"', ""]
+        for section in group:
+            lines += ["[[sections]]", f'id = "{section}"', 'format = "legacy-st"',
+                      f'counts = "{data / "counts" / f"{section}.tsv.gz"}"',
+                      f'spots = "{data / "spots" / f"{section}_selection.tsv"}"',
+                      f'image = "{data / "images" / f"{section}.jpg"}"', f"mpp = {HER2ST_MPP}", ""]
+        (site / "site.toml").write_text("\n".join(lines))
+    return out
+
+
+def prepare_consortium(out: Path, preset: str, n_sites: int, data: Path | None) -> Path:
+    if preset == "synthetic":
+        consortium = out / "consortium"
+        if not (consortium / "panel.txt").is_file() or len(list(consortium.glob("site-*/site.toml"))) != n_sites:
+            from shared.synthetic import generate_consortium
+
+            generate_consortium(consortium, n_sites=n_sites, seed=0)
+        return consortium
+    if preset == "her2st":
+        return her2st_consortium(data or REPO.parent / "shared" / "data" / "her2st", out / "consortium-her2st", n_sites)
+    raise FedstError(f"--preset {preset!r}: expected synthetic or her2st")
+
+
+def run_demo(out: Path, *, sites: int = 3, preset: str = "synthetic", overrides: dict[str, Any] | None = None,
+             timeout: float = 3600.0, data: Path | None = None, echo=print) -> Path:
+    """Generate/point at the consortium, run the workflow as a Flower simulation, return the run directory."""
+    out = out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    echo(f"[fedst demo] consortium ({preset}, {sites} sites) ...")
+    consortium = prepare_consortium(out, preset, sites, data)
+    run_name = f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = {"consortium": str(consortium), "out-dir": str(out / "runs"), "run-name": run_name,
+              "sites-root": str(out / "sites" / run_name), "min-sites": min(2, sites)}
+    config.update(overrides or {})
+    run_dir = Path(config["out-dir"]) / str(config["run-name"])
+    echo(f"[fedst demo] starting a private Flower SuperLink (simulation runtime, FLWR_HOME={out / '.flwr'}) ...")
+    with SuperLink(out / ".flwr", simulation=True, name="fedst-demo") as link:
+        run_id = link.submit(REPO, config, federation_config=f"num_supernodes={sites} client_resources_num_cpus=1")
+        echo(f"[fedst demo] run {run_id} submitted; progress (from {run_dir / 'results.json'}):")
+        seen: set[str] = set()
+
+        def progress(info: dict[str, Any]) -> None:
+            for line in _progress_lines(run_dir / "results.json"):
+                if line not in seen:
+                    seen.add(line)
+                    echo(f"  {line}")
+
+        info = link.wait(run_id, timeout, on_poll=progress)
+        progress(info)
+        if info.get("status") != "finished:completed":
+            tail = link.logs(run_id)[-3000:]
+            raise FedstError(f"run {run_id} ended {info.get('status')}: {tail.strip().splitlines()[-1] if tail.strip() else 'no log'} "
+                             f"(full log: FLWR_HOME={out / '.flwr'} flwr log {run_id} fedst-demo --show)")
+    echo(f"[fedst demo] finished in {time.perf_counter() - started:.0f} s")
+    echo(f"[fedst demo] report: {run_dir / 'summary.md'}")
+    echo(f"[fedst demo] site reports (stay on each site): {Path(config['sites-root'])}/<site>/report/report.md")
+    return run_dir
+
+
+def _progress_lines(path: Path) -> list[str]:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    lines = []
+    for phase, block in results.get("phases", {}).items():
+        trained_in_rounds = "sites" not in block  # pretrain, or adapt with federated-adapt
+        for row in block.get("rounds", []) if trained_in_rounds else []:
+            agg = row.get("aggregate", {})
+            loss = f", loss {agg['loss']:.4f}" if "loss" in agg else ""
+            lines.append(f"{phase} round {row['round']}: {len(row['sites'])} sites{loss}")
+        if not trained_in_rounds and block.get("sites"):
+            lines.append(f"{phase}: done on {len(block['sites'])} sites" + (f", {len(block.get('failed', {}))} failed" if block.get("failed") else ""))
+    if results.get("status") in ("completed", "failed"):
+        lines.append(f"status: {results['status']}")
+    return lines

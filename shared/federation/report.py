@@ -1,0 +1,178 @@
+"""Reports: the server's run directory (results.json, plots, summary.md) and each site's local report.
+
+The server only ever sees per-site scalar metrics; images appear only in a site's own report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=float))
+    os.replace(tmp, path)
+
+
+def weighted(sites: dict[str, dict[str, float]], weight_key: str = "num-examples") -> dict[str, float]:
+    """Weighted mean of every metric across sites (by ``weight_key``); per-site values are kept elsewhere."""
+    total = sum(m.get(weight_key, 1.0) for m in sites.values())
+    keys = sorted({k for m in sites.values() for k in m if k != weight_key})
+    out = {}
+    for key in keys:
+        rows = [(m[key], m.get(weight_key, 1.0)) for m in sites.values() if key in m]
+        if rows and total > 0:
+            out[key] = float(sum(v * w for v, w in rows) / sum(w for _, w in rows))
+    return out
+
+
+def plot_losses(results: dict[str, Any], out: Path) -> Path | None:
+    """Loss per round per site, one panel per trained phase."""
+    phases = [p for p in ("pretrain", "adapt") if results["phases"].get(p, {}).get("rounds")]
+    if not phases:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        per_site: dict[str, list[tuple[int, float]]] = {}
+        for row in results["phases"][phase]["rounds"]:
+            for site, metrics in row["sites"].items():
+                if "loss" in metrics:
+                    per_site.setdefault(site, []).append((row["round"], metrics["loss"]))
+        for site, points in sorted(per_site.items()):
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=site)
+        ax.set(title=f"{phase}: local loss per round", xlabel="round", ylabel="loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "loss_per_round.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_downstream(results: dict[str, Any], out: Path) -> Path | None:
+    """Downstream metrics per site: real-only vs real+synthetic."""
+    sites = results["phases"].get("downstream", {}).get("sites", {})
+    metrics = [k for k in _keys(sites) if k != "num-examples" and ("pcc" in k or "ssc" in k or "gsc" in k)]
+    if not sites or not metrics:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(metrics) * len(sites)), 3.5))
+    names = sorted(sites)
+    width = 0.8 / len(names)
+    for i, site in enumerate(names):
+        ax.bar(np.arange(len(metrics)) + i * width, [sites[site].get(m, np.nan) for m in metrics], width, label=site)
+    ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics, rotation=30, ha="right", fontsize=8)
+    ax.set(title="downstream metrics per site (held-out sections)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "downstream_per_site.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    lines = [f"# fedst run `{results.get('run', '')}`", "", f"status: **{results.get('status', '?')}**", ""]
+    cfg = results.get("config", {})
+    lines += [f"backend `{cfg.get('backend')}`, preset `{cfg.get('preset')}`, strategy `{cfg.get('strategy')}`, "
+              f"patch {cfg.get('patch-px')} px, seed {cfg.get('seed')}", ""]
+    for phase, block in results["phases"].items():
+        lines.append(f"## {phase}")
+        for row in block.get("rounds", []):
+            agg = ", ".join(f"{k}={v:.4g}" for k, v in row.get("aggregate", {}).items())
+            lines.append(f"- round {row['round']}: {len(row['sites'])} sites accepted; {agg}")
+            for site, why in {**row.get("failed", {}), **row.get("rejected", {})}.items():
+                lines.append(f"  - {site} excluded: {why}")
+        if block.get("sites") and not block.get("rounds"):
+            lines += ["", "| site | " + " | ".join(_keys(block["sites"])) + " |",
+                      "|---" * (1 + len(_keys(block["sites"]))) + "|"]
+            for site, metrics in sorted(block["sites"].items()):
+                lines.append(f"| {site} | " + " | ".join(_fmt(metrics.get(k)) for k in _keys(block["sites"])) + " |")
+            if block.get("weighted"):
+                lines.append("| weighted | " + " | ".join(_fmt(block["weighted"].get(k)) for k in _keys(block["sites"])) + " |")
+        for site, why in block.get("failed", {}).items():
+            lines.append(f"- {site} failed: {why}")
+        lines.append("")
+    if results.get("plots"):
+        lines += ["## plots", *[f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]], ""]
+    lines.append("Privacy numbers (epsilon) are per site; a mean across sites is not a privacy statement.")
+    return "\n".join(lines) + "\n"
+
+
+HEADLINE = ("pcc", "mse", "ssc", "gsc", "epsilon", "synthetic-pairs", "num-examples", "loss")
+
+
+def _keys(sites: dict[str, dict[str, float]]) -> list[str]:
+    """The headline columns (PCC, MSE, SSC, GSC, epsilon, ...); everything else is in results.json."""
+    keys = sorted({k for m in sites.values() for k in m})
+    return [k for k in keys if "per_gene" not in k and any(h in k for h in HEADLINE)]
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def write_run_report(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Write results.json, the plots and summary.md into ``run_dir``; returns the results with plot paths."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plots = [p for p in (plot_losses(results, run_dir), plot_downstream(results, run_dir)) if p is not None]
+    results["plots"] = [str(p) for p in plots]
+    write_json(run_dir / "results.json", results)
+    (run_dir / "summary.md").write_text(summary_markdown(results))
+    return results
+
+
+def site_report(work: Path, store, site: str, n: int = 8) -> Path:
+    """``work/report/``: sample grid real vs synthetic, the site's metrics and epsilon (stays on site)."""
+    from shared.store.format import PatchStore, is_store
+
+    out = work / "report"
+    out.mkdir(exist_ok=True)
+    history = json.loads((work / "metrics.json").read_text()) if (work / "metrics.json").is_file() else []
+    rows = [np.asarray(store.patches[: min(n, store.n_spots)])]
+    titles = ["real"]
+    if is_store(work / "synthetic-store"):
+        syn = PatchStore(work / "synthetic-store")
+        rows.append(np.asarray(syn.patches[: min(n, syn.n_spots)]))
+        titles.append("synthetic")
+    plt = _plt()
+    cols = max(len(r) for r in rows) or 1
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.2 * cols, 1.3 * len(rows)), squeeze=False)
+    for r, (images, title) in enumerate(zip(rows, titles)):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(images[c])
+            if c == 0:
+                ax.set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(out / "samples_real_vs_synthetic.png", dpi=100)
+    plt.close(fig)
+    eps = [h["epsilon"] for h in history if "epsilon" in h]
+    lines = [f"# site {site}: local report (never leaves the site)", "",
+             f"store: `{store.path}` ({store.n_spots} spots, {store.n_tiles} tiles, {len(store.panel)} genes)", "",
+             f"DP epsilon spent in adaptation: {eps[-1]:.3g}" if eps else "DP: not used in adaptation", "",
+             "| phase | round | metrics |", "|---|---|---|"]
+    for h in history:
+        lines.append(f"| {h['phase']} | {h['round']} | " +
+                     ", ".join(f"{k}={v:.4g}" for k, v in h.items() if k not in ("phase", "round")) + " |")
+    lines += ["", "![samples](samples_real_vs_synthetic.png)"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out

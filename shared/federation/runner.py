@@ -1,0 +1,173 @@
+"""Drive Flower from Python via its CLI: a private SuperLink, `flwr run`, polling `flwr ls` until done.
+
+Imports no Flower module (the CLI runs in subprocesses), so `fedst demo`, the tests and the benchmark share
+one careful path: private FLWR_HOME, free loopback ports, runtime dependency installation disabled,
+telemetry off, and every process started here stopped by id (shared/federation/procs.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from shared.errors import FedstError
+from shared.federation.procs import free_port, start, stop_tree
+
+REPO = Path(__file__).resolve().parents[2]
+FINISHED = "finished:"
+
+
+def flwr_env(home: Path, http_port: int | None = None, control_port: int | None = None) -> dict[str, str]:
+    """Environment for every Flower command: private home, offline-safe switches, private local ports."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1",
+    )
+    if http_port:
+        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+    if control_port:
+        env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_overrides(path: Path, overrides: dict[str, Any]) -> Path:
+    """A TOML file for `flwr run -c FILE` (safe for paths with spaces, unlike inline key=value pairs)."""
+    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in overrides.items()))
+    return path
+
+
+def add_connection(home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
+    """Add ``[superlink.<name>]`` to ``$FLWR_HOME/config.toml`` (created when missing)."""
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "config.toml"
+    text = config.read_text() if config.is_file() else f'[superlink]\ndefault = "{name}"\n'
+    block = f'\n[superlink.{name}]\naddress = "{address}"\n'
+    block += f'root-certificates = "{root_certificates}"\n' if root_certificates else "insecure = true\n"
+    config.write_text(text + block)
+
+
+class SuperLink:
+    """A SuperLink on 127.0.0.1 for the lifetime of a ``with`` block (simulation or deployment runtime)."""
+
+    def __init__(self, home: Path, *, simulation: bool, tls: dict[str, Path] | None = None, auth: bool = False,
+                 name: str = "fedst", log: Path | None = None):
+        self.home, self.simulation, self.tls, self.auth, self.name = home, simulation, tls, auth, name
+        self.port = free_port()
+        self.control_port = free_port()
+        self.log = log or home / "superlink.log"
+        self.env = flwr_env(home, self.port, self.control_port)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
+               "--control-api-address", f"127.0.0.1:{self.control_port}",
+               "--disable-runtime-dependency-installation", "--database", str(self.home / "state.db")]
+        if self.simulation:
+            cmd += ["--simulation", "--isolation", "subprocess"]
+        if self.tls:
+            cmd += ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]),
+                    "--ssl-keyfile", str(self.tls["key"])]
+        else:
+            cmd += ["--insecure"]
+        if self.auth:
+            cmd += ["--enable-supernode-auth"]
+        return cmd
+
+    def __enter__(self) -> "SuperLink":
+        self.home.mkdir(parents=True, exist_ok=True)
+        add_connection(self.home, self.name, self.address, self.tls["ca"] if self.tls else None)
+        self.proc = start(self.command(), self.log, env=self.env)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise FedstError(f"SuperLink exited with code {self.proc.returncode}; see {self.log}")
+            with socket.socket() as sock:
+                sock.settimeout(0.5)
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.5)
+        raise FedstError(f"SuperLink did not open 127.0.0.1:{self.port} within {timeout:.0f} s; see {self.log}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None:
+            stop_tree(self.proc)
+
+    # -- the CLI -------------------------------------------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = 300.0, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if check and done.returncode != 0:
+            raise FedstError(f"`flwr {' '.join(args[:2])}` failed ({done.returncode}): {(done.stderr or done.stdout)[-800:]}")
+        return done
+
+    def submit(self, app: Path, overrides: dict[str, Any], federation_config: str | None = None) -> str:
+        """`flwr run` the app; returns the run id (the run continues in the SuperLink)."""
+        args = ["run", str(app), self.name, "--format", "json", "-c", str(write_overrides(self.home / "overrides.toml", overrides))]
+        if federation_config:
+            args += ["--federation-config", federation_config]
+        done = self.flwr(*args)
+        try:
+            reply = json.loads(done.stdout[done.stdout.index("{"):])
+            return str(reply["run-id"])
+        except (ValueError, KeyError):
+            raise FedstError(f"`flwr run` gave no run id: {done.stdout[-800:]} {done.stderr[-800:]}") from None
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        done = self.flwr("ls", "--run-id", run_id, "--format", "json", self.name, timeout=120)
+        runs = json.loads(done.stdout[done.stdout.index("{"):]).get("runs", [])
+        return runs[0] if runs else {}
+
+    def wait(self, run_id: str, timeout: float, on_poll: Callable[[dict[str, Any]], None] | None = None,
+             interval: float = 3.0) -> dict[str, Any]:
+        """Poll `flwr ls` until the run is finished (`flwr run` exits 0 even when the run fails)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.status(run_id)
+            if on_poll is not None:
+                on_poll(info)
+            if str(info.get("status", "")).startswith(FINISHED):
+                return info
+            if time.monotonic() > deadline:
+                self.flwr("stop", run_id, self.name, check=False)
+                raise FedstError(f"run {run_id} did not finish within {timeout:.0f} s (stopped); see `flwr log {run_id}`")
+            time.sleep(interval)
+
+    def logs(self, run_id: str) -> str:
+        done = self.flwr("log", run_id, self.name, "--show", check=False, timeout=120)
+        return done.stdout + done.stderr
+
+
+def supernode_command(superlink: str, node_config: dict[str, Any], port: int, *, ca: Path | None = None,
+                      key: Path | None = None) -> list[str]:
+    """`flower-supernode` for one site (TLS + auth when ``ca``/``key`` are given, else --insecure)."""
+    pairs = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
+    cmd = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port), "--node-config", pairs]
+    cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
+    if key:
+        cmd += ["--auth-supernode-private-key", str(key)]
+    return cmd

@@ -1,0 +1,167 @@
+"""What a site does in each phase, without Flower: open (or prepare) its store, train, synthesize, evaluate.
+
+State that must survive between messages (a ClientApp is a fresh process per message in deployment) lives in
+the site's work directory: the prepared store, the last central weights, the adapter, the synthetic store,
+``metrics.json`` and the local report. Only model tensors and scalar metrics are returned to the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.config import NodeConfig, RunConfig
+from shared.errors import FedstError
+
+CENTRAL = "central.safetensors"
+ADAPTER = "adapter.safetensors"
+SYNTHETIC = "synthetic-store"
+METRICS = "metrics.json"
+
+
+def site_seed(seed: int, site: str, server_round: int, phase: str) -> int:
+    """A seed that differs per site, round and phase and is the same in every run with the same config."""
+    return (seed * 1_000_003 + zlib.crc32(f"{site}/{phase}".encode()) + server_round * 7919) % (2**31 - 1)
+
+
+def open_store(node: NodeConfig, run: RunConfig, panel: list[str] | None = None):
+    """The site's patch store: ``data-path`` is a store, or a SITE.toml prepared once into ``work-dir/store``."""
+    from shared.store.format import PatchStore, is_store
+
+    path = node.data_path
+    if is_store(path):
+        store = PatchStore(path)
+    elif path.suffix == ".toml":
+        try:
+            from shared.store.prepare import prepare_store
+        except ImportError as exc:
+            raise FedstError(f"site {node.site}: cannot prepare {path}: shared.store.prepare unavailable ({exc})") from None
+        store = prepare_store(path, node.work_dir / "store", panel=panel, patch_px=run.patch_px, progress=False)
+    else:
+        raise FedstError(
+            f"node config 'data-path' {path}: expected a SITE.toml or a fedst patch store (a folder with manifest.json)"
+        )
+    if store.patch_px != run.patch_px:
+        raise FedstError(
+            f"site {node.site}: store {store.path} has patch size {store.patch_px} px, run config 'patch-px' is {run.patch_px}"
+        )
+    if panel is not None and list(store.panel) != list(panel):
+        mine, theirs = list(store.panel), list(panel)
+        first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        raise FedstError(
+            f"site {node.site}: gene panel of store {store.path} differs from the consortium panel "
+            f"({len(mine)} vs {len(theirs)} genes; at position {first} the store has "
+            f"{mine[first] if first < len(mine) else '<end>'!r} where the consortium has "
+            f"{theirs[first] if first < len(theirs) else '<end>'!r})"
+        )
+    if store.n_spots == 0 and store.n_tiles == 0:
+        raise FedstError(f"site {node.site}: store {store.path} holds no spots and no tiles")
+    return store
+
+
+class SiteTask:
+    """One site's side of the workflow; every method reads and writes only ``node.work_dir``."""
+
+    def __init__(self, run: RunConfig, node: NodeConfig, panel: list[str] | None = None):
+        self.run = run
+        self.node = node
+        self.panel = panel
+        self.work = node.work_dir
+
+    @cached_property
+    def store(self):
+        return open_store(self.node, self.run, self.panel)
+
+    @property
+    def backend(self):
+        if self.run.backend == "toy":
+            from shared.federation import toy
+
+            return toy
+        from shared.federation import c2l_backend
+
+        return c2l_backend.for_run(self.run)
+
+    # -- phases -----------------------------------------------------------------------------------------
+    def pretrain(self, state: dict[str, np.ndarray], server_round: int, prox_mu: float = 0.0):
+        import time
+
+        seed = site_seed(self.run.seed, self.node.site, server_round, "pretrain")
+        _ = self.store  # opening/preparing the store is not training time
+        started = time.perf_counter()
+        new_state, metrics = self.backend.pretrain(
+            state, self.store, steps=self.run.local_steps, batch_size=self.run.batch_size, lr=self.run.lr,
+            seed=seed, prox_mu=prox_mu,
+        )
+        metrics = {**metrics, "compute-seconds": time.perf_counter() - started}
+        self._record("pretrain", server_round, metrics)
+        return new_state, metrics
+
+    def adapt(self, central: dict[str, np.ndarray], server_round: int, adapter: dict[str, np.ndarray] | None = None):
+        from safetensors.numpy import save_file
+
+        _save(self.work / CENTRAL, central, save_file)
+        seed = site_seed(self.run.seed, self.node.site, server_round, "adapt")
+        kwargs: dict[str, Any] = dict(steps=self.run.adapt_steps, batch_size=self.run.batch_size, lr=self.run.lr, seed=seed)
+        if self.run.backend != "toy":
+            kwargs.update(dp_epsilon=self.run.dp_epsilon, dp_delta=self.run.dp_delta, max_grad_norm=self.run.dp_max_grad_norm,
+                          work_dir=self.work)
+        adapter_state, metrics = self.backend.adapt(central, self.store, adapter_state=adapter, **kwargs)
+        _save(self.work / ADAPTER, adapter_state, save_file)
+        self._record("adapt", server_round, metrics)
+        return adapter_state, metrics
+
+    def synthesize(self) -> dict[str, float]:
+        from safetensors.numpy import load_file
+
+        for name in (CENTRAL, ADAPTER):
+            if not (self.work / name).is_file():
+                raise FedstError(f"site {self.node.site}: {self.work / name} is missing; run the adapt phase first")
+        seed = site_seed(self.run.seed, self.node.site, 0, "synthesize")
+        kwargs: dict[str, Any] = dict(n=self.run.synthetic_count, seed=seed)
+        if self.run.backend != "toy":
+            kwargs.update(steps=self.run.sample_steps)
+        synthetic = self.backend.synthesize(
+            load_file(str(self.work / CENTRAL)), load_file(str(self.work / ADAPTER)), self.store, self.work / SYNTHETIC, **kwargs
+        )
+        metrics = {"synthetic-pairs": float(synthetic.n_spots), "num-examples": float(synthetic.n_spots)}
+        self._record("synthesize", 0, metrics)
+        return metrics
+
+    def downstream(self) -> dict[str, float]:
+        from shared.store.format import PatchStore, is_store
+
+        synthetic = PatchStore(self.work / SYNTHETIC) if is_store(self.work / SYNTHETIC) else None
+        seed = site_seed(self.run.seed, self.node.site, 0, "downstream")
+        if self.run.backend == "toy":
+            metrics = self.backend.downstream(self.store, synthetic, seed=seed)
+        else:
+            metrics = self.backend.downstream(self.store, synthetic, seed=seed, predictor=self.run.predictor)
+        self._record("downstream", 0, metrics)
+        self.write_report()
+        return metrics
+
+    # -- local record and report --------------------------------------------------------------------------
+    def _record(self, phase: str, server_round: int, metrics: dict[str, float]) -> None:
+        path = self.work / METRICS
+        history = json.loads(path.read_text()) if path.is_file() else []
+        history = [h for h in history if not (h["phase"] == phase and h["round"] == server_round)]
+        history.append({"phase": phase, "round": server_round, **{k: float(v) for k, v in metrics.items()}})
+        path.write_text(json.dumps(history, indent=2))
+
+    def write_report(self) -> Path:
+        """The site's own report (never sent): real vs synthetic sample grid, its metrics, its epsilon."""
+        from shared.federation.report import site_report
+
+        return site_report(self.work, self.store, self.node.site)
+
+
+def _save(path: Path, state: dict[str, np.ndarray], save_file) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+    tmp.replace(path)

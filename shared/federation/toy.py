@@ -1,0 +1,265 @@
+"""A deliberately small backend with the same shape as the C2L-ST workflow, for fast federation tests.
+
+Central model: a two-layer convolutional denoiser trained on a site's tiles and spot patches. Adapter:
+zero-initialised gene-conditioned FiLM on its hidden layer (central frozen). Synthesis: denoise noisy
+site-mean patches under the site's gene conditions. Downstream: ridge regression from pooled pixels to
+expression, real-only vs real+synthetic, on a held-out section. Every step is seeded, so two runs with the
+same config give bit-identical weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.store.format import PatchStore
+
+NOISE = 0.5
+
+
+def _torch():
+    import torch
+
+    torch.set_num_threads(1)
+    return torch
+
+
+def build_central(width: int = 8):
+    """The toy 'central model' (module). Parameter names are the contract for what a site may send."""
+    torch = _torch()
+    nn = torch.nn
+
+    class ToyCentral(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.conv_in = nn.Conv2d(3, width, 3, padding=1)
+            self.norm = nn.GroupNorm(2, width)
+            self.conv_out = nn.Conv2d(width, 3, 3, padding=1)
+
+        def hidden(self, x):
+            return torch.nn.functional.silu(self.norm(self.conv_in(x)))
+
+        def forward(self, x):
+            return self.conv_out(self.hidden(x))
+
+    return ToyCentral(width)
+
+
+def build_adapter(n_genes: int, width: int = 8):
+    torch = _torch()
+    film = torch.nn.Linear(n_genes, 2 * width)
+    torch.nn.init.zeros_(film.weight)
+    torch.nn.init.zeros_(film.bias)
+    return film
+
+
+def initial_state(seed: int, width: int = 8) -> dict[str, np.ndarray]:
+    torch = _torch()
+    torch.manual_seed(seed)
+    return {k: v.detach().numpy().copy() for k, v in build_central(width).state_dict().items()}
+
+
+def _images(array: np.ndarray):
+    torch = _torch()
+    x = torch.from_numpy(np.array(array)).float().permute(0, 3, 1, 2)
+    return x / 127.5 - 1.0
+
+
+def _load(module, state: dict[str, np.ndarray]) -> None:
+    torch = _torch()
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+
+
+def _export(module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def pretrain(
+    state: dict[str, np.ndarray], store: PatchStore, *, steps: int, batch_size: int, lr: float, seed: int, prox_mu: float = 0.0
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Local denoising steps from ``state``; with ``prox_mu`` > 0 a FedProx term pulls toward ``state``."""
+    torch = _torch()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    pool = [a for a in (store.tiles, store.patches) if len(a)]
+    images = np.concatenate([np.asarray(a) for a in pool]) if pool else np.zeros((0, 8, 8, 3), np.uint8)
+    model = build_central()
+    _load(model, state)
+    reference = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        idx = rng.integers(0, len(images), size=min(batch_size, len(images)))
+        x = _images(images[idx])
+        noise = torch.randn_like(x)
+        loss = torch.nn.functional.mse_loss(model(x + NOISE * noise), noise)
+        objective = loss
+        if prox_mu > 0:
+            objective = loss + prox_mu / 2 * sum(((p - r) ** 2).sum() for p, r in zip(model.parameters(), reference))
+        opt.zero_grad()
+        objective.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return _export(model), {"loss": float(np.mean(losses)), "num-examples": float(len(images))}
+
+
+def _conditioned(central, film, x, genes):
+    scale, shift = film(genes).chunk(2, dim=1)
+    h = central.hidden(x) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    return central.conv_out(h)
+
+
+def adapt(
+    central_state: dict[str, np.ndarray], store: PatchStore, *, steps: int, batch_size: int, lr: float, seed: int,
+    adapter_state: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Train only the FiLM adapter on the site's paired spots; the central weights stay frozen."""
+    torch = _torch()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    central = build_central()
+    _load(central, central_state)
+    central.eval().requires_grad_(False)
+    genes_all = _expression(store)
+    film = build_adapter(genes_all.shape[1])
+    if adapter_state is not None:
+        _load(film, adapter_state)
+    opt = torch.optim.Adam(film.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        idx = rng.integers(0, store.n_spots, size=min(batch_size, store.n_spots))
+        x = _images(np.asarray(store.patches)[idx])
+        genes = torch.from_numpy(genes_all[idx])
+        noise = torch.randn_like(x)
+        loss = torch.nn.functional.mse_loss(_conditioned(central, film, x + NOISE * noise, genes), noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return _export(film), {"loss": float(np.mean(losses)), "num-examples": float(store.n_spots)}
+
+
+def _expression(store: PatchStore) -> np.ndarray:
+    x = store.spots.X
+    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+    return np.nan_to_num(x.astype(np.float32))
+
+
+def synthesize(
+    central_state: dict[str, np.ndarray], adapter_state: dict[str, np.ndarray], store: PatchStore, out: Path, *, n: int, seed: int
+) -> PatchStore:
+    """Write ``n`` synthetic pairs (conditions drawn from real spots) as a store flagged synthetic."""
+    torch = _torch()
+    from shared import keys
+    from shared.store.format import StoreWriter
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    central = build_central()
+    _load(central, central_state)
+    genes_all = _expression(store)
+    film = build_adapter(genes_all.shape[1])
+    _load(film, adapter_state)
+    idx = np.sort(rng.integers(0, store.n_spots, size=n))
+    import warnings
+    mean = _images(np.asarray(store.patches)).mean(0, keepdim=True)
+    with torch.no_grad():
+        x = mean.repeat(n, 1, 1, 1) + NOISE * torch.randn(n, *mean.shape[1:])
+        eps = _conditioned(central, film, x, torch.from_numpy(genes_all[idx]))
+        img = ((x - NOISE * eps).clamp(-1, 1) + 1) * 127.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate obs names are renamed just below
+        spots = store.spots[idx].copy()
+    spots.obs_names = [f"syn-{i}" for i in range(n)]
+    spots.obs[keys.PATCH_INDEX] = np.arange(n)
+    spots.obs[keys.SYNTHETIC] = True
+    with StoreWriter(out, patch_px=store.patch_px) as writer:
+        writer.allocate_patches(n)[:] = img.permute(0, 2, 3, 1).round().byte().numpy()
+        writer.set_spots(spots)
+        writer.manifest.update(synthetic=True, provenance={"generator": "toy", "seed": seed})
+    return PatchStore(out)
+
+
+def features(store: PatchStore, rows: np.ndarray | None = None) -> np.ndarray:
+    patches = np.asarray(store.patches if rows is None else store.patches[rows], dtype=np.float32) / 255.0
+    n, p = len(patches), patches.shape[1]
+    pooled = patches.reshape(n, 4, p // 4, 4, p // 4, 3).mean(axis=(2, 4)).reshape(n, -1)
+    return np.concatenate([pooled, patches.std(axis=(1, 2))], axis=1)
+
+
+def downstream(store: PatchStore, synthetic: PatchStore | None, *, seed: int) -> dict[str, float]:
+    """Ridge predictor on real-only vs real+synthetic training spots, scored on a held-out section."""
+    from shared import keys
+
+    sections = store.spots.obs[keys.SECTION].astype(str).to_numpy()
+    names = sorted(set(sections))
+    if len(names) > 1:
+        test = sections == names[-1]
+    else:
+        test = np.random.default_rng(seed).random(len(sections)) < 0.25
+    y = _expression(store)
+    x = features(store)
+    out: dict[str, float] = {"num-examples": float(test.sum())}
+    arms = {"real": (x[~test], y[~test])}
+    if synthetic is not None:
+        arms["augmented"] = (np.concatenate([x[~test], features(synthetic)]), np.concatenate([y[~test], _expression(synthetic)]))
+    for arm, (xt, yt) in arms.items():
+        pred = _ridge(xt, yt, x[test])
+        out[f"{arm}-pcc"] = _mean_pcc(pred, y[test])
+        out[f"{arm}-mse"] = float(np.mean((pred - y[test]) ** 2))
+    return out
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    xc = x - mu_x
+    w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - mu_y))
+    return (x_new - mu_x) @ w + mu_y
+
+
+def _mean_pcc(pred: np.ndarray, truth: np.ndarray) -> float:
+    pc, tc = pred - pred.mean(0), truth - truth.mean(0)
+    denom = np.sqrt((pc**2).sum(0) * (tc**2).sum(0))
+    ok = denom > 0
+    return float(np.mean((pc * tc).sum(0)[ok] / denom[ok])) if ok.any() else 0.0
+
+
+def describe() -> dict[str, Any]:
+    return {"backend": "toy", "parameters": int(sum(v.size for v in initial_state(0).values()))}
+
+
+def write_toy_store(out: Path, *, n_spots: int = 24, n_tiles: int = 16, panel: list[str] | None = None,
+                    sections: int = 2, patch_px: int = 16, seed: int = 0) -> PatchStore:
+    """A small valid patch store whose pixels carry the expression signal (for tests and benchmarks)."""
+    import anndata
+    import pandas as pd
+
+    from shared import keys
+    from shared.store.format import StoreWriter
+
+    rng = np.random.default_rng(seed)
+    panel = panel or [f"G{i}" for i in range(6)]
+    expr = rng.gamma(2.0, 1.0, size=(n_spots, len(panel))).astype(np.float32)
+    section = np.array([f"S{i % sections}" for i in range(n_spots)])
+    base = rng.integers(60, 200, size=(1, 1, 1, 3))
+    spots_img = np.clip(base + 20 * expr[:, None, None, :3] + rng.normal(0, 10, (n_spots, patch_px, patch_px, 3)), 0, 255)
+    tiles_img = np.clip(base + rng.normal(0, 25, (n_tiles, patch_px, patch_px, 3)), 0, 255)
+    adata = anndata.AnnData(
+        X=np.log1p(expr),
+        obs=pd.DataFrame({keys.SECTION: section, keys.PATCH_INDEX: np.arange(n_spots), keys.SYNTHETIC: False},
+                         index=[f"spot-{i}" for i in range(n_spots)]),
+        var=pd.DataFrame(index=panel),
+    )
+    adata.layers[keys.COUNTS] = expr.round()
+    adata.layers[keys.MEASURED] = np.ones_like(expr, dtype=bool)
+    adata.obsm[keys.SPATIAL] = rng.uniform(0, 1000, size=(n_spots, 2))
+    with StoreWriter(out, patch_px=patch_px) as writer:
+        writer.allocate_patches(n_spots)[:] = spots_img.astype(np.uint8)
+        writer.allocate_tiles(n_tiles)[:] = tiles_img.astype(np.uint8)
+        writer.set_tile_table(pd.DataFrame({keys.SECTION: [f"S{i % sections}" for i in range(n_tiles)],
+                                            "x": np.arange(n_tiles, dtype=float), "y": np.zeros(n_tiles)}))
+        writer.set_spots(adata)
+        writer.manifest.update(provenance={"generator": "fedst toy store", "seed": seed})
+    return PatchStore(out)

@@ -1,0 +1,60 @@
+"""Server-side screening of one site's model update before it is aggregated."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+
+def update_problems(
+    update: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    max_norm: float,
+) -> list[str]:
+    """Why ``update`` must not be aggregated (empty list: it is acceptable).
+
+    Checks, in order: the tensor names equal the global model's, every shape matches, every value is finite,
+    and the L2 norm of (update - reference) over all tensors is at most ``max_norm`` (a crude bound that
+    catches divergence and scaled/poisoned updates without knowing the data).
+    """
+    problems: list[str] = []
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing:
+        problems.append(f"missing tensors {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    if extra:
+        problems.append(f"unexpected tensors {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    if problems:
+        return problems
+    squared = 0.0
+    for name, ref in reference.items():
+        value = np.asarray(update[name])
+        if value.shape != np.shape(ref):
+            problems.append(f"tensor {name!r} has shape {value.shape}, expected {np.shape(ref)}")
+            continue
+        if not np.issubdtype(value.dtype, np.number) and value.dtype != np.bool_:
+            problems.append(f"tensor {name!r} has non-numeric dtype {value.dtype}")
+            continue
+        if not np.all(np.isfinite(value)):
+            problems.append(f"tensor {name!r} contains NaN or Inf")
+            continue
+        diff = value.astype(np.float64) - np.asarray(ref, dtype=np.float64)
+        squared += float(np.sum(diff * diff))
+    if not problems:
+        norm = squared**0.5
+        if norm > max_norm:
+            problems.append(f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
+    return problems
+
+
+def weighted_mean(updates: list[Mapping[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """Reference FedAvg: sum_i w_i x_i / sum_i w_i, in float64, cast back to each tensor's dtype."""
+    if not updates or len(updates) != len(weights):
+        raise ValueError("need one weight per update and at least one update")
+    total = float(sum(weights))
+    out = {}
+    for name in updates[0]:
+        acc = sum(np.asarray(u[name], dtype=np.float64) * (w / total) for u, w in zip(updates, weights))
+        out[name] = np.asarray(acc).astype(np.asarray(updates[0][name]).dtype)
+    return out

@@ -1,0 +1,235 @@
+"""C2L-ST core: central model, zero-init modulation, frozen adaptation, DP accounting, samplers, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shared.errors import FedstError
+
+SMALL = dict(sample_size=16, block_out_channels=(16, 32), norm_num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def toy_store(tmp_path_factory):
+    from shared.c2l.toy import write_toy_store
+
+    return write_toy_store(tmp_path_factory.mktemp("toy") / "store", n_spots=64, n_tiles=64, px=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def central():
+    from shared.c2l.central import create_central
+
+    torch.manual_seed(0)
+    return create_central("tiny", **SMALL)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_save_load_restores_exact_model(tmp_path, central):
+    from shared.c2l.central import CentralDiffusion
+
+    central.save_pretrained(tmp_path / "m")
+    loaded = CentralDiffusion.from_pretrained(tmp_path / "m")
+    assert loaded.config == central.config
+    assert loaded.weights_hash() == central.weights_hash()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    assert torch.equal(loaded.eval()(x, t), central.eval()(x, t))
+
+
+def test_missing_weights_and_unknown_preset_are_clear_errors(tmp_path, central):
+    from shared.c2l.central import CentralDiffusion, create_central
+
+    central.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(FedstError, match="missing weights file"):
+        CentralDiffusion.from_pretrained(tmp_path / "m")
+    with pytest.raises(FedstError, match="no such model directory"):
+        CentralDiffusion.from_pretrained(tmp_path / "absent")
+    with pytest.raises(FedstError, match="unknown c2l preset"):
+        create_central("huge")
+
+
+def test_zero_init_conditioned_equals_central_exactly(central):
+    from shared.c2l.modulation import create_conditioned
+
+    model = create_conditioned(central, [f"G{i}" for i in range(5)])
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 500, 999])
+    expr, mask = torch.rand(3, 5) * 4, torch.ones(3, 5)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, expr, mask), central(x, t))
+    model.remove_hooks()
+
+
+def test_loss_decreases_when_pretraining_on_a_store(toy_store):
+    from shared.c2l.central import create_central
+    from shared.c2l.train import train_central
+
+    model = create_central("tiny", **SMALL)
+    summary = train_central(model, [toy_store], steps=20, batch_size=8, lr=3e-3, seed=0, progress=False)
+    losses = np.array(summary["losses"])
+    assert summary["n_examples"] == 128  # 64 tiles + 64 spot patches
+    assert losses[-5:].mean() < 0.7 * losses[:3].mean()
+
+
+def test_train_central_is_deterministic_and_prox_pulls_to_reference(toy_store):
+    from shared.c2l.central import create_central
+    from shared.c2l.train import train_central
+
+    torch.manual_seed(1)
+    start = create_central("tiny", **SMALL)
+    ref = _state(start)
+    runs = []
+    for mu in (0.0, 0.0, 100.0):
+        model = create_central("tiny", **SMALL)
+        model.load_state_dict(ref)
+        train_central(model, [toy_store], steps=4, batch_size=4, lr=5e-3, seed=3, prox_mu=mu, prox_reference=ref,
+                      progress=False)
+        runs.append(_state(model))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in ref)
+    dist = [sum(float((r[k] - ref[k]).pow(2).sum()) for k in ref if r[k].is_floating_point()) for r in runs]
+    assert dist[2] < dist[0]
+
+
+def test_adaptation_freezes_central_bit_identical_and_reports_fraction(central, toy_store):
+    from shared.c2l.adapt import adapt
+
+    before = _state(central)
+    model, summary = adapt(central, toy_store, steps=3, batch_size=8, seed=0, progress=False)
+    for name, value in before.items():
+        assert torch.equal(model.central.state_dict()[name], value), name
+        assert torch.equal(central.state_dict()[name], value), name
+    assert not model.central.training and all(not m.training for m in model.central.modules())
+    model.train()
+    assert not model.central.training and model.modulation.training
+    assert all(not p.requires_grad for p in model.central.parameters())
+    assert any(float(p.abs().sum()) > 0 for p in model.modulation.film.parameters())  # FiLM moved off zero
+    assert summary["trainable_params"] == sum(p.numel() for p in model.modulation.parameters())
+    assert 0 < summary["trainable_fraction"] <= 0.10
+    assert summary["epsilon"] is None
+
+
+def test_dp_adaptation_keeps_central_and_matches_opacus_accountant(central, toy_store):
+    from shared.c2l.adapt import adapt
+    from shared.c2l.dp import DPConfig, rdp_epsilon
+
+    before = _state(central)
+    eps = []
+    for steps in (2, 4):
+        model, summary = adapt(central, toy_store, steps=steps, batch_size=8, seed=0, progress=False,
+                               dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+        assert all(torch.equal(model.central.state_dict()[k], v) for k, v in before.items())
+        assert summary["delta"] == pytest.approx(min(1e-5, 0.1 / 64))
+        expected = rdp_epsilon(1.0, 8 / 64, steps, summary["delta"])
+        assert summary["epsilon"] == pytest.approx(expected, rel=1e-12)
+        eps.append(summary["epsilon"])
+    assert eps[1] > eps[0] > 0
+
+
+def test_dp_target_epsilon_is_met_and_infeasible_target_fails_before_training(central, toy_store, monkeypatch):
+    import shared.c2l.adapt as adapt_module
+    from shared.c2l.dp import DPConfig
+
+    _, summary = adapt_module.adapt(central, toy_store, steps=4, batch_size=8, seed=0, progress=False,
+                                    dp=DPConfig(target_epsilon=4.0))
+    assert 3.9 <= summary["epsilon"] <= 4.0
+    monkeypatch.setattr(adapt_module, "create_conditioned", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(FedstError, match="infeasible"):
+        adapt_module.adapt(central, toy_store, steps=50, dp=DPConfig(target_epsilon=1e-4), progress=False)
+    with pytest.raises(FedstError, match="delta"):
+        adapt_module.adapt(central, toy_store, steps=5, dp=DPConfig(target_epsilon=8, target_delta=0.5),
+                           progress=False)
+
+
+def test_bad_stores_give_clear_errors(tmp_path, central, toy_store):
+    import anndata
+    import pandas as pd
+
+    from shared import keys
+    from shared.c2l.adapt import adapt
+    from shared.c2l.central import create_central
+    from shared.c2l.modulation import create_conditioned
+    from shared.c2l.synthesize import synthesize
+    from shared.store.format import PatchStore, StoreWriter
+
+    empty = anndata.AnnData(np.zeros((0, 8), np.float32), obs=pd.DataFrame({keys.SECTION: pd.Series(dtype=str)}),
+                            var=pd.DataFrame(index=toy_store.panel))
+    with StoreWriter(tmp_path / "tiles_only", patch_px=32) as writer:
+        writer.allocate_tiles(2)[:] = 128
+        writer.set_tile_table(pd.DataFrame({keys.SECTION: ["A", "A"], "x": [0, 1], "y": [0, 1]}))
+        writer.set_spots(empty)
+    with pytest.raises(FedstError, match="no paired spots"):
+        adapt(central, PatchStore(tmp_path / "tiles_only"), steps=1, progress=False)
+    other_panel = create_central("tiny", **SMALL, panel=["X1", "X2"])
+    with pytest.raises(FedstError, match="gene panel"):
+        adapt(other_panel, toy_store, steps=1, progress=False)
+    adapter = create_conditioned(central, ["X1", "X2"])
+    with pytest.raises(FedstError, match="gene panel"):
+        synthesize(central, adapter, toy_store, 2, tmp_path / "syn", progress=False)
+
+
+def test_adapter_save_load_round_trip_and_central_hash_check(tmp_path, central, toy_store):
+    from shared.c2l.adapt import adapt
+    from shared.c2l.central import create_central
+    from shared.c2l.modulation import load_adapter, save_adapter
+
+    model, _ = adapt(central, toy_store, steps=2, batch_size=4, seed=0, progress=False)
+    save_adapter(model, tmp_path / "ad")
+    loaded = load_adapter(central, tmp_path / "ad")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 700])
+    e, m = torch.rand(2, 8), torch.ones(2, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, e, m), model.eval()(x, t, e, m))
+    assert loaded.info["store"] == str(toy_store.path)
+    with pytest.raises(FedstError, match="belongs to central weights"):
+        load_adapter(create_central("tiny", **SMALL), tmp_path / "ad")
+    (tmp_path / "ad" / "adapter.safetensors").unlink()
+    with pytest.raises(FedstError, match="missing weights file"):
+        load_adapter(central, tmp_path / "ad")
+
+
+def test_samplers_are_deterministic_by_seed(central):
+    from shared.c2l.sampling import sample_central
+
+    for sampler in ("ddim", "dpm", "ddpm"):
+        a = sample_central(central, 2, sampler=sampler, steps=3, seed=7)
+        b = sample_central(central, 2, sampler=sampler, steps=3, seed=7)
+        c = sample_central(central, 2, sampler=sampler, steps=3, seed=8)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_ddim_with_all_steps_matches_ddpm_on_toy_distribution():
+    from scipy.stats import wasserstein_distance
+
+    from shared.c2l.schedule import sample
+    from shared.c2l.toy import mixture_denoiser, mixture_samples
+
+    config = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
+    fn = mixture_denoiser(config)
+    reference = mixture_samples(100_000, np.random.default_rng(1))
+    w = {}
+    for sampler, steps in (("ddpm", 1000), ("ddim", 1000), ("ddim", 50)):
+        x = sample(fn, (16, 1, 8, 8), config, sampler=sampler, steps=steps, seed=0).flatten().numpy()
+        w[(sampler, steps)] = wasserstein_distance(x, reference)
+    noise_floor = 0.05  # W1 of 1024 exact draws is ~0.01-0.02
+    assert w[("ddpm", 1000)] < noise_floor and w[("ddim", 1000)] < noise_floor and w[("ddim", 50)] < noise_floor
+    assert abs(w[("ddim", 1000)] - w[("ddpm", 1000)]) < 0.03
+    collapsed = wasserstein_distance(np.zeros(1024), reference)  # what a broken sampler would give
+    assert collapsed > 0.4
+
+
+def test_ema_tracks_weights():
+    from shared.c2l.ema import EMA
+
+    layer = torch.nn.Linear(2, 2)
+    ema = EMA(layer, decay=0.5)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update(layer)
+    d = min(0.5, 2 / 11)
+    expected = (layer.weight - 1.0) * d + layer.weight * (1 - d)
+    assert torch.allclose(ema.shadow["weight"], expected)

@@ -1,0 +1,51 @@
+"""The encoder factory: one name -> one embedding function, random init or a local weights file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared.downstream.encoders import create_encoder
+from shared.errors import FedstError
+
+
+def _patches(n: int = 6, px: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, px, px, 3), dtype=np.uint8)
+
+
+def test_stats_encoder_is_deterministic_and_sees_colour() -> None:
+    enc = create_encoder("stats", device="cpu")
+    x = _patches()
+    a, b = enc.embed(x), enc.embed(x)
+    assert a.ndim == 2 and a.shape[0] == len(x) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    pink = np.full((2, 32, 32, 3), (230, 150, 200), np.uint8)
+    purple = np.full((2, 32, 32, 3), (90, 60, 150), np.uint8)
+    assert not np.allclose(enc.embed(pink), enc.embed(purple))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_timm_encoder_random_init_and_local_weights_round_trip(name: str, tmp_path) -> None:
+    import torch
+
+    enc = create_encoder(name, device="cpu", seed=1, input_px=32 if name.startswith("resnet") else 224)
+    x = _patches(n=2)
+    feats = enc.embed(x)
+    assert feats.shape[0] == 2 and feats.shape[1] > 0 and np.isfinite(feats).all()
+    weights = tmp_path / "w.pt"
+    torch.save(enc.state_dict(), weights)
+    other = create_encoder(name, weights=weights, device="cpu", seed=2, input_px=enc.config()["input_px"])
+    np.testing.assert_allclose(other.embed(x), feats, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_names_and_weights_are_clear_errors(tmp_path) -> None:
+    import torch
+
+    with pytest.raises(FedstError, match="unknown"):
+        create_encoder("no_such_architecture")
+    bad = tmp_path / "bad.pt"
+    torch.save({"nope.weight": torch.zeros(3)}, bad)
+    with pytest.raises(FedstError, match=str(bad.name)):
+        create_encoder("resnet18", weights=bad, device="cpu")
+    with pytest.raises(FedstError):
+        create_encoder("resnet18", weights=tmp_path / "missing.pt", device="cpu")

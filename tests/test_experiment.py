@@ -1,0 +1,319 @@
+"""Experiment harness: config parsing and errors, the cell grid, resumability, and a micro end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.errors import FedstError
+from shared.experiment.config import load_config, resolve_config_path, resolve_sites
+from shared.experiment.planner import Cell, plan
+from shared.experiment.runner import run_cells, run_experiment
+
+
+def _site_toml(path: Path, ids: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "".join(f'[[sections]]\nid = "{i}"\nformat = "h5ad"\nh5ad = "{i}.h5ad"\nimage = "{i}.tif"\n\n' for i in ids)
+    path.write_text(body)
+    return path
+
+
+def _config(tmp_path: Path, body: str) -> Path:
+    _site_toml(tmp_path / "a" / "site.toml", ["A1", "A2", "A3"])
+    _site_toml(tmp_path / "b" / "site.toml", ["B1", "B2"])
+    path = tmp_path / "exp.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+BASE = """
+    name = "t"
+    fractions = [0.5, 0.1, 1.0]
+    seeds = [0, 1]
+    [[sites]]
+    name = "hospital-a"
+    sections = ["a/site.toml#A1", "a/site.toml#A2", "b/site.toml#B2"]
+    held_out = ["A2"]
+    [[sites]]
+    name = "hospital-b"
+    sections = ["b/site.toml#B1", {id = "X9", format = "h5ad", h5ad = "x/X9.h5ad", image = "x/X9.tif"}]
+    held_out = ["X9"]
+"""
+
+
+def test_config_parses_any_split_of_sections(tmp_path):
+    config = load_config(_config(tmp_path, BASE))
+    assert config.fractions == (0.1, 0.5, 1.0)  # sorted
+    assert config.arms == ("local", "federated", "pooled") and config.dp == (False, True)
+    sites = resolve_sites(config)
+    assert [s.name for s in sites] == ["hospital-a", "hospital-b"]
+    assert sites[0].section_ids == ["A1", "A2", "B2"] and sites[0].train_sections == ["A1", "B2"]
+    assert sites[1].held_out == ("X9",)
+    # paths of SITE.toml sections and of inline sections become absolute, relative to their own file
+    assert sites[0].sections[0]["h5ad"] == str((tmp_path / "a" / "A1.h5ad").resolve())
+    assert sites[1].sections[1]["image"] == str((tmp_path / "x" / "X9.tif").resolve())
+
+
+def test_cli_overrides_take_precedence_over_file(tmp_path):
+    path = _config(tmp_path, BASE + '\n[model]\nadapt_steps = 7\n')
+    config = load_config(path, ["model.adapt_steps=3", "seeds=[5]", "predictor.kind=mlp", "arms=['local']"])
+    assert config.model.adapt_steps == 3 and config.seeds == (5,) and config.predictor.kind == "mlp"
+    assert config.arms == ("local",)
+    assert load_config(path).model.adapt_steps == 7  # file beats the default (40)
+    assert load_config(path).model.pretrain_rounds == 2  # default where the file says nothing
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        (BASE.replace('"a/site.toml#A2"', '"a/site.toml#A7"'), "unknown section 'A7'"),
+        (BASE.replace('held_out = ["X9"]', 'held_out = ["Q1"]'), "held-out section 'Q1' is not in any site"),
+        (BASE.replace('held_out = ["X9"]', 'held_out = ["A1"]'), "belongs to site 'hospital-a'"),
+        (BASE.replace('held_out = ["A2"]', 'held_out = ["A1", "A2", "B2"]'), "every section is held out"),
+        (BASE.replace('"b/site.toml#B1", ', '"b/site.toml#B2", '), "listed in site 'hospital-a' and again"),
+        (BASE.replace("b/site.toml#B1", "nowhere/site.toml"), "does not exist"),
+    ],
+)
+def test_bad_sites_are_clear_errors(tmp_path, patch, message):
+    config = load_config(_config(tmp_path, patch))
+    with pytest.raises(FedstError, match=message):
+        resolve_sites(config)
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        (BASE.replace("[0.5, 0.1, 1.0]", "[0.5, 0.0]"), r"fraction 0.0 .* out of range"),
+        (BASE.replace("[0.5, 0.1, 1.0]", "[1.5]"), r"fraction 1.5 .* out of range"),
+        (BASE.replace("seeds = [0, 1]", 'arms = ["local", "central"]'), "unknown arm 'central'"),
+        (BASE.replace("seeds = [0, 1]", "seedz = [0]"), "unknown key"),
+        (BASE + "\n[model]\nadapt_steps = 'many'\n", "adapt_steps: expected an integer"),
+        (BASE + "\n[predictor]\ntop_k = 1\n", "top_k must be >= 2"),
+        (BASE + "\n[model]\nadapt_step = 3\n", r"\[model\]: unknown key\(s\) adapt_step"),
+        (BASE + "\n[model.overrides.sampling]\nx = 1\n", "unknown table"),
+    ],
+)
+def test_bad_values_are_clear_errors(tmp_path, patch, message):
+    with pytest.raises(FedstError, match=message):
+        load_config(_config(tmp_path, patch))
+
+
+def test_shipped_configs_resolve_by_name():
+    assert resolve_config_path("synthetic").name == "synthetic.toml"
+    assert resolve_config_path("her2st").name == "her2st.toml"
+    with pytest.raises(FedstError, match="shipped configs: .*her2st.*synthetic"):
+        resolve_config_path("nonexistent-config")
+    for name in ("synthetic", "her2st"):
+        load_config(name)  # parses and validates
+
+
+def test_her2st_config_sites_are_patient_c_sections(shared_data):
+    sites = resolve_sites(load_config("her2st"))
+    ids = sorted(i for s in sites for i in s.section_ids)
+    assert ids == ["C2", "C3", "C4", "C5", "C6"]
+    assert all(s.held_out and s.train_sections for s in sites)
+    assert all(Path(t["counts"]).is_file() and Path(t["image"]).is_file() for s in sites for t in s.sections)
+
+
+def test_planner_grid(tmp_path):
+    config = load_config(_config(tmp_path, BASE))
+    cells = plan(config)
+    # local and pooled: dp off only; federated: both DP variants
+    assert len(cells) == 2 * 3 * (1 + 2 + 1)
+    assert len({c.key for c in cells}) == len(cells)
+    assert not any(c.dp for c in cells if c.arm != "federated")
+    assert {(c.dp, c.fraction) for c in cells if c.arm == "federated" and c.seed == 1} == {
+        (dp, f) for dp in (False, True) for f in (0.1, 0.5, 1.0)}
+    assert [c.seed for c in cells] == sorted(c.seed for c in cells)  # seed-major
+    only_local = plan(load_config(_config(tmp_path, BASE), ["arms=['local']", "dp=true"]))
+    assert {c.arm for c in only_local} == {"local"} and len(only_local) == 6
+
+
+def _fake_cell_factory(calls: list[str]):
+    """A deterministic cell function: metrics depend only on (arm, dp, fraction, seed)."""
+
+    def cell_fn(cell: Cell, workdir: Path) -> dict:
+        calls.append(cell.key)
+        rng = np.random.default_rng([cell.seed, int(cell.fraction * 1000), len(cell.arm), int(cell.dp)])
+        base = {"local": 0.2, "federated": 0.3, "pooled": 0.4}[cell.arm] + 0.2 * cell.fraction
+        sites = {}
+        for site in ("s1", "s2"):
+            sites[site] = {"PCC": base + 0.01 * rng.standard_normal(), "MSE": 1 - base, "GSC": base, "SSC": base / 2}
+            if cell.dp:
+                sites[site]["epsilon"] = 2.0 + cell.fraction
+        (workdir / "marker.txt").write_text(cell.key)
+        return {"sites": sites}
+
+    return cell_fn
+
+
+def test_resume_skips_finished_cells_and_gives_identical_results(tmp_path):
+    config = load_config(_config(tmp_path, BASE))
+    calls_a: list[str] = []
+    run_experiment(config, tmp_path / "uninterrupted", cell_fn=_fake_cell_factory(calls_a), log=lambda s: None, figures=False)
+    full = json.loads((tmp_path / "uninterrupted" / "results.json").read_text())
+
+    out = tmp_path / "resumed"
+    calls_b: list[str] = []
+    run_experiment(config, out, cell_fn=_fake_cell_factory(calls_b), log=lambda s: None, limit=5, figures=False)  # "killed" after 5
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["cells_finished"] == 5 and not partial["complete"]
+    assert len(calls_b) == 5
+    run_experiment(config, out, cell_fn=_fake_cell_factory(calls_b), log=lambda s: None, figures=False)
+    assert len(calls_b) == len(calls_a) == len(plan(config))  # the first 5 were not recomputed
+    assert len(set(calls_b)) == len(calls_b)
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["complete"] and resumed["sites"] == full["sites"] and resumed["overall"] == full["overall"]
+
+    # a crash in the middle of a cell (a kill) leaves the finished cells and no partial result behind
+    crash_out = tmp_path / "crashed"
+    calls_d: list[str] = []
+    inner = _fake_cell_factory(calls_d)
+
+    def crashing(cell, workdir):
+        if len(calls_d) == 3:
+            (workdir / "half-written.bin").write_bytes(b"x")
+            raise KeyboardInterrupt
+        return inner(cell, workdir)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, crash_out, cell_fn=crashing, log=lambda s: None, figures=False)
+    assert len(list((crash_out / "cells").glob("*.json"))) == 3
+    run_experiment(config, crash_out, cell_fn=inner, log=lambda s: None, figures=False)
+    assert len(calls_d) == len(plan(config)) and len(set(calls_d)) == len(calls_d)
+    assert not list((crash_out / "cells").rglob("half-written.bin"))
+    assert json.loads((crash_out / "results.json").read_text())["sites"] == full["sites"]
+
+    # a different config must not continue into the same folder; --fresh discards and recomputes
+    other = load_config(_config(tmp_path, BASE), ["seeds=[0]"])
+    with pytest.raises(FedstError, match="different config"):
+        run_experiment(other, out, cell_fn=_fake_cell_factory([]), log=lambda s: None, figures=False)
+    calls_c: list[str] = []
+    run_experiment(other, out, resume=False, cell_fn=_fake_cell_factory(calls_c), log=lambda s: None, figures=False)
+    assert len(calls_c) == len(plan(other))
+
+
+def test_report_aggregates_mean_sd_and_per_seed(tmp_path):
+    config = load_config(_config(tmp_path, BASE))
+    out = tmp_path / "run"
+    report = run_experiment(config, out, cell_fn=_fake_cell_factory([]), log=lambda s: None)
+    results = json.loads((out / "results.json").read_text())
+    entry = results["sites"]["s1"]["local"]["no-dp"]["0.1"]["PCC"]
+    seeds = [entry["per_seed"]["0"], entry["per_seed"]["1"]]
+    assert entry["mean"] == pytest.approx(np.mean(seeds)) and entry["sd"] == pytest.approx(np.std(seeds, ddof=1))
+    assert results["sites"]["s2"]["federated"]["dp"]["0.5"]["epsilon"]["mean"] == pytest.approx(2.5)
+    assert set(results["overall"]) == {"local", "federated", "federated+dp", "pooled"}
+    overall = results["overall"]["pooled"]["1"]["MSE"]
+    assert overall["mean"] == pytest.approx(1 - 0.6) and overall["sd"] == pytest.approx(0.0)
+    text = report.read_text()
+    for phrase in ("## Protocol", "gene_selection", "training sections only", "log1p", "held-out", "per slide"):
+        assert phrase in text
+    assert (out / "report" / "metrics_vs_fraction.png").stat().st_size > 10_000
+    assert (out / "report" / "epsilon_per_site.png").is_file()
+
+
+MICRO = """
+    name = "micro"
+    arms = ["local", "federated", "pooled"]
+    fractions = [0.1, 1.0]
+    seeds = [0]
+    dp = [true]
+    [synthetic]
+    n_sites = 2
+    seed = 0
+    [store]
+    patch_px = 16
+    max_tiles_per_section = 16
+    [model]
+    preset = "tiny"
+    pretrain_rounds = 1
+    pretrain_steps = 2
+    adapt_steps = 3
+    batch_size = 8
+    min_synthetic = 8
+    synthetic_per_spot = 0.25
+    sample_steps = 2
+    dp_epsilon = 8.0
+    [predictor]
+    kind = "ridge"
+    encoder = "stats"
+    top_k = 12
+    [report]
+    heatmap_genes = 2
+    grid_patches = 4
+"""
+
+
+@pytest.mark.slow
+def test_micro_experiment_end_to_end(tmp_path):
+    """Real arms on a generated 2-site consortium: store prep, Flower pretraining, DP adaptation, synthesis,
+    ridge predictors, shared metrics, report. Then checks what the generative model guarantees (see below)."""
+    path = tmp_path / "micro.toml"
+    path.write_text(textwrap.dedent(MICRO))
+    config = load_config(path)
+    out = tmp_path / "run"
+    lines: list[str] = []
+    report = run_experiment(config, out, log=lines.append)
+    results = json.loads((out / "results.json").read_text())
+
+    # structure
+    assert results["complete"] and results["cells_finished"] == results["cells_total"] == 2 + 2 + 2
+    assert set(results["sites"]) == {"site-0", "site-1"}
+    for site in ("site-0", "site-1"):
+        by_arm = results["sites"][site]
+        assert set(by_arm) == {"local", "federated", "pooled"} and set(by_arm["federated"]) == {"dp"}
+        for arm, dp_key in (("local", "no-dp"), ("pooled", "no-dp"), ("federated", "dp")):
+            for fk in ("0.1", "1"):
+                entry = by_arm[arm][dp_key][fk]
+                for metric in ("PCC", "MSE", "GSC", "SSC"):
+                    assert set(entry[metric]) >= {"mean", "sd", "n", "per_seed"} and entry[metric]["n"] == 1
+                    assert math.isfinite(entry[metric]["mean"])
+                assert -1 <= entry["PCC"]["mean"] <= 1 and entry["MSE"]["mean"] >= 0
+        eps = by_arm["federated"]["dp"]["0.1"]["epsilon"]["mean"]
+        assert 0 < eps <= 8.0 + 1e-6  # spent epsilon, read from the accountant, within the target
+    assert set(results["overall"]) == {"local", "federated+dp", "pooled"}
+    assert "held-out" in results["protocol"]["splits"]
+    for png in ("metrics_vs_fraction.png", "metrics_vs_fraction_per_site.png", "heatmaps_site-0.png",
+                "patches_site-1.png", "epsilon_per_site.png"):
+        assert (out / "report" / png).stat().st_size > 5_000, png
+    text = report.read_text()
+    assert "## Protocol" in text and "training sections only" in text and "![metrics_vs_fraction]" in text
+    assert any("results.json" in line for line in lines) and any("[6/6]" in line for line in lines)
+    central = json.loads((out / "cache" / "central" / "seed-0" / "done.json").read_text())
+    assert central["route"].startswith("flower")  # pretrained once for the seed through the federation workflow
+
+    # What the generative model says must hold. Sites share the cell-type biology that ties a spot's nuclei
+    # (image) to its expression; sites differ only by stain rotation and per-gene batch factors (an additive
+    # shift after log1p, invisible to per-slide PCC). So with the same predictor, more real spots from the same
+    # mapping cannot hurt in expectation: pooling both sites' 10% subsets (2x the spots) must score a PCC at
+    # least as high as each site's own 10%, averaged over sites (a small tolerance for one seed).
+    pcc = {arm: results["overall"][arm]["0.1"]["PCC"]["mean"] for arm in ("local", "pooled")}
+    assert pcc["pooled"] >= pcc["local"] - 0.02, pcc
+    # and a site's full training section must beat 10% of it for the local arm (by the same argument)
+    assert results["overall"]["local"]["1"]["PCC"]["mean"] > pcc["local"], results["overall"]["local"]
+    # the predictor genuinely learns the image->expression map on this data (not chance)
+    assert results["overall"]["local"]["1"]["PCC"]["mean"] > 0.2
+
+    # resuming a finished experiment recomputes nothing and reports the same numbers
+    again: list[str] = []
+    run_experiment(config, out, log=again.append)
+    assert sum("skipped (finished earlier)" in line for line in again) == 6
+    assert json.loads((out / "results.json").read_text())["sites"] == results["sites"]
+
+
+def test_cli_reports_bad_config_as_one_error_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = _config(tmp_path, BASE.replace("[0.5, 0.1, 1.0]", "[2.0]"))
+    for target in (str(bad), "no-such-config"):
+        proc = subprocess.run([sys.executable, "-m", "shared.cli.main", "experiment", target, "--out", str(tmp_path / "o")],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()  # nothing written for an invalid config

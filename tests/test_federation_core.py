@@ -1,0 +1,292 @@
+"""Federation mechanics against the real Flower strategies and ClientApp, driven in-process (server/localgrid.py).
+
+The toy backend (shared/federation/toy.py) keeps these fast; the same code paths run the C2L-ST backend.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.config import NodeConfig, RunConfig
+from shared.errors import FedstError
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+
+from client.app import app as client_app  # noqa: E402
+from client.handlers import reply_record  # noqa: E402
+from server.localgrid import LocalGrid  # noqa: E402
+from server.strategy import make_strategy, numpy_to_arrays  # noqa: E402
+from server.workflow import Workflow  # noqa: E402
+from shared.federation import toy  # noqa: E402
+from shared.federation.validate import update_problems, weighted_mean  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PANEL = [f"G{i}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("toy-stores")
+    sizes = [(24, 16), (30, 8), (18, 20)]
+    out = []
+    for i, (spots, tiles) in enumerate(sizes):
+        toy.write_toy_store(root / f"site-{i}", n_spots=spots, n_tiles=tiles, panel=PANEL, patch_px=16, seed=i)
+        out.append(root / f"site-{i}")
+    return out
+
+
+def make_grid(stores, tmp_path, run_config, **kwargs) -> LocalGrid:
+    nodes = {101 + i: {"data-path": str(p), "work-dir": str(tmp_path / f"work-{i}")} for i, p in enumerate(stores)}
+    return LocalGrid(client_app, nodes, run_config, **kwargs)
+
+
+def toy_config(tmp_path: Path, **overrides) -> dict:
+    config = {"backend": "toy", "patch-px": 16, "rounds-pretrain": 2, "local-steps": 2, "adapt-steps": 2,
+              "synthetic-count": 8, "out-dir": str(tmp_path / "runs"), "run-name": "r", "lr": 1e-3}
+    config.update(overrides)
+    return config
+
+
+def run_workflow(stores, tmp_path, config, **grid_kwargs):
+    grid = make_grid(stores, tmp_path, config, **grid_kwargs)
+    run = RunConfig.from_mapping(config)
+    results = Workflow(grid, run, Path(config["out-dir"]) / config["run-name"]).run_all()
+    return grid, results
+
+
+# -- config ----------------------------------------------------------------------------------------------
+def test_pyproject_run_config_parses_to_defaults():
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    config = RunConfig.from_mapping(table)
+    assert config == RunConfig()  # the TOML documents exactly the defaults
+    assert set(table) == set(RunConfig().to_dict())  # every key overridable with `flwr run -c`
+
+
+def test_run_config_coerces_and_rejects():
+    config = RunConfig.from_mapping({"rounds-pretrain": "3", "lr": 1, "federated-adapt": "true", "strategy": "fedprox"})
+    assert (config.rounds_pretrain, config.lr, config.federated_adapt) == (3, 1.0, True)
+    with pytest.raises(FedstError, match="unknown key 'round-pretrain'"):
+        RunConfig.from_mapping({"round-pretrain": 3})
+    with pytest.raises(FedstError, match="'strategy' is 'fedsgd'; expected fedavg or fedprox or fedadam"):
+        RunConfig.from_mapping({"strategy": "fedsgd"})
+    with pytest.raises(FedstError, match="'rounds-pretrain'.*not a valid int"):
+        RunConfig.from_mapping({"rounds-pretrain": "two"})
+    with pytest.raises(FedstError, match="'patch-px'"):
+        RunConfig.from_mapping({"patch-px": 30})
+
+
+def test_node_config_errors_name_the_field(tmp_path):
+    run = RunConfig()
+    with pytest.raises(FedstError, match="'data-path' is missing"):
+        NodeConfig.from_mapping({"work-dir": str(tmp_path)}, run)
+    with pytest.raises(FedstError, match=r"'data-path': .*nowhere.toml does not exist"):
+        NodeConfig.from_mapping({"data-path": str(tmp_path / "nowhere.toml"), "work-dir": str(tmp_path)}, run)
+    (tmp_path / "c" / "site-1").mkdir(parents=True)
+    (tmp_path / "c" / "site-1" / "site.toml").write_text('site = "st-gallen"\n')
+    node = NodeConfig.from_mapping({"partition-id": 1}, RunConfig(consortium=str(tmp_path / "c")), tmp_path / "w")
+    assert node.site == "st-gallen" and node.work_dir == (tmp_path / "w" / "st-gallen")
+
+
+def test_gene_panel_mismatch_is_a_clear_error(stores, tmp_path):
+    from shared.federation.site import open_store
+
+    run = RunConfig(backend="toy", patch_px=16)
+    node = NodeConfig.from_mapping({"data-path": str(stores[0]), "work-dir": str(tmp_path)}, run)
+    assert open_store(node, run, PANEL).panel == PANEL
+    with pytest.raises(FedstError, match=r"gene panel .* differs .*position 2 the store has 'G2' where the consortium has 'X2'"):
+        open_store(node, run, ["G0", "G1", "X2", "G3", "G4", "G5"])
+    with pytest.raises(FedstError, match="patch size 16 px, run config 'patch-px' is 32"):
+        open_store(node, RunConfig(backend="toy", patch_px=32), None)
+
+
+# -- aggregation and validation ----------------------------------------------------------------------------
+def _reply(node: int, state: dict, weight: float, action: str = "pretrain") -> Message:
+    inst = Message(content=RecordDict(), message_type=f"train.{action}", dst_node_id=node)
+    return Message(RecordDict({"arrays": numpy_to_arrays(state), "metrics": MetricRecord({"num-examples": weight, "loss": 1.0})}),
+                   reply_to=inst)
+
+
+def _prime(strategy, grid, reference: dict) -> None:
+    list(strategy.configure_train(1, numpy_to_arrays(reference), ConfigRecord(), grid))
+
+
+def test_fedavg_equals_hand_computed_weighted_mean(stores, tmp_path):
+    grid = make_grid(stores, tmp_path, toy_config(tmp_path))
+    run = RunConfig.from_mapping(toy_config(tmp_path))
+    strategy = make_strategy(run, 3)
+    strategy.setup_phase("pretrain", run)
+    rng = np.random.default_rng(0)
+    base = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=(2,)).astype(np.float32)}
+    _prime(strategy, grid, base)
+    updates = [{k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()} for _ in range(3)]
+    weights = [10.0, 30.0, 60.0]
+    arrays, metrics = strategy.aggregate_train(1, [_reply(101 + i, u, w) for i, (u, w) in enumerate(zip(updates, weights))])
+    got = {k: v.numpy() for k, v in arrays.items()}
+    by_hand = {k: (10 * updates[0][k] + 30 * updates[1][k] + 60 * updates[2][k]) / 100 for k in base}
+    for k in base:
+        np.testing.assert_allclose(got[k], by_hand[k], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(weighted_mean(updates, weights)[k], by_hand[k], rtol=1e-6)
+    assert metrics["loss"] == pytest.approx(1.0)
+
+
+def test_update_problems_detects_nan_shape_names_and_norm():
+    ref = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
+    assert update_problems({"a": np.ones((2, 2)), "b": np.ones(3)}, ref, 10.0) == []
+    assert "NaN or Inf" in update_problems({"a": np.full((2, 2), np.nan), "b": np.ones(3)}, ref, 10.0)[0]
+    assert "NaN or Inf" in update_problems({"a": np.full((2, 2), np.inf), "b": np.ones(3)}, ref, 10.0)[0]
+    assert "shape (3, 2), expected (2, 2)" in update_problems({"a": np.ones((3, 2)), "b": np.ones(3)}, ref, 10.0)[0]
+    assert "missing tensors ['b']" in update_problems({"a": np.ones((2, 2))}, ref, 10.0)[0]
+    assert "unexpected tensors ['pixels']" in update_problems({**ref, "pixels": np.ones(4)}, ref, 10.0)[0]
+    # norm of the difference is sqrt(7 * 4^2) = 10.58 > 10
+    assert "exceeds the bound" in update_problems({"a": np.full((2, 2), 4.0), "b": np.full(3, 4.0)}, ref, 10.0)[0]
+
+
+def test_bad_updates_are_rejected_logged_and_excluded(stores, tmp_path):
+    run = RunConfig.from_mapping(toy_config(tmp_path, **{"failure-tolerance": 2, "max-update-norm": 100.0}))
+    grid = make_grid(stores, tmp_path, run.to_dict())
+    strategy = make_strategy(run, 3)
+    strategy.setup_phase("pretrain", run)
+    base = {"w": np.zeros((2, 2), np.float32)}
+    _prime(strategy, grid, base)
+    replies = [_reply(101, {"w": np.ones((2, 2), np.float32)}, 1.0),
+               _reply(102, {"w": np.full((2, 2), np.nan, np.float32)}, 1.0),
+               _reply(103, {"w": np.full((2, 2), 1e3, np.float32)}, 1.0)]
+    with pytest.raises(FedstError, match="1 valid updates"):  # min-sites 2
+        strategy.aggregate_train(1, replies)
+    row = strategy.history[-1]
+    assert set(row["rejected"]) == {"node-102", "node-103"} and "NaN" in row["rejected"]["node-102"]
+    assert "exceeds the bound" in row["rejected"]["node-103"]
+    strategy.run_config.min_sites = 1
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(arrays["w"].numpy(), np.ones((2, 2), np.float32))  # only the good update
+
+
+# -- workflow: resume, failures, privacy -------------------------------------------------------------------
+def _final(run_dir: Path) -> dict:
+    from shared.federation.checkpoint import load_checkpoint
+
+    return load_checkpoint(run_dir, "pretrain")
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedprox"])
+def test_resume_is_bit_identical_to_uninterrupted(stores, tmp_path, strategy):
+    phases = {"phases": "pretrain", "strategy": strategy}
+    run_workflow(stores, tmp_path / "a", toy_config(tmp_path / "a", **phases, **{"rounds-pretrain": 3}))
+    # "interrupted" after round 2, then resumed to 3 rounds from the checkpoint (moments included)
+    run_workflow(stores, tmp_path / "b", toy_config(tmp_path / "b", **phases, **{"rounds-pretrain": 2}))
+    grid, results = run_workflow(stores, tmp_path / "b", toy_config(tmp_path / "b", **phases, **{"rounds-pretrain": 3, "resume": True}))
+    assert [m.content["config"]["server-round"] for m in grid.sent] == [3, 3, 3]  # only round 3 ran again
+    a, b = _final(tmp_path / "a" / "runs" / "r"), _final(tmp_path / "b" / "runs" / "r")
+    assert a[0] == b[0] == 3
+    for key in a[1]:
+        np.testing.assert_array_equal(a[1][key], b[1][key])
+    for key in a[2]:  # optimiser state too
+        np.testing.assert_array_equal(a[2][key], b[2][key])
+    if strategy == "fedadam":
+        assert any(k.startswith("m_t/") for k in a[2])
+    assert [r["round"] for r in results["phases"]["pretrain"]["rounds"]] == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_config(stores, tmp_path):
+    run_workflow(stores, tmp_path, toy_config(tmp_path, phases="pretrain", **{"rounds-pretrain": 1}))
+    with pytest.raises(FedstError, match=r"resume: run config differs .*\['lr'\]"):
+        run_workflow(stores, tmp_path, toy_config(tmp_path, phases="pretrain", lr=0.5, resume=True))
+
+
+def test_failing_and_silent_sites_do_not_crash_the_run(stores, tmp_path):
+    config = toy_config(tmp_path, **{"failure-tolerance": 1})
+    grid, results = run_workflow(stores, tmp_path, config, fail={102: "RuntimeError: disk full"})
+    assert results["status"] == "completed"
+    for row in results["phases"]["pretrain"]["rounds"]:
+        assert set(row["sites"]) == {"node-101", "node-103"} and "disk full" in row["failed"]["node-102"]
+    assert set(results["phases"]["downstream"]["sites"]) == {"node-101", "node-103"}
+    # a silent site (timeout) counts as failed the same way
+    _, results = run_workflow(stores, tmp_path / "t", toy_config(tmp_path / "t", phases="pretrain"), fail={103: "timeout"})
+    assert results["phases"]["pretrain"]["rounds"][0]["failed"] == {"node-103": "no reply before round-timeout"}
+    # beyond the tolerance the run stops with a clear error and a results.json saying so
+    with pytest.raises(FedstError, match="2 sites failed or rejected \\(failure-tolerance 1\\)"):
+        run_workflow(stores, tmp_path / "f", toy_config(tmp_path / "f", phases="pretrain"), fail={102: "x", 103: "timeout"})
+    import json
+
+    saved = json.loads((tmp_path / "f" / "runs" / "r" / "results.json").read_text())
+    assert saved["status"] == "failed" and "failure-tolerance" in saved["error"]
+
+
+def test_a_site_with_the_wrong_panel_is_excluded_with_its_reason(stores, tmp_path):
+    consortium = tmp_path / "consortium"
+    consortium.mkdir()
+    (consortium / "panel.txt").write_text("\n".join(PANEL) + "\n")
+    other = toy.write_toy_store(tmp_path / "other", panel=[*PANEL[:-1], "XIST"], patch_px=16)
+    config = toy_config(tmp_path, phases="pretrain", consortium=str(consortium))
+    _, results = run_workflow([stores[0], stores[1], other.path], tmp_path, config)
+    row = results["phases"]["pretrain"]["rounds"][0]
+    assert "gene panel" in row["failed"]["node-103"] and "has 'XIST' where the consortium has 'G5'" in row["failed"]["node-103"]
+
+
+def _tensor_count(state: dict) -> int:
+    return sum(int(np.prod(v.shape)) for v in state.values())
+
+
+@pytest.mark.parametrize("federated_adapt", [False, True])
+def test_privacy_contract_every_reply(stores, tmp_path, federated_adapt):
+    consortium = tmp_path / "consortium"
+    consortium.mkdir()
+    (consortium / "panel.txt").write_text("\n".join(PANEL) + "\n")
+    config = toy_config(tmp_path, consortium=str(consortium), **{"federated-adapt": federated_adapt})
+    grid, results = run_workflow(stores, tmp_path, config)
+    assert results["status"] == "completed"
+    central = set(toy.initial_state(0))
+    adapter = set(toy.build_adapter(len(PANEL)).state_dict())
+    assert len(grid.replies) == 3 * (2 + 1 + 1 + 1)
+    for reply in grid.replies:
+        kind = reply.metadata.message_type
+        content = reply.content
+        assert not reply.has_error(), reply.error
+        assert len(content.config_records) == 0
+        assert len(content.metric_records) == 1
+        for value in next(iter(content.metric_records.values())).values():
+            assert isinstance(value, (int, float))  # scalars only, no lists
+        if kind == "train.pretrain":
+            (record,) = content.array_records.values()
+            assert set(record.keys()) == central
+        elif kind == "train.adapt" and federated_adapt:
+            (record,) = content.array_records.values()
+            assert set(record.keys()) == adapter
+        else:
+            assert len(content.array_records) == 0, kind
+    # nothing of the data crosses: the bytes sent are model-sized
+    for reply in grid.replies:
+        for record in reply.content.array_records.values():
+            assert _tensor_count({k: v.numpy() for k, v in record.items()}) <= _tensor_count(toy.initial_state(0))
+
+
+def test_reply_record_refuses_non_model_tensors_and_non_scalars():
+    state = {"w": np.zeros(2)}
+    with pytest.raises(FedstError, match="privacy contract"):
+        reply_record({"loss": 1.0}, {"w": np.zeros(2), "expression": np.ones(5)}, allowed_keys={"w"})
+    with pytest.raises(FedstError, match="metric 'coords' is not a scalar"):
+        reply_record({"coords": [1.0, 2.0]}, state, allowed_keys={"w"})
+    assert set(reply_record({"loss": 1}, state, {"w"}).array_records["arrays"].keys()) == {"w"}
+
+
+def test_run_directory_and_site_reports(stores, tmp_path):
+    import json
+
+    _, results = run_workflow(stores, tmp_path, toy_config(tmp_path))
+    run_dir = tmp_path / "runs" / "r"
+    for name in ("results.json", "resolved-config.json", "summary.md", "loss_per_round.png", "downstream_per_site.png"):
+        assert (run_dir / name).is_file(), name
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["status"] == "completed" and len(saved["phases"]["downstream"]["sites"]) == 3
+    assert {"real-pcc", "augmented-pcc"} <= set(saved["phases"]["downstream"]["weighted"])
+    assert (run_dir / "checkpoints" / "pretrain" / "round-0002" / "model.safetensors").is_file()
+    for i in range(3):
+        report = tmp_path / f"work-{i}" / "report"
+        assert (report / "samples_real_vs_synthetic.png").is_file() and "DP" in (report / "report.md").read_text()
+    assert "| node-101 |" in (run_dir / "summary.md").read_text()

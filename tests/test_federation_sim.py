@@ -1,0 +1,51 @@
+"""The main job's path for real: `fedst demo` runs a Flower simulation (private SuperLink, 3 SuperNodes) of the
+whole workflow on the generated consortium, and leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if text in cmdline and state[state.rfind(")") + 2] != "Z":
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.timeout(400)
+def test_fedst_demo_simulation_runs_every_phase(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.cli.main", "demo", "--backend", "toy", "--sites", "3", "--rounds", "2", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=380,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "pretrain round 2: 3 sites" in done.stdout and "downstream: done on 3 sites" in done.stdout
+    report = Path(done.stdout.split("[fedst demo] report: ")[1].splitlines()[0])
+    assert report.is_file() and report.parent.parent == out / "runs"
+    results = json.loads((report.parent / "results.json").read_text())
+    assert results["status"] == "completed" and results["config"]["backend"] == "toy"
+    assert set(results["phases"]) == {"pretrain", "adapt", "synthesize", "downstream"}
+    assert len(results["phases"]["downstream"]["sites"]) == 3
+    assert all(len(r["sites"]) == 3 for r in results["phases"]["pretrain"]["rounds"])
+    # each simulated site prepared its store from its SITE.toml into its own work dir and wrote its report
+    site_reports = sorted((out / "sites").glob("*/*/report/report.md"))
+    assert len(site_reports) == 3
+    assert not _processes_mentioning(str(out))  # the private SuperLink and its children are gone
