@@ -39,3 +39,23 @@ def test_c2l_site_task_all_phases(tmp_path):
     assert {"num-examples"} < set(scores) and any(k.startswith("real-") for k in scores) and any(k.startswith("augmented-") for k in scores)
     assert all(isinstance(v, float) for v in scores.values())
     assert (tmp_path / "work" / "report" / "samples_real_vs_synthetic.png").is_file()
+
+
+def test_federated_adaptation_starts_from_the_averaged_modulation(tmp_path):
+    """With federated-adapt, a site's round starts from the server's modulation weights, not from zero."""
+    import torch
+
+    from shared.c2l.adapt import adapt
+    from shared.errors import FedstError
+    from shared.federation.c2l_backend import C2LBackend
+
+    store = toy.write_toy_store(tmp_path / "store", n_spots=24, n_tiles=4, panel=PANEL, patch_px=32, seed=0)
+    backend = C2LBackend("tiny", 32)
+    central_state = backend.initial_state(0)
+    start = {k: torch.from_numpy(np.array(v)) + 0.01 for k, v in backend.initial_adapter(central_state, PANEL).items()}
+    model, _ = adapt(backend.central(central_state), store, steps=1, batch_size=4, lr=1e-12, seed=0,
+                     initial_modulation=start, augmentation=False, progress=False)
+    for name, value in model.modulation.state_dict().items():
+        torch.testing.assert_close(value, start[name], rtol=0, atol=1e-6)  # lr ~ 0: it stayed where it started
+    with pytest.raises(FedstError, match="initial modulation"):
+        adapt(backend.central(central_state), store, steps=1, initial_modulation={"nope": torch.zeros(1)}, progress=False)

@@ -2,6 +2,8 @@
 
 Flower-free (the federation drives these functions with plain torch state dicts). Torch and diffusers are
 imported lazily: `from shared.c2l import create_central` loads them only when the name is first used.
+`adapt`, `synthesize` and `audit` are imported from their modules (`from shared.c2l.adapt import adapt`):
+a package attribute of the same name as a submodule would change meaning once that submodule is imported.
 """
 
 from __future__ import annotations
@@ -13,14 +15,11 @@ _EXPORTS = {
     "create_central": "shared.c2l.central",
     "CentralDiffusion": "shared.c2l.central",
     "train_central": "shared.c2l.train",
-    "adapt": "shared.c2l.adapt",
     "DPConfig": "shared.c2l.dp",
     "ConditionedDiffusion": "shared.c2l.modulation",
     "create_conditioned": "shared.c2l.modulation",
     "save_adapter": "shared.c2l.modulation",
     "load_adapter": "shared.c2l.modulation",
-    "synthesize": "shared.c2l.synthesize",
-    "audit": "shared.c2l.audit",
     "EMA": "shared.c2l.ema",
 }
 __all__ = sorted(_EXPORTS)

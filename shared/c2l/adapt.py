@@ -51,12 +51,15 @@ def adapt(
     device: str | torch.device | None = None,
     augmentation: bool = True,
     progress: bool = True,
+    initial_modulation: dict[str, torch.Tensor] | None = None,
 ) -> tuple[ConditionedDiffusion, dict[str, Any]]:
     """Adapt a copy of `central` to `store`'s (patch, expression) pairs; `central` itself is not touched.
 
     Only the GeneModulation is trained; the copied central stays frozen and in eval mode. With `dp`, DP-SGD
     (Opacus, Poisson sampling, per-example clipping) with noise calibrated for exactly `steps` steps; the
     epsilon spent is read back from the accountant. Returns (conditioned model on CPU, summary).
+    `initial_modulation` starts from given modulation weights (federated adaptation: the round's average)
+    instead of the zero-initialised ones.
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise FedstError(f"adapt: steps ({steps}) and batch_size ({batch_size}) must be >= 1, lr ({lr}) > 0")
@@ -67,7 +70,14 @@ def adapt(
     dp_plan = plan(dp, n_examples=len(data), batch_size=batch_size, steps=steps) if dp is not None else None
     dev = default_device(device)
     torch.manual_seed(int(seed))
-    model = create_conditioned(copy.deepcopy(central).cpu(), store.panel, hidden_dim, embed_dim).to(dev)
+    model = create_conditioned(copy.deepcopy(central).cpu(), store.panel, hidden_dim, embed_dim)
+    if initial_modulation is not None:
+        try:
+            model.modulation.load_state_dict(initial_modulation, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise FedstError(f"adapt: initial modulation weights do not fit this model ({first})") from None
+    model = model.to(dev)
     model.train()
     scheduler = train_scheduler(central.config)
     gen = torch.Generator().manual_seed(int(seed))

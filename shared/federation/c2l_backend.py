@@ -3,7 +3,6 @@ predictor. Same function shapes as shared/federation/toy.py; state crosses as pl
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,19 +70,15 @@ class C2LBackend:
 
     def adapt(self, central, store, *, adapter_state=None, steps: int, batch_size: int, lr: float, seed: int,
               dp_epsilon: float = 0.0, dp_delta: float = 1e-5, max_grad_norm: float = 1.0, work_dir: Path | None = None):
-        from shared.c2l import adapt as c2l_adapt
+        from shared.c2l.adapt import adapt
         from shared.c2l.dp import DPConfig
         from shared.c2l.modulation import save_adapter
 
         kwargs: dict[str, Any] = {}
-        if adapter_state is not None:
-            params = inspect.signature(c2l_adapt.adapt).parameters
-            if "initial_modulation" not in params:
-                raise FedstError("federated-adapt with the c2l backend needs shared.c2l.adapt(initial_modulation=...) "
-                                 "(not available in this version); set federated-adapt = false")
+        if adapter_state is not None:  # federated adaptation: start from the round's averaged modulation
             kwargs["initial_modulation"] = _to_torch(adapter_state)
         dp = DPConfig(target_epsilon=dp_epsilon, target_delta=dp_delta, max_grad_norm=max_grad_norm) if dp_epsilon > 0 else None
-        model, summary = c2l_adapt.adapt(self.central(central), store, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        model, summary = adapt(self.central(central), store, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                          dp=dp, hidden_dim=self.hidden_dim, embed_dim=self.embed_dim, progress=False, **kwargs)
         if work_dir is not None:
             save_adapter(model, Path(work_dir) / "adapter")  # the c2l-format adapter, for `fedst c2l synthesize`
