@@ -30,8 +30,8 @@ class RunConfig:
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam (pretraining)
     rounds_pretrain: int = 4
     rounds_adapt: int = 1  # > 1 only meaningful with federated-adapt
-    local_steps: int = 40  # optimiser steps per site per round
-    adapt_steps: int = 80
+    local_steps: int = 30  # optimiser steps per site per round
+    adapt_steps: int = 60
     batch_size: int = 16
     lr: float = 1e-3
     prox_mu: float = 0.01  # FedProx proximal weight

@@ -10,6 +10,17 @@ from shared.downstream.flag.regressor import FlagRegressor, FlagSettings
 from shared.downstream.flag.sde import heun_sample
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Two cores shared by parallel jobs: torch's default of 2 threads oversubscribes them (FLAG ran ~5x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_heun_sampler_recovers_a_known_gaussian() -> None:
     """With the exact Tweedie denoiser of N(mu, s^2), the PF-ODE is linear: x0 - mu = s/sqrt(s^2 + smax^2)
     (x_T - mu). The VE prior N(0, smax^2) ignores mu, so the sample mean is mu - mu s / sqrt(s^2 + smax^2)."""

@@ -17,6 +17,7 @@ from shared.c2l.progress import StepBar
 from shared.c2l.schedule import train_scheduler, training_target
 from shared.c2l.train import default_device, diffusion_loss
 from shared.errors import FedstError
+from shared.weights import load_state_strict
 from shared.store.format import PatchStore
 
 
@@ -72,11 +73,7 @@ def adapt(
     torch.manual_seed(int(seed))
     model = create_conditioned(copy.deepcopy(central).cpu(), store.panel, hidden_dim, embed_dim)
     if initial_modulation is not None:
-        try:
-            model.modulation.load_state_dict(initial_modulation, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise FedstError(f"adapt: initial modulation weights do not fit this model ({first})") from None
+        load_state_strict(model.modulation, initial_modulation, "adapt: initial modulation")
     model = model.to(dev)
     model.train()
     scheduler = train_scheduler(central.config)

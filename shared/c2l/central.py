@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from shared.c2l import checkpoint
+from shared.weights import load_state_strict
 from shared.c2l.presets import preset_config
 from shared.errors import FedstError
 
@@ -101,7 +102,7 @@ class CentralDiffusion(nn.Module):
             model = cls(**config)
         except TypeError as exc:
             raise FedstError(f"{Path(directory) / checkpoint.CONFIG}: invalid central config ({exc})") from None
-        checkpoint.load_state_strict(model, checkpoint.load_weights(directory), Path(directory) / checkpoint.WEIGHTS)
+        load_state_strict(model, checkpoint.load_weights(directory), Path(directory) / checkpoint.WEIGHTS)
         return model
 
 

@@ -65,24 +65,6 @@ def load_weights(directory: str | Path, weights: str = WEIGHTS) -> dict[str, Any
         raise FedstError(f"{path}: unreadable safetensors weights ({exc})") from None
 
 
-def load_state_strict(module: Any, state_dict: Mapping[str, Any], source: str | Path) -> None:
-    """load_state_dict that reports missing/unexpected/misshaped tensors as one FedstError naming `source`."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:3]}")
-        raise FedstError(f"{source}: weights do not match the config ({'; '.join(parts)})")
-    module.load_state_dict(state_dict)
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from shared.c2l import checkpoint
+from shared.weights import load_state_strict
 from shared.c2l.central import CentralDiffusion
 from shared.errors import FedstError
 
@@ -162,7 +163,7 @@ def load_adapter(central: CentralDiffusion, directory: str | Path) -> Conditione
             f"not to the given central model {central_hash[:12]}"
         )
     modulation = GeneModulation(config["panel"], config["channels"], config["hidden_dim"], config["embed_dim"])
-    checkpoint.load_state_strict(modulation, checkpoint.load_weights(directory, ADAPTER_WEIGHTS),
+    load_state_strict(modulation, checkpoint.load_weights(directory, ADAPTER_WEIGHTS),
                                  Path(directory) / ADAPTER_WEIGHTS)
     model = ConditionedDiffusion(central, modulation)
     model.info = {k: v for k, v in config.items() if k not in modulation.config and k != "kind"}

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shared.errors import FedstError, require
+from shared.weights import load_state_strict
 
 if TYPE_CHECKING:
     import torch
@@ -255,21 +256,7 @@ def _load_weights(model: "torch.nn.Module", path: Path) -> None:
         if state and all(k.startswith(prefix) for k in state) and not expected & set(state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not (k.startswith(_HEAD_PREFIXES) and k not in expected)}
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    own = model.state_dict()
-    wrong = [k for k in expected & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise FedstError(f"{path}: weights do not match architecture {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    load_state_strict(model, state, path)
 
 
 def create_encoder(name: str, weights: str | os.PathLike | None = None, **kw: Any) -> ImageEncoder:

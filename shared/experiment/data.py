@@ -17,6 +17,7 @@ import numpy as np
 from shared import keys
 from shared.errors import FedstError, require
 from shared.experiment.config import ExperimentConfig, ResolvedSite, resolve_sites
+from shared.federation.runner import toml_value
 from shared.store.format import PatchStore, StoreWriter, is_store
 
 CACHE = "cache"
@@ -55,23 +56,15 @@ def ensure_consortium(config: ExperimentConfig, out: Path, log: Callable[[str], 
     return root
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def write_site_toml(site: ResolvedSite, path: Path, panel: Path | None) -> Path:
     """A SITE.toml with absolute paths holding exactly the site's sections (train and held-out)."""
-    lines = [f"site = {_toml_value(site.name)}"]
+    lines = [f"site = {toml_value(site.name)}"]
     if panel is not None:
-        lines.append(f"panel = {_toml_value(panel)}")
+        lines.append(f"panel = {toml_value(panel)}")
     for table in site.sections:
         lines.append("")
         lines.append("[[sections]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     text = "\n".join(lines) + "\n"
     tomllib.loads(text)  # what we write must parse
     path.parent.mkdir(parents=True, exist_ok=True)
