@@ -10,15 +10,7 @@ from shared.downstream.flag.regressor import FlagRegressor, FlagSettings
 from shared.downstream.flag.sde import heun_sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Two cores shared by parallel jobs: torch's default of 2 threads oversubscribes them (FLAG ran ~5x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_heun_sampler_recovers_a_known_gaussian() -> None:

@@ -14,15 +14,7 @@ from shared.downstream.predictor import evaluate_predictor, load_predictor, trai
 from shared.errors import FedstError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Two cores shared by parallel jobs: torch's default of 2 threads oversubscribes them (FLAG ran ~5x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _section_rows(store, section: str) -> np.ndarray:
