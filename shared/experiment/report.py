@@ -278,7 +278,8 @@ def plot_heatmaps(config: ExperimentConfig, out: Path, cells: list[Cell], result
 
 def plot_patch_grids(config: ExperimentConfig, out: Path, cells: list[Cell], results: dict[str, Any], figdir: Path) -> list[Path]:
     """Real training patches (top row) next to synthetic ones (bottom row) of the federated arm."""
-    plt = _plt()
+    from shared.c2l.plots import image_grid
+
     paths = []
     cell = _pick(cells, results, "federated", dp=False) or _pick(cells, results, "federated")
     if cell is None:
@@ -292,18 +293,10 @@ def plot_patch_grids(config: ExperimentConfig, out: Path, cells: list[Cell], res
         n = min(config.report.grid_patches, len(real), len(synth))
         if n == 0:
             continue
-        fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 2.9), squeeze=False)
-        for i in range(n):
-            for row, (label, images) in enumerate((("real", real), ("synthetic", synth))):
-                axes[row][i].imshow(images[i])
-                axes[row][i].axis("off")
-            axes[0][i].set_title("real" if i == 0 else "", fontsize=8)
-            axes[1][i].set_title("synthetic" if i == 0 else "", fontsize=8)
-        fig.suptitle(f"{site}: real vs synthetic patches ({cell.variant}, fraction {cell.fraction:g}, seed {cell.seed})", fontsize=9)
-        fig.tight_layout()
-        out_path = figdir / f"patches_{site}.png"
-        fig.savefig(out_path, dpi=100)
-        plt.close(fig)
+        out_path = image_grid(
+            [("real", real[:n]), ("synthetic", synth[:n])], figdir / f"patches_{site}.png",
+            f"{site}: real vs synthetic patches ({cell.variant}, fraction {cell.fraction:g}, seed {cell.seed})",
+        )
         paths.append(out_path)
     return paths
 

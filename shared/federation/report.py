@@ -145,26 +145,13 @@ def site_report(work: Path, store, site: str, n: int = 8) -> Path:
     out = work / "report"
     out.mkdir(exist_ok=True)
     history = json.loads((work / "metrics.json").read_text()) if (work / "metrics.json").is_file() else []
-    rows = [np.asarray(store.patches[: min(n, store.n_spots)])]
-    titles = ["real"]
+    from shared.c2l.plots import image_grid
+
+    rows = [("real", np.asarray(store.patches[: min(n, store.n_spots)]))]
     if is_store(work / "synthetic-store"):
         syn = PatchStore(work / "synthetic-store")
-        rows.append(np.asarray(syn.patches[: min(n, syn.n_spots)]))
-        titles.append("synthetic")
-    plt = _plt()
-    cols = max(len(r) for r in rows) or 1
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.2 * cols, 1.3 * len(rows)), squeeze=False)
-    for r, (images, title) in enumerate(zip(rows, titles)):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.axis("off")
-            if c < len(images):
-                ax.imshow(images[c])
-            if c == 0:
-                ax.set_title(title, fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(out / "samples_real_vs_synthetic.png", dpi=100)
-    plt.close(fig)
+        rows.append(("synthetic", np.asarray(syn.patches[: min(n, syn.n_spots)])))
+    image_grid(rows, out / "samples_real_vs_synthetic.png", f"site {site}: real vs synthetic patches")
     eps = [h["epsilon"] for h in history if "epsilon" in h]
     lines = [f"# site {site}: local report (never leaves the site)", "",
              f"store: `{store.path}` ({store.n_spots} spots, {store.n_tiles} tiles, {len(store.panel)} genes)", "",
