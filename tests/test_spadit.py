@@ -15,7 +15,8 @@ import torch
 from shared import keys
 from shared.downstream.spadit.baseline import knn_impute
 from shared.downstream.spadit.data import frame_genes, pair_genes, split_genes
-from shared.downstream.spadit.model import DiTBlock, SpaDiT, create_spadit
+from shared.downstream.dit import DiTBlock
+from shared.downstream.spadit.model import SpaDiT, create_spadit
 from shared.downstream.spadit.train import make_scheduler, sample_genes, train_spadit
 from shared.errors import FedstError
 from tests.conftest import shared_path

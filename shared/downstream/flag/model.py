@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from shared.errors import require
 
+from ..dit import DiTBlock, modulate, transformer_mlp
 from .graph import N_EDGE_CONDITIONS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -27,10 +28,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(graph_width=128, graph_depth=2, graph_heads=4, dit_width=128, dit_depth=4, dit_heads=4),
     "base": dict(graph_width=384, graph_depth=6, graph_heads=6, dit_width=384, dit_depth=12, dit_heads=6),
 }
-
-
-def _mlp(width: int, ratio: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(width, width * ratio), nn.GELU(approximate="tanh"), nn.Linear(width * ratio, width))
 
 
 class GraphLayer(nn.Module):
@@ -44,7 +41,7 @@ class GraphLayer(nn.Module):
         self.proj = nn.Linear(width, width)
         self.edge_bias = nn.Linear(N_EDGE_CONDITIONS, heads)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = _mlp(width, mlp_ratio)
+        self.mlp = transformer_mlp(width, mlp_ratio)
 
     def forward(self, h: torch.Tensor, edges: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
         b, n, w = h.shape
@@ -79,30 +76,6 @@ def timestep_embedding(c_noise: torch.Tensor, dim: int, max_period: float = 10_0
     args = c_noise.float()[:, None] * 1000.0 * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class DiTBlock(nn.Module):
-    """adaLN-Zero block (Peebles & Xie): the block is the identity at init."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = _mlp(width, mlp_ratio)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        s1, sc1, g1, s2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
-        h = modulate(self.norm1(x), s1, sc1)
-        x = x + g1[:, None] * self.attn(h, h, h, need_weights=False)[0]
-        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), s2, sc2))
 
 
 class FlagModel(nn.Module):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shared.downstream.dit import DiTBlock, modulate
 from shared.errors import FedstError, require
 
 CONFIG_NAME = "config.json"
@@ -52,35 +53,6 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(width=32, depth=2, heads=2, spot_patch=16, cell_patch=32, cond_rank=8),    # CPU, seconds
     "base": dict(width=128, depth=4, heads=4, spot_patch=8, cell_patch=16, cond_rank=32),   # GPU or patient CPU
 }
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class DiTBlock(nn.Module):
-    """Pre-norm transformer block whose norms and residual gates come from the condition (adaLN-Zero).
-
-    The modulation layer starts at zero, so every gate is 0 and the block is the identity at init.
-    """
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
-        h = modulate(self.norm1(x), shift1, scale1)
-        x = x + gate1.unsqueeze(1) * self.attn(h, h, h, need_weights=False)[0]
-        h = modulate(self.norm2(x), shift2, scale2)
-        return x + gate2.unsqueeze(1) * self.mlp(h)
 
 
 class LowRankReferenceEncoder(nn.Module):
