@@ -233,3 +233,70 @@ def test_ema_tracks_weights():
     d = min(0.5, 2 / 11)
     expected = (layer.weight - 1.0) * d + layer.weight * (1 - d)
     assert torch.allclose(ema.shadow["weight"], expected)
+
+
+def test_lora_keeps_zero_init_contract_and_counts_in_trainable_fraction(central):
+    from shared.c2l.central import create_central
+    from shared.c2l.modulation import create_conditioned, lora_layers
+
+    model = create_conditioned(central, [f"G{i}" for i in range(5)], lora_rank=4)
+    assert len(model.modulation.lora) == len(lora_layers(central)) == 16  # q, k, v, out of 4 attention blocks
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 500, 999])
+    expr, mask = torch.rand(3, 5) * 4, torch.ones(3, 5)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, expr, mask), central(x, t))
+    model.remove_hooks()
+    lora_params = sum(p.numel() for p in model.modulation.lora.parameters())
+    assert lora_params == 16 * 4 * (32 + 32)
+    assert model.trainable_parameters() == sum(p.numel() for p in model.modulation.parameters())
+    tiny = create_central("tiny")  # the real preset with the consortium's 48-gene panel
+    panel = [f"G{i}" for i in range(48)]
+    plain, with_lora = create_conditioned(tiny, panel), create_conditioned(tiny, panel, lora_rank=4)
+    assert plain.trainable_fraction() < with_lora.trainable_fraction() <= 0.10
+    with pytest.raises(FedstError, match="lora_rank"):
+        create_conditioned(tiny, panel, lora_rank=-1)
+
+
+@pytest.mark.slow
+def test_lora_adaptation_keeps_central_bit_identical_and_round_trips(tmp_path, central, toy_store):
+    from shared.c2l.adapt import adapt
+    from shared.c2l.dp import DPConfig
+    from shared.c2l.modulation import load_adapter, load_adapter_config, save_adapter
+
+    before = _state(central)
+    model, summary = adapt(central, toy_store, steps=3, batch_size=8, seed=0, lora_rank=4, progress=False)
+    for name, value in before.items():
+        assert torch.equal(model.central.state_dict()[name], value), name
+    assert any(float(layer.up.weight.detach().abs().sum()) > 0 for layer in model.modulation.lora)  # B moved
+    assert summary["trainable_params"] == sum(p.numel() for p in model.modulation.parameters())
+    save_adapter(model, tmp_path / "ad")
+    assert load_adapter_config(tmp_path / "ad")["lora_rank"] == 4
+    loaded = load_adapter(central, tmp_path / "ad")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 700])
+    e, m = torch.rand(2, 8), torch.ones(2, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, e, m), model.eval()(x, t, e, m))
+    dp_model, dp_summary = adapt(central, toy_store, steps=2, batch_size=8, seed=0, lora_rank=4, progress=False,
+                                 dp=DPConfig(noise_multiplier=1.0))
+    assert dp_summary["epsilon"] > 0 and all(torch.equal(dp_model.central.state_dict()[k], v) for k, v in before.items())
+    assert any(float(layer.up.weight.detach().abs().sum()) > 0 for layer in dp_model.modulation.lora)
+
+
+def test_high_noise_timestep_sampling_and_its_bad_values(central, toy_store):
+    from shared.c2l.adapt import adapt, sample_timesteps
+
+    gen = torch.Generator().manual_seed(0)
+    uniform, biased = sample_timesteps(20000, 1000, 1.0, gen), sample_timesteps(20000, 1000, 0.3, gen)
+    assert int(biased.min()) >= 0 and int(biased.max()) <= 999
+    assert float((uniform >= 900).float().mean()) == pytest.approx(0.1, abs=0.01)
+    assert float((biased >= 900).float().mean()) == pytest.approx(1 - 0.9 ** (1 / 0.3), abs=0.015)  # ~0.30
+    with pytest.raises(FedstError, match="timestep_power"):
+        adapt(central, toy_store, steps=1, timestep_power=0.0, progress=False)
+
+
+def test_probe_inputs_are_clipped_to_the_real_feature_range():
+    from shared.c2l.audit import clip_to_support
+
+    real = np.array([[0.0, 1.0], [0.0, 3.0], [1e-6, 2.0]])  # first feature: an (almost) always empty bin
+    syn = np.array([[0.5, 2.5], [-1.0, 9.0]])
+    assert np.array_equal(clip_to_support(syn, real), np.array([[1e-6, 2.5], [0.0, 3.0]]))

@@ -37,6 +37,14 @@ def drop_conditions(expression: torch.Tensor, mask: torch.Tensor, p: float, gen:
     return expression * keep, mask * keep
 
 
+def sample_timesteps(n: int, num_train_timesteps: int, power: float, gen: torch.Generator) -> torch.Tensor:
+    """t = floor(T * u ** power), u ~ U(0, 1): power 1 is uniform, power < 1 favours high noise levels."""
+    if power == 1.0:
+        return torch.randint(0, num_train_timesteps, (n,), generator=gen)
+    u = torch.rand(n, generator=gen)
+    return (u.pow(power) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
 def adapt(
     central: CentralDiffusion,
     store: PatchStore,
@@ -53,6 +61,9 @@ def adapt(
     augmentation: bool = True,
     progress: bool = True,
     initial_modulation: dict[str, torch.Tensor] | None = None,
+    timestep_power: float = 1.0,
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
 ) -> tuple[ConditionedDiffusion, dict[str, Any]]:
     """Adapt a copy of `central` to `store`'s (patch, expression) pairs; `central` itself is not touched.
 
@@ -60,10 +71,18 @@ def adapt(
     (Opacus, Poisson sampling, per-example clipping) with noise calibrated for exactly `steps` steps; the
     epsilon spent is read back from the accountant. Returns (conditioned model on CPU, summary).
     `initial_modulation` starts from given modulation weights (federated adaptation: the round's average)
-    instead of the zero-initialised ones.
+    instead of the zero-initialised ones. `timestep_power < 1` draws more high-noise timesteps
+    (t = T * u ** power): the genes decide what the noisy image cannot show yet (overall colour, cell
+    density), so that is where the modulation learns; 0.3 with a v-prediction central learns a clear gene
+    signal in 200 steps where uniform timesteps with epsilon prediction learn almost none. `lora_rank > 0`
+    also trains LoRA adapters on the attention projections (counted in the trainable fraction).
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise FedstError(f"adapt: steps ({steps}) and batch_size ({batch_size}) must be >= 1, lr ({lr}) > 0")
+    if not 0 < timestep_power <= 1:
+        raise FedstError(f"adapt: timestep_power must be in (0, 1], got {timestep_power}")
+    if lora_rank < 0:
+        raise FedstError(f"adapt: lora_rank must be >= 0, got {lora_rank}")
     if not 0 <= cond_dropout < 1:
         raise FedstError(f"adapt: cond_dropout must be in [0, 1), got {cond_dropout}")
     check_panel(central, store)
@@ -71,7 +90,7 @@ def adapt(
     dp_plan = plan(dp, n_examples=len(data), batch_size=batch_size, steps=steps) if dp is not None else None
     dev = default_device(device)
     torch.manual_seed(int(seed))
-    model = create_conditioned(copy.deepcopy(central).cpu(), store.panel, hidden_dim, embed_dim)
+    model = create_conditioned(copy.deepcopy(central).cpu(), store.panel, hidden_dim, embed_dim, lora_rank, lora_alpha)
     if initial_modulation is not None:
         load_state_strict(model.modulation, initial_modulation, "adapt: initial modulation")
     model = model.to(dev)
@@ -120,7 +139,7 @@ def adapt(
                 x0 = augment(x0, gen)
             expression, mask = drop_conditions(expression, mask, cond_dropout, gen)
             noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+            t = sample_timesteps(len(x0), scheduler.config.num_train_timesteps, timestep_power, gen)
             x0, noise, t, expression, mask = (v.to(dev) for v in (x0, noise, t, expression, mask))
             x_t = scheduler.add_noise(x0, noise, t)
             loss = diffusion_loss(trainer(x_t, t, expression, mask), training_target(scheduler, x0, noise, t)).mean()
@@ -166,7 +185,8 @@ def adapt(
         )
     model.info = {
         "store": str(store.path), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-        "cond_dropout": cond_dropout, "epsilon": summary["epsilon"], "delta": summary["delta"], "dp": summary["dp"],
+        "cond_dropout": cond_dropout, "timestep_power": timestep_power, "lora_rank": lora_rank,
+        "epsilon": summary["epsilon"], "delta": summary["delta"], "dp": summary["dp"],
         "trainable_params": summary["trainable_params"], "trainable_fraction": summary["trainable_fraction"],
     }
     return model, summary

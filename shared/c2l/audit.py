@@ -62,10 +62,28 @@ def fit_expression_probe(features: np.ndarray, expression: np.ndarray, seed: int
     return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(features, expression)
 
 
-def conditional_consistency(real: PatchStore, synthetic: PatchStore, px: int, seed: int = 0) -> dict[str, Any]:
-    """PCC between what a real-trained probe reads off synthetic images and the vectors they were made from."""
+def clip_to_support(features: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Clip each feature to the range it spans on `reference` (the real patches the probe was fitted on).
+
+    A histogram bin that is (almost) always empty on real patches has a tiny standard deviation; one synthetic
+    patch with a few pixels there would otherwise become a 1e4-sigma input and swamp the ridge prediction.
+    """
+    return np.clip(features, reference.min(0), reference.max(0))
+
+
+def conditional_consistency(real: PatchStore, synthetic: PatchStore, px: int, seed: int = 0,
+                            genes: np.ndarray | None = None) -> dict[str, Any]:
+    """PCC between what a real-trained probe reads off synthetic images and the vectors they were made from.
+
+    `genes` (column indices into the panel) restricts probe and PCC to the genes a caller evaluates.
+    """
     real_x, real_m = expression_and_mask(real)
     syn_x, syn_m = expression_and_mask(synthetic)
+    panel = list(synthetic.panel)
+    if genes is not None:
+        genes = np.asarray(genes)
+        real_x, real_m, syn_x, syn_m = (a[:, genes] for a in (real_x, real_m, syn_x, syn_m))
+        panel = [panel[g] for g in genes]
     real_f = image_features(real.patches[real.spots.obs[keys.PATCH_INDEX].to_numpy()], px)
     syn_f = image_features(synthetic.patches[synthetic.spots.obs[keys.PATCH_INDEX].to_numpy()], px)
     rng = np.random.default_rng(seed)
@@ -74,10 +92,10 @@ def conditional_consistency(real: PatchStore, synthetic: PatchStore, px: int, se
     holdout = fit_expression_probe(real_f[order[:cut]], real_x[order[:cut]])
     real_pcc = _pcc_per_gene(holdout.predict(real_f[order[cut:]]), real_x[order[cut:]], real_m[order[cut:]])
     probe = fit_expression_probe(real_f, real_x)
-    syn_pcc = _pcc_per_gene(probe.predict(syn_f), syn_x, syn_m)
+    syn_pcc = _pcc_per_gene(probe.predict(clip_to_support(syn_f, real_f)), syn_x, syn_m)
     return {
         "pcc_mean": float(np.nanmean(syn_pcc)) if np.isfinite(syn_pcc).any() else float("nan"),
-        "pcc_per_gene": dict(zip(synthetic.panel, [None if np.isnan(v) else float(v) for v in syn_pcc])),
+        "pcc_per_gene": dict(zip(panel, [None if np.isnan(v) else float(v) for v in syn_pcc])),
         "real_holdout_pcc_mean": float(np.nanmean(real_pcc)) if np.isfinite(real_pcc).any() else float("nan"),
         "probe": "ridge on colour/texture features, fitted on real pairs",
     }

@@ -20,7 +20,7 @@ from shared.store.format import PatchStore
 
 def to_model_images(batch: np.ndarray, px: int) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, px, px) in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x = torch.from_numpy(np.array(batch, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     if x.shape[-1] != px or x.shape[-2] != px:
         x = F.interpolate(x, size=(px, px), mode="area" if x.shape[-1] > px else "bilinear", align_corners=None)
     return x

@@ -6,6 +6,11 @@ zero AND flagged, so "not measured" differs from "not expressed"); its embedding
 The FiLM layers start at zero, so before adaptation the conditioned model equals the central model exactly.
 The all-missing condition (mask = 0) is the null condition used by condition dropout and classifier-free
 guidance.
+
+Optionally (`lora_rank > 0`) low-rank adapters on the attention projections (to_q, to_k, to_v, to_out) add a
+site-specific, gene-independent correction W x + B A x; B starts at zero, so the zero-init contract holds.
+Hand-written (two bias-free nn.Linear per projection, applied by forward hooks like FiLM) rather than peft:
+peft is not installed here, and plain nn.Linear layers are what Opacus computes per-sample gradients for.
 """
 
 from __future__ import annotations
@@ -36,15 +41,57 @@ def _resnet_blocks(central: CentralDiffusion) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in central.unet.named_modules() if isinstance(m, ResnetBlock2D)]
 
 
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def _attention_projections(central: CentralDiffusion) -> list[tuple[str, nn.Linear]]:
+    from diffusers.models.attention_processor import Attention
+
+    out = []
+    for name, module in central.unet.named_modules():
+        if isinstance(module, Attention):
+            for target in LORA_TARGETS:
+                layer = module.get_submodule(target)
+                if isinstance(layer, nn.Linear):
+                    out.append((f"{name}.{target}", layer))
+    return out
+
+
+def lora_layers(central: CentralDiffusion) -> list[list]:
+    """[name, in_features, out_features] of every attention projection of the central UNet (the LoRA sites)."""
+    return [[name, int(m.in_features), int(m.out_features)] for name, m in _attention_projections(central)]
+
+
+class LoRA(nn.Module):
+    """Low-rank update (alpha / rank) * B A x with B zero-initialised (the update starts at exactly zero)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.scale = float(alpha) / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x)) * self.scale
+
+
 class GeneModulation(nn.Module):
     """Gene encoder MLP + one zero-initialised FiLM projection per ResNet block (the only trained weights)."""
 
-    def __init__(self, panel: Sequence[str], channels: Sequence[int], hidden_dim: int = 64, embed_dim: int = 32):
+    def __init__(self, panel: Sequence[str], channels: Sequence[int], hidden_dim: int = 64, embed_dim: int = 32,
+                 lora_rank: int = 0, lora_layers: Sequence[Sequence] | None = None, lora_alpha: float | None = None):
         super().__init__()
+        if lora_rank < 0 or (lora_rank > 0 and not lora_layers):
+            raise FedstError(f"gene modulation: lora_rank {lora_rank} needs >= 0 and, when > 0, the attention "
+                             "projections to adapt (lora_layers)")
         self.config: dict[str, Any] = dict(
             panel=[str(g) for g in panel], channels=[int(c) for c in channels],
             hidden_dim=int(hidden_dim), embed_dim=int(embed_dim),
         )
+        if lora_rank > 0:  # only then, so adapters without LoRA keep their config (and hashes) unchanged
+            self.config.update(lora_rank=int(lora_rank), lora_alpha=float(lora_alpha or lora_rank),
+                               lora_layers=[[str(n), int(i), int(o)] for n, i, o in lora_layers])
         n_genes = len(self.config["panel"])
         if n_genes == 0:
             raise FedstError("gene modulation: empty gene panel")
@@ -55,6 +102,13 @@ class GeneModulation(nn.Module):
         for layer in self.film:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.lora = nn.ModuleList(
+            LoRA(i, o, self.lora_rank, self.config["lora_alpha"]) for _, i, o in self.config.get("lora_layers", [])
+        )
+
+    @property
+    def lora_rank(self) -> int:
+        return self.config.get("lora_rank", 0)
 
     @property
     def panel(self) -> list[str]:
@@ -82,6 +136,8 @@ class ConditionedDiffusion(nn.Module):
         super().__init__()
         if modulation.config["channels"] != film_channels(central):
             raise FedstError("adapter does not fit the central model: its FiLM channels differ from the UNet's blocks")
+        if modulation.lora_rank and modulation.config["lora_layers"] != lora_layers(central):
+            raise FedstError("adapter does not fit the central model: its LoRA layers differ from the UNet's attention")
         self.central = central
         self.modulation = modulation
         self._film: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -89,6 +145,9 @@ class ConditionedDiffusion(nn.Module):
         self._handles = [
             module.register_forward_hook(self._make_hook(i)) for i, (_, module) in enumerate(_resnet_blocks(central))
         ]
+        if modulation.lora_rank:
+            self._handles += [module.register_forward_hook(self._make_lora_hook(i))
+                              for i, (_, module) in enumerate(_attention_projections(central))]
         self.freeze_central()
 
     def _make_hook(self, index: int):
@@ -97,6 +156,14 @@ class ConditionedDiffusion(nn.Module):
                 return None
             scale, shift = self._film[index]
             return output * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+
+        return hook
+
+    def _make_lora_hook(self, index: int):
+        def hook(_module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+            if self._film is None:
+                return None
+            return output + self.modulation.lora[index](inputs[0])
 
         return hook
 
@@ -133,8 +200,13 @@ class ConditionedDiffusion(nn.Module):
 
 
 def create_conditioned(central: CentralDiffusion, panel: Sequence[str], hidden_dim: int = 64,
-                       embed_dim: int = 32) -> ConditionedDiffusion:
-    return ConditionedDiffusion(central, GeneModulation(panel, film_channels(central), hidden_dim, embed_dim))
+                       embed_dim: int = 32, lora_rank: int = 0, lora_alpha: float | None = None) -> ConditionedDiffusion:
+    """Zero-initialised modulation for `central`; `lora_rank > 0` adds LoRA on every attention projection."""
+    if lora_rank and not lora_layers(central):
+        raise FedstError("lora_rank > 0 but the central UNet has no attention blocks to adapt")
+    modulation = GeneModulation(panel, film_channels(central), hidden_dim, embed_dim, lora_rank=lora_rank,
+                                lora_layers=lora_layers(central) if lora_rank else None, lora_alpha=lora_alpha)
+    return ConditionedDiffusion(central, modulation)
 
 
 def save_adapter(model: ConditionedDiffusion, directory: str | Path, **metadata: Any) -> Path:
@@ -162,7 +234,9 @@ def load_adapter(central: CentralDiffusion, directory: str | Path) -> Conditione
             f"{Path(directory) / ADAPTER_CONFIG}: adapter belongs to central weights {str(config.get('central_hash'))[:12]}, "
             f"not to the given central model {central_hash[:12]}"
         )
-    modulation = GeneModulation(config["panel"], config["channels"], config["hidden_dim"], config["embed_dim"])
+    modulation = GeneModulation(config["panel"], config["channels"], config["hidden_dim"], config["embed_dim"],
+                                lora_rank=config.get("lora_rank", 0), lora_layers=config.get("lora_layers"),
+                                lora_alpha=config.get("lora_alpha"))
     load_state_strict(modulation, checkpoint.load_weights(directory, ADAPTER_WEIGHTS),
                                  Path(directory) / ADAPTER_WEIGHTS)
     model = ConditionedDiffusion(central, modulation)
