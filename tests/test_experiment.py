@@ -96,6 +96,7 @@ def test_bad_sites_are_clear_errors(tmp_path, patch, message):
         (BASE + "\n[predictor]\ntop_k = 1\n", "top_k must be >= 2"),
         (BASE + "\n[model]\nadapt_step = 3\n", r"\[model\]: unknown key\(s\) adapt_step"),
         (BASE + "\n[model.overrides.sampling]\nx = 1\n", "unknown table"),
+        (BASE.replace('name = "hospital-b"', 'name = "hospital b/2"'), r"'hospital b/2' is not a site name"),
     ],
 )
 def test_bad_values_are_clear_errors(tmp_path, patch, message):
@@ -317,3 +318,51 @@ def test_cli_reports_bad_config_as_one_error_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()  # nothing written for an invalid config
+
+
+def test_site_seeds_differ_per_site_and_are_reproducible():
+    from shared.experiment.arms import site_seed
+
+    seeds = {site: site_seed(3, site, "adapt") for site in ("site-0", "site-1", "site-2", "her2st-a")}
+    assert len(set(seeds.values())) == len(seeds)  # every site draws its own noise
+    assert site_seed(3, "site-0", "adapt") == seeds["site-0"]  # same in every call / process (crc32, not hash)
+    assert site_seed(3, "site-0", "adapt") != site_seed(3, "site-0", "synthesize") != site_seed(4, "site-0", "synthesize")
+    assert all(0 <= s < 2**31 - 1 for s in seeds.values())
+    assert site_seed(0, "site-0", "adapt") == (1_000_003 * 0 + __import__("zlib").crc32(b"site-0/adapt")) % (2**31 - 1)
+
+
+def _paired_store(path: Path, expression: np.ndarray, brightness: np.ndarray, seed: int = 0):
+    """A store whose patch brightness is a known function of ``brightness`` (one value per spot)."""
+    import anndata
+
+    from shared import keys
+    from shared.store.format import PatchStore, StoreWriter
+
+    rng = np.random.default_rng(seed)
+    n = len(expression)
+    spots = anndata.AnnData(X=expression.astype(np.float32))
+    spots.var_names = [f"G{i}" for i in range(expression.shape[1])]
+    spots.obs[keys.SECTION] = ["S1"] * n
+    spots.obs[keys.PATCH_INDEX] = np.arange(n)
+    with StoreWriter(path, patch_px=16) as writer:
+        level = np.clip(40 + 170 * brightness[:, None, None, None] + rng.normal(0, 4, (n, 16, 16, 3)), 0, 255)
+        writer.allocate_patches(n)[:] = level.astype(np.uint8)
+        writer.set_spots(spots)
+    return PatchStore(path)
+
+
+def test_synthesis_audit_tells_faithful_from_unfaithful_synthetic_pairs(tmp_path):
+    from shared.experiment.arms import synthesis_audit
+
+    rng = np.random.default_rng(0)
+    signal = rng.uniform(0, 1, 80)
+    expression = np.stack([signal * 3, 2 - signal, rng.normal(0, 1, 80)], axis=1)  # genes 0, 1 follow the image
+    real = _paired_store(tmp_path / "real", expression, signal)
+    genes = np.array([0, 1])
+    faithful = _paired_store(tmp_path / "faithful", expression[:40], signal[:40], seed=1)  # images show their genes
+    shuffled = _paired_store(tmp_path / "shuffled", expression[:40], rng.permutation(signal[:40]), seed=2)
+    good = synthesis_audit(real, faithful, genes, seed=0)
+    bad = synthesis_audit(real, shuffled, genes, seed=0)
+    assert good["audit_real_pcc"] > 0.9 and good["audit_synthetic_pcc"] > 0.9 and good["audit_passed"] is True
+    assert bad["audit_real_pcc"] == pytest.approx(good["audit_real_pcc"])  # same real split and probe
+    assert abs(bad["audit_synthetic_pcc"]) < 0.4 and bad["audit_passed"] is False

@@ -16,6 +16,8 @@ def demo(
     backend: str = typer.Option("c2l", "--backend", help="c2l (the real workflow) | toy (tiny CNN, seconds)"),
     rounds: int = typer.Option(0, "--rounds", help="pretraining rounds (0: run config default)"),
     strategy: str = typer.Option("", "--strategy", help="fedavg | fedprox | fedadam (empty: run config default)"),
+    dp_epsilon: float = typer.Option(0.0, "--dp-epsilon", min=0.0, help="DP-SGD target epsilon of each site's "
+                                     "adaptation (0: DP off; the epsilon spent is reported per site)"),
     timeout: float = typer.Option(3600.0, "--timeout", help="seconds before the run is stopped"),
 ) -> None:
     """Run the whole consortium workflow (pretrain, adapt, synthesize, downstream) as a Flower simulation."""
@@ -26,6 +28,8 @@ def demo(
         overrides["rounds-pretrain"] = rounds
     if strategy:
         overrides["strategy"] = strategy
+    if dp_epsilon:
+        overrides["dp-epsilon"] = dp_epsilon
     if preset == "her2st":
         overrides.setdefault("patch-px", 32)
     run_demo(out, sites=sites, preset=preset, overrides=overrides, timeout=timeout, echo=typer.echo)

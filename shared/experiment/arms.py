@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +29,15 @@ from shared.store.format import PatchStore
 
 def _dense(matrix: Any) -> np.ndarray:
     return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float32)
+
+
+def site_seed(seed: int, site: str, purpose: str) -> int:
+    """The cell's seed made distinct per site and purpose, identical in every run (crc32 is stable across
+    processes, unlike ``hash``). Sites must not share noise: with one seed every site would draw the same
+    adaptation batches order and the same diffusion noise, correlating their "independent" synthetic sets.
+    The real-spot subset (``fraction_rows``) keeps the plain cell seed so that every arm trains on the same
+    real spots of a site."""
+    return (int(seed) * 1_000_003 + zlib.crc32(f"{site}/{purpose}".encode())) % (2**31 - 1)
 
 
 def fraction_rows(site: SiteData, fraction: float, seed: int) -> np.ndarray:
@@ -145,11 +155,14 @@ class ArmRunner:
             if cell.dp:
                 dp = DPConfig(target_epsilon=m.dp_epsilon, target_delta=m.dp_delta, max_grad_norm=m.dp_max_grad_norm)
             started = time.perf_counter()
-            adapted, summary = adapt(central, real, steps=m.adapt_steps, batch_size=batch, lr=m.lr, seed=cell.seed,
+            adapted, summary = adapt(central, real, steps=m.adapt_steps, batch_size=batch, lr=m.lr,
+                                     seed=site_seed(cell.seed, site.name, "adapt"),
                                      dp=dp, progress=False, **m.overrides.get("adapt", {}))
             n_synth = max(m.min_synthetic, int(round(m.synthetic_per_spot * real.n_spots)))
-            synthetic = self._synthesize(central, adapted, real, n_synth, workdir / site.name / "synthetic", cell.seed)
+            synthetic = self._synthesize(central, adapted, real, n_synth, workdir / site.name / "synthetic",
+                                         site_seed(cell.seed, site.name, "synthesize"))
             gen_seconds = time.perf_counter() - started
+            check = synthesis_audit(real, synthetic, site.gene_index, seed=site_seed(cell.seed, site.name, "audit"))
             predictor = self._train([site.train], [rows], cell.seed, extra=[synthetic])
             metrics, artifacts[site.name] = self._score(site, predictor, workdir, cell)
             grid = workdir / f"patches_{site.name}.npz"
@@ -163,6 +176,9 @@ class ArmRunner:
                 "epsilon": summary.get("epsilon"), "delta": summary.get("delta"),
                 "adapt_final_loss": _last_finite(summary.get("losses", [])),
                 "trainable_fraction": summary.get("trainable_fraction"), "generation_s": round(gen_seconds, 2),
+                **check,
+                "adapt_seed": site_seed(cell.seed, site.name, "adapt"),
+                "synthesis_seed": site_seed(cell.seed, site.name, "synthesize"),
             }
         return {"sites": sites, "artifacts": artifacts, "pretraining": pretrain_info}
 
@@ -233,6 +249,31 @@ def federated_pretrain(config: ExperimentConfig, sites: list[SiteData], seed: in
     if found is None:
         raise FedstError(f"federated pretraining wrote no checkpoint under {run_dir}")
     return found[1]
+
+
+AUDIT_PASS_RATIO = 0.5
+"""Synthetic pairs pass the audit when an image->expression probe fitted on the real pairs reads their
+conditioning vectors back with a PCC of at least this share of what it achieves on held-out real pairs."""
+
+
+def synthesis_audit(real: PatchStore, synthetic: PatchStore, gene_index: np.ndarray, *, seed: int) -> dict[str, Any]:
+    """Conditional consistency (shared.c2l.audit's probe) on the genes the site is evaluated on.
+
+    A ridge probe on colour/texture features is fitted on the real spots the synthesis was conditioned on:
+    ``audit_real_pcc`` is its PCC on an 80/20 split of those real spots (how much of the expression the image
+    features carry at all), ``audit_synthetic_pcc`` the PCC between what it reads off the synthetic images and
+    the expression they were generated for. If the second is far below the first, the synthetic images do not
+    show their expression, and adding them can only add noise to the predictor.
+    """
+    from shared.c2l.audit import conditional_consistency
+
+    found = conditional_consistency(real, synthetic, real.patch_px, seed=seed, genes=gene_index)
+    real_pcc, syn_pcc = (float(found[k]) if np.isfinite(found[k]) else None
+                         for k in ("real_holdout_pcc_mean", "pcc_mean"))
+    passed = None
+    if real_pcc is not None and syn_pcc is not None:
+        passed = bool(real_pcc > 0 and syn_pcc >= AUDIT_PASS_RATIO * real_pcc)
+    return {"audit_real_pcc": real_pcc, "audit_synthetic_pcc": syn_pcc, "audit_passed": passed}
 
 
 METRIC_KEYS = {"PCC": "pcc_per_slide_mean", "MSE": "mse", "GSC": "gsc", "SSC": "ssc"}

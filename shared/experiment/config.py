@@ -28,11 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.config import site_name_problem
 from shared.errors import FedstError, require
 
 ARMS = ("local", "federated", "pooled")
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 CONSORTIUM_TOKEN = "{consortium}"
+CELL_PROTOCOL = 2
+"""Version of what a cell computes from its config, part of the fingerprint: bump it when a code change alters
+cell results, so a resumed run never mixes cells of two versions (2: per-site adaptation/synthesis seeds)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class ExperimentConfig:
         data = self.to_dict()
         data.pop("report", None)
         data.pop("source", None)
+        data["cell_protocol"] = CELL_PROTOCOL
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -299,7 +304,8 @@ def _build(data: dict[str, Any], base_dir: Path, where: str, source: Path | None
         require(isinstance(raw, dict), f"{sw}: expected a table")
         _check_keys(raw, {"name", "sections", "held_out", "held_out_last"}, sw)
         site_name = raw.get("name", f"site-{i}")
-        require(isinstance(site_name, str) and site_name and "/" not in site_name, f"{sw}: 'name' must be a plain string")
+        problem = site_name_problem(site_name)  # the federated arm sends it to the server as the site's label
+        require(problem is None, f"{sw}: 'name' {problem}")
         sections = raw.get("sections")
         if sections is None:
             require(synthetic is not None, f"{sw} ({site_name}): 'sections' is required (a list of section tables or SITE.toml paths)")

@@ -15,11 +15,14 @@ import numpy as np
 
 from shared.experiment.config import ExperimentConfig
 from shared.experiment.planner import Cell
+from shared.experiment.arms import AUDIT_PASS_RATIO
 from shared.experiment.runner import write_json_atomic
 
 METRICS = ("PCC", "MSE", "GSC", "SSC")
 HIGHER_IS_BETTER = {"PCC": True, "MSE": False, "GSC": True, "SSC": True}
 REPORT_DIR = "report"
+EXTRAS = ("epsilon", "audit_real_pcc", "audit_synthetic_pcc", "audit_passed")
+"""Per-site numbers of federated cells aggregated like the metrics (audit_passed: mean = share of seeds)."""
 
 
 def protocol(config: ExperimentConfig) -> dict[str, str]:
@@ -88,10 +91,12 @@ def aggregate(config: ExperimentConfig, cells: list[Cell], results: dict[str, di
                         per_seed[str(c.seed)] = float(value)
                         seed_means[metric].setdefault(c.seed, []).append(float(value))
                 entry[metric] = {**_stats(list(per_seed.values())), "per_seed": per_seed}
-            eps = {str(c.seed): results[c.key]["sites"].get(site, {}).get("epsilon") for c in group}
-            eps = {k: v for k, v in eps.items() if v is not None}
-            if eps:
-                entry["epsilon"] = {**_stats(list(eps.values())), "per_seed": eps}
+            for extra in EXTRAS:
+                values = {str(c.seed): results[c.key]["sites"].get(site, {}).get(extra) for c in group}
+                values = {k: float(v) for k, v in values.items() if v is not None}
+                if values:
+                    entry[extra] = {**_stats(list(values.values())), "per_seed": values}
+            if "epsilon" in entry:
                 epsilon.setdefault(site, {})[fk] = entry["epsilon"]
             by_site.setdefault(site, {}).setdefault(arm, {}).setdefault(dp_key, {})[fk] = entry
         variant = group[0].variant
@@ -374,6 +379,7 @@ def render_markdown(config: ExperimentConfig, payload: dict[str, Any], figures: 
                 row = [_fmt(entry[m]) for m in METRICS] + [_fmt(entry.get("epsilon"))]
                 lines.append(f"| {label} | {fk} | " + " | ".join(row) + " |")
         lines.append("")
+    lines += render_audit(payload)
     lines += ["## Figures", ""]
     for fig in figures:
         lines.append(f"![{fig.stem}]({fig.as_posix()})")
@@ -383,3 +389,37 @@ def render_markdown(config: ExperimentConfig, payload: dict[str, Any], figures: 
 
 def load_results(out: Path) -> dict[str, Any]:
     return json.loads((Path(out) / "results.json").read_text())
+
+
+def render_audit(payload: dict[str, Any]) -> list[str]:
+    """Per site: did the synthetic pairs show their expression (audit), and did adding them beat local?"""
+    rows = []
+    for site in sorted(payload["sites"]):
+        local = payload["sites"][site].get("local", {}).get("no-dp", {})
+        for dp_key, by_frac in sorted(payload["sites"][site].get("federated", {}).items()):
+            variant = "federated+dp" if dp_key == "dp" else "federated"
+            for fk in sorted(by_frac, key=float):
+                entry = by_frac[fk]
+                if "audit_synthetic_pcc" not in entry:
+                    continue
+                passed = entry.get("audit_passed", {})
+                share = "-" if passed.get("mean") is None else f"{round(passed['mean'] * passed['n'])}/{passed['n']}"
+                fed, loc = entry["PCC"].get("mean"), local.get(fk, {}).get("PCC", {}).get("mean")
+                delta = "-" if fed is None or loc is None else f"{fed - loc:+.3f}"
+                rows.append(f"| {site} | {variant} | {fk} | {_fmt(entry.get('audit_real_pcc'))} | "
+                            f"{_fmt(entry['audit_synthetic_pcc'])} | {share} | {delta} |")
+    if not rows:
+        return []
+    return [
+        "## Synthesis audit: why federated does or does not beat local", "",
+        "Conditional consistency (the probe of shared.c2l.audit) on each site's evaluated genes: a ridge probe on "
+        "colour/texture features is fitted on the real spots the synthesis was conditioned on. *real probe PCC* is "
+        "its PCC on held-out real spots (how much expression the image features carry at all), *synthetic probe "
+        "PCC* the PCC between what it reads off the synthetic images and the expression they were generated for. "
+        f"A cell passes when the synthetic PCC is at least {AUDIT_PASS_RATIO:g} x the real one (and the real one "
+        "is positive). Synthetic pairs that fail cannot teach the predictor the image->expression map, so "
+        "federated can then at best match local. Delta PCC = federated - local on the held-out sections.", "",
+        "| site | arm | fraction | real probe PCC | synthetic probe PCC | passed (seeds) | delta PCC vs local |",
+        "|---|---|---|---|---|---|---|",
+        *rows, "",
+    ]
