@@ -8,14 +8,22 @@ For the `tiny` C2L-ST preset and the ~25M-parameter `base` preset (at 32 px so i
 - bytes per round per site (Flower's own network-traffic counters, `flwr ls`);
 - per-message ClientApp overhead in deployment (a fresh process per message): the import cost of the handler.
 
-Ratios are against the local compute measured in the same run (never absolute wall-clock targets).
+Ratios are against the local compute measured in the same run (never absolute wall-clock targets); the load
+average is printed with every figure (shared cores: timings are upper bounds).
+
+The SuperLink runs with Flower's in-memory state (the default of shared/federation/runner.py and deploy/).
+`--state sqlite` (`--database FILE`, what they used before) reproduces the failure of the `base` preset on a busy host:
+SQLite `database is locked` after Flower's fixed 5 s busy timeout -> HTTP 500, which Flower does not retry, so a
+SuperNode leaves, a reply is dropped or the ServerApp exits (see shared/federation/procs.FLWR_IN_MEMORY_STATE).
 Usage: python benchmarks/federation.py [--models tiny,base] [--modes simulation,deployment] [--rounds 2]
+       [--local-steps 2] [--batch-size 4] [--state memory|sqlite] [--work DIR] [--out report.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -67,10 +75,22 @@ def import_cost() -> dict:
     return out
 
 
-def federated_rounds(mode: str, preset: str, rounds: int, work: Path, sites: int = 2) -> dict:
+def _errors(log: Path, limit: int = 6) -> list[str]:
+    """The distinct ERROR lines of a Flower log (why a run failed), for the report."""
+    if not log.is_file():
+        return []
+    seen: list[str] = []
+    for line in log.read_text(errors="replace").splitlines():
+        if "ERROR" in line and line not in seen:
+            seen.append(line.strip()[:240])
+    return seen[:limit]
+
+
+def federated_rounds(mode: str, preset: str, rounds: int, work: Path, sites: int = 2, *, local_steps: int = 2,
+                     batch_size: int = 4, state: str = "memory") -> dict:
     """A pretrain-only run; per round: wall (server send -> all replies), max site compute, overhead."""
     from shared.federation import toy
-    from shared.federation.procs import free_port, start, stop_tree
+    from shared.federation.procs import FLWR_IN_MEMORY_STATE, free_port, start, stop_tree
     from shared.federation.runner import SuperLink, supernode_command
 
     stores = [toy.write_toy_store(work / f"store-{i}", n_spots=64, n_tiles=64, patch_px=32, seed=i).path for i in range(sites)]
@@ -80,11 +100,15 @@ def federated_rounds(mode: str, preset: str, rounds: int, work: Path, sites: int
         if not (consortium / f"site-{i}").exists():
             (consortium / f"site-{i}").symlink_to(store)
     config = {"backend": "c2l", "preset": preset, "patch-px": 32, "phases": "pretrain", "rounds-pretrain": rounds,
-              "local-steps": 2, "batch-size": 4, "out-dir": str(work / "runs"), "run-name": f"{mode}-{preset}",
-              "min-sites": sites, "sites-root": str(work / "sites"), "max-update-norm": 1e9}
+              "local-steps": local_steps, "batch-size": batch_size, "out-dir": str(work / "runs"),
+              "run-name": f"{mode}-{preset}", "min-sites": sites, "sites-root": str(work / "sites"), "max-update-norm": 1e9}
     procs = []
+    logs = [work / f"supernode-{i}.log" for i in range(sites)]
     t0 = time.perf_counter()
-    with SuperLink(work / f"flwr-{mode}-{preset}", simulation=(mode == "simulation")) as link:
+    home = work / f"flwr-{mode}-{preset}"
+    database = str(home / "state.db") if state == "sqlite" else FLWR_IN_MEMORY_STATE
+    with SuperLink(home, simulation=(mode == "simulation"), database=database) as link:
+        logs.append(link.log)
         try:
             if mode == "simulation":
                 config["consortium"] = str(consortium)
@@ -92,25 +116,72 @@ def federated_rounds(mode: str, preset: str, rounds: int, work: Path, sites: int
             else:
                 for i, store in enumerate(stores):
                     cmd = supernode_command(link.address, {"data-path": str(store), "work-dir": str(work / f"site-{mode}-{i}")}, free_port())
-                    procs.append(start(cmd, work / f"supernode-{i}.log", env=link.env))
+                    procs.append(start(cmd, logs[i], env=link.env))
                 run_id = link.submit(REPO, config)
             info = link.wait(run_id, timeout=3000)
         finally:
             for proc in procs:
                 stop_tree(proc)
     total = time.perf_counter() - t0
-    results = json.loads((work / "runs" / config["run-name"] / "results.json").read_text())
-    rows = results["phases"]["pretrain"]["rounds"]
+    results_file = work / "runs" / config["run-name"] / "results.json"
+    rows = json.loads(results_file.read_text())["phases"]["pretrain"]["rounds"] if results_file.is_file() else []
     per_round = []
     for row in rows:
+        if not row["sites"]:
+            continue
         compute = max(m["compute-seconds"] for m in row["sites"].values())
         per_round.append({"round": row["round"], "wall-s": row["wall-seconds"], "compute-s": compute,
                           "overhead-s": row["wall-seconds"] - compute,
-                          "overhead-fraction": (row["wall-seconds"] - compute) / row["wall-seconds"]})
+                          "overhead-fraction": (row["wall-seconds"] - compute) / row["wall-seconds"],
+                          "sites-replied": len(row["sites"]), "failed": row.get("failed", {})})
     traffic = info.get("network-traffic", {})
-    return {"mode": mode, "preset": preset, "sites": sites, "status": info.get("status"), "run-total-s": total,
-            "rounds": per_round, "bytes-per-round-per-site": traffic.get("total-bytes", 0) / max(rounds * sites, 1),
-            "network-traffic": traffic}
+    out = {"mode": mode, "preset": preset, "sites": sites, "state": state, "local-steps": local_steps,
+           "batch-size": batch_size, "status": info.get("status"), "run-total-s": total, "rounds": per_round,
+           "bytes-per-round-per-site": traffic.get("total-bytes", 0) / max(rounds * sites, 1),
+           "network-traffic": traffic, "load-average": os.getloadavg()}
+    if info.get("status") != "finished:completed":
+        out["errors"] = {log.name: _errors(log) for log in logs if _errors(log)}
+    return out
+
+
+def steps_for_target(row: dict, local_steps: int, target: float = 0.10) -> float:
+    """Local steps per round at which the measured overhead would be ``target`` of the round (compute ~ steps)."""
+    per_step = row["compute-s"] / local_steps
+    return row["overhead-s"] * (1 - target) / target / per_step
+
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load {one:.1f}/{five:.1f} on {os.cpu_count()} cores"
+
+
+def round_lines(res: dict, imports: dict[str, float], message_bytes: float) -> list[str]:
+    """The benchmark's printed lines for one (preset, mode) run.
+
+    In deployment the site's measured compute includes the fresh ClientApp process importing torch + c2l (the
+    backend imports them lazily inside the timed call), so that import cost is moved to the overhead there.
+    """
+    tag = f"[{res['preset']} {res['mode']}]"
+    lazy_import = max(imports.get("plus-torch-and-c2l", 0.0) - imports.get("handler-and-site", 0.0), 0.0)
+    lines = []
+    for row in res["rounds"]:
+        moved = lazy_import if res["mode"] == "deployment" else 0.0
+        compute, overhead = row["compute-s"] - moved, row["overhead-s"] + moved
+        note = f" (incl. {moved:.1f} s torch+c2l import moved from the site's timer)" if moved else ""
+        steps = steps_for_target({"compute-s": compute, "overhead-s": overhead}, res["local-steps"])
+        lines.append(f"{tag} round {row['round']}: wall {row['wall-s']:.1f} s = compute {compute:.1f} s + overhead {overhead:.1f} s"
+                     f"{note} = {100 * overhead / row['wall-s']:.0f}% of the round; <= 10% from ~{steps:.0f} local steps"
+                     f" (batch {res['batch-size']})")
+    if res["mode"] == "simulation":
+        traffic = f"no network in simulation; message {message_bytes / 1e6:.1f} MB each way"
+    else:
+        traffic = f"{res['bytes-per-round-per-site'] / 1e6:.1f} MB (message {message_bytes / 1e6:.1f} MB each way)"
+    one, five, _ = res.get("load-average", (float("nan"),) * 3)
+    lines.append(f"{tag} bytes per round per site: {traffic}; status {res['status']}; run {res['run-total-s']:.0f} s"
+                 f" (load {one:.1f}/{five:.1f})")
+    for log, errors in res.get("errors", {}).items():
+        lines.append(f"{tag} {log}: " + "\n    ".join(errors))
+    return lines
 
 
 def main() -> None:
@@ -118,26 +189,40 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,base")
     parser.add_argument("--modes", default="simulation,deployment")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=2, help="optimiser steps per site per round")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--state", choices=("memory", "sqlite"), default="memory",
+                        help="SuperLink state: Flower's in-memory store (default) or a SQLite file (fails for large models on a busy host)")
+    parser.add_argument("--work", type=Path, default=None, help="keep the run folders and Flower logs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--summarise", type=Path, default=None, help="only print the lines of a saved JSON report")
     args = parser.parse_args()
+    if args.summarise:
+        report = json.loads(args.summarise.read_text())
+        sizes = {s["preset"]: s["message-bytes"] for s in report["serialisation"]}
+        for res in report["rounds"]:
+            print("\n".join(round_lines(res, report["clientapp-imports-s"], sizes.get(res["preset"], 0))))
+        return
     report: dict = {"device": "cpu", "serialisation": [], "rounds": [], "clientapp-imports-s": import_cost()}
-    print("fresh-process import cost per ClientApp message (s):", json.dumps(report["clientapp-imports-s"]))
+    print(f"fresh-process import cost per ClientApp message (s; {_load()}):", json.dumps({k: round(v, 2) for k, v in report["clientapp-imports-s"].items()}))
+    sizes = {}
     for preset in args.models.split(","):
         ser = serialisation(preset)
         report["serialisation"].append(ser)
+        sizes[preset] = ser["message-bytes"]
         print(f"[{preset}] {ser['parameters']:,} params; message {ser['message-bytes'] / 1e6:.1f} MB; "
-              f"encode {ser['encode-s'] * 1e3:.0f} ms, decode {ser['decode-s'] * 1e3:.0f} ms")
+              f"encode {ser['encode-s'] * 1e3:.0f} ms, decode {ser['decode-s'] * 1e3:.0f} ms ({_load()})")
     with tempfile.TemporaryDirectory(prefix="fedst-bench-") as tmp:
+        root = args.work or Path(tmp)
         for preset in args.models.split(","):
             for mode in args.modes.split(","):
-                res = federated_rounds(mode, preset, args.rounds, Path(tmp) / f"{mode}-{preset}")
+                res = federated_rounds(mode, preset, args.rounds, root / f"{mode}-{preset}", local_steps=args.local_steps,
+                                       batch_size=args.batch_size, state=args.state)
                 report["rounds"].append(res)
-                for row in res["rounds"]:
-                    print(f"[{preset} {mode}] round {row['round']}: wall {row['wall-s']:.1f} s = compute {row['compute-s']:.1f} s"
-                          f" + overhead {row['overhead-s']:.1f} s ({100 * row['overhead-fraction']:.0f}% of the round)")
-                print(f"[{preset} {mode}] bytes per round per site: {res['bytes-per-round-per-site'] / 1e6:.2f} MB; status {res['status']}")
+                print("\n".join(round_lines(res, report["clientapp-imports-s"], sizes[preset])), flush=True)
+                if args.out:  # written after every run: a long benchmark keeps what it measured
+                    args.out.write_text(json.dumps(report, indent=2))
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
         print(f"report: {args.out}")
 
 

@@ -9,6 +9,26 @@ from flwr.clientapp import ClientApp
 app = ClientApp()
 
 
+def secaggplus(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod``, imported only when a site is asked to take part in secure aggregation."""
+    from shared.config import RunConfig
+    from shared.errors import FedstError
+
+    if not RunConfig.from_mapping(context.run_config).secagg:
+        raise FedstError("this site answers plain 'train' messages only under SecAgg+ (run config 'secagg = true')")
+    from flwr.client.mod import secaggplus_mod
+
+    return secaggplus_mod(msg, context, call_next)
+
+
+@app.train(mods=[secaggplus])
+def secagg_pretrain(msg: Message, context: Context) -> Message:
+    """Plain ``train`` messages: pretraining under SecAgg+ (run config ``secagg = true``), Flower's legacy path."""
+    from client import handlers
+
+    return handlers.secagg_pretrain(msg, context)
+
+
 @app.train("pretrain")
 def pretrain(msg: Message, context: Context) -> Message:
     from client import handlers

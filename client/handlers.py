@@ -1,49 +1,68 @@
 """Translate Flower messages to the site's Flower-free task (shared/federation/site.py) and back.
 
 Privacy contract: a reply carries at most one ArrayRecord whose keys are exactly the keys of the model the
-server sent (model parameters), plus one MetricRecord of scalars. `reply_record` enforces it, so no handler
-can accidentally send expression, coordinates or pixels.
+server sent (model parameters), one MetricRecord of scalars, and the site's declared name (one ConfigRecord
+``site`` = ``{"name": ...}``, 1-64 letters/digits/``._-``). `reply_record` enforces it, so no handler can
+accidentally send expression, coordinates or pixels. On the SecAgg+ path (`secagg_pretrain`) the model leaves
+the site only masked, inside Flower's SecAgg+ protocol record; the metrics and the name are the same.
 """
 
 from __future__ import annotations
 
+import json
 import numbers
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from shared.config import NodeConfig, RunConfig
+from shared.config import NodeConfig, RunConfig, site_name_problem
 from shared.errors import FedstError
 
 
-def site_task(msg: Message, context: Context):
+def site_task(msg: Message, context: Context, config: dict[str, Any] | None = None):
+    """The site's task for this message; ``config`` defaults to the message's ConfigRecord ``config``."""
     from shared.federation.site import SiteTask
 
     run = RunConfig.from_mapping(context.run_config)
-    config = msg.content.config_records.get("config")
-    config = dict(config) if config is not None else {}
+    if config is None:
+        record = msg.content.config_records.get("config")
+        config = dict(record) if record is not None else {}
     root = config.get("default-work-root")
     node = NodeConfig.from_mapping(context.node_config, run, default_work_root=Path(str(root)) if root else None)
     panel = config.get("panel")
     return SiteTask(run, node, panel=list(panel) if panel else None), config
 
 
-def reply_record(metrics: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
-                 allowed_keys: set[str] | None = None) -> RecordDict:
-    """The only way a handler builds a reply: model tensors with the sent names + scalar metrics."""
-    content = RecordDict()
-    if arrays is not None:
-        if allowed_keys is None or set(arrays) != allowed_keys:
-            raise FedstError("privacy contract: reply tensors must have exactly the names of the model the server sent")
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+def site_record(name: str) -> ConfigRecord:
+    """The site's declared name, the only string a reply carries."""
+    if (problem := site_name_problem(name)) is not None:
+        raise FedstError(f"privacy contract: site name {problem}")
+    return ConfigRecord({"name": name})
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     scalars = {}
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise FedstError(f"privacy contract: metric {key!r} is not a scalar number")
         scalars[key] = float(value)
-    content["metrics"] = MetricRecord(scalars)
+    return scalars
+
+
+def reply_record(metrics: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+                 allowed_keys: set[str] | None = None, site: str | None = None) -> RecordDict:
+    """The only way a handler builds a reply: model tensors with the sent names + scalar metrics + the site's
+    declared name."""
+    content = RecordDict()
+    if arrays is not None:
+        if allowed_keys is None or set(arrays) != allowed_keys:
+            raise FedstError("privacy contract: reply tensors must have exactly the names of the model the server sent")
+        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    content["metrics"] = MetricRecord(scalar_metrics(metrics))
+    if site is not None:
+        content["site"] = site_record(site)
     return content
 
 
@@ -58,7 +77,7 @@ def pretrain(msg: Message, context: Context) -> Message:
     task, config = site_task(msg, context)
     state = _arrays(msg, "arrays")
     new_state, metrics = task.pretrain(state, int(config.get("server-round", 1)), prox_mu=float(config.get("proximal-mu", 0.0)))
-    return Message(reply_record(metrics, new_state, set(state)), reply_to=msg)
+    return Message(reply_record(metrics, new_state, set(state), site=task.node.site), reply_to=msg)
 
 
 def adapt(msg: Message, context: Context) -> Message:
@@ -68,15 +87,73 @@ def adapt(msg: Message, context: Context) -> Message:
     adapter = _arrays(msg, "arrays") if federated else None
     new_adapter, metrics = task.adapt(central, int(config.get("server-round", 1)), adapter=adapter)
     if federated:
-        return Message(reply_record(metrics, new_adapter, set(adapter or {})), reply_to=msg)
-    return Message(reply_record(metrics), reply_to=msg)  # the adapter stays on the site
+        return Message(reply_record(metrics, new_adapter, set(adapter or {}), site=task.node.site), reply_to=msg)
+    return Message(reply_record(metrics, site=task.node.site), reply_to=msg)  # the adapter stays on the site
 
 
 def synthesize(msg: Message, context: Context) -> Message:
     task, _ = site_task(msg, context)
-    return Message(reply_record(task.synthesize()), reply_to=msg)
+    return Message(reply_record(task.synthesize(), site=task.node.site), reply_to=msg)
 
 
 def downstream(msg: Message, context: Context) -> Message:
     task, _ = site_task(msg, context)
-    return Message(reply_record(task.downstream()), reply_to=msg)
+    return Message(reply_record(task.downstream(), site=task.node.site), reply_to=msg)
+
+
+# -- SecAgg+ (Flower's legacy path) ---------------------------------------------------------------------------
+def secagg_pretrain(msg: Message, context: Context) -> Message:
+    """Inner handler under ``secaggplus_mod``: a NumPyClient run through Flower's legacy message handling.
+
+    The mod masks the returned parameters (weighted by num-examples, clipped and quantised) and clears the
+    plaintext ArrayRecord before anything leaves the site.
+    """
+    from flwr.client import NumPyClient
+    from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
+
+    run = RunConfig.from_mapping(context.run_config)
+    if not run.secagg:
+        raise FedstError("this site answers plain 'train' messages only under SecAgg+ (run config 'secagg = true')")
+    config = msg.content.config_records.get("fitins.config")
+    config = dict(config) if config is not None else {}
+    if isinstance(config.get("panel"), str) and config["panel"]:
+        config["panel"] = json.loads(config["panel"])
+    task, _ = site_task(msg, context, config)
+
+    class PretrainClient(NumPyClient):
+        def fit(self, parameters, fit_config):
+            names = json.loads(str(fit_config.get("param-names", "[]")))
+            if len(names) != len(parameters) or len(set(names)) != len(names):
+                raise FedstError(f"secagg: the server sent {len(parameters)} tensors but {len(names)} distinct names")
+            state = dict(zip(names, parameters))
+            server_round = int(fit_config.get("server-round", 1))
+            new_state, metrics = task.pretrain(state, server_round, prox_mu=float(fit_config.get("proximal_mu", 0.0)))
+            if set(new_state) != set(names):
+                raise FedstError("privacy contract: reply tensors must have exactly the names of the model the server sent")
+            examples = int(round(float(metrics["num-examples"])))
+            check_secagg_range(new_state, examples, run)
+            # Flower quantises with stochastic rounding from numpy's global RNG: seed it per site and round so a
+            # resumed run reproduces the uninterrupted one (the masks come from separate, secret randomness).
+            from shared.federation.site import site_seed
+
+            np.random.seed(site_seed(run.seed, task.node.site, server_round, "secagg-rounding"))
+            return [np.asarray(new_state[n]) for n in names], examples, scalar_metrics(metrics)
+
+    reply = handle_legacy_message_from_msgtype(lambda _: PretrainClient().to_client(), msg, context)
+    reply.content["site"] = site_record(task.node.site)
+    return reply
+
+
+def check_secagg_range(state: dict[str, np.ndarray], examples: int, run: RunConfig) -> None:
+    """Refuse (clearly) what SecAgg+ would silently corrupt: a weight above max-weight, clipped parameters."""
+    if examples <= 0:
+        raise FedstError("secagg: the site has no training examples")
+    if examples > run.secagg_max_weight:
+        raise FedstError(f"secagg: this site's num-examples {examples} exceeds run config 'secagg-max-weight' "
+                         f"({run.secagg_max_weight:g}); raise it (the aggregate would overflow)")
+    ratio = round(examples / run.secagg_max_weight * run.secagg_quantization_range) / run.secagg_quantization_range
+    for name, value in state.items():
+        peak = float(np.max(np.abs(value))) * ratio if np.size(value) else 0.0
+        if not np.isfinite(peak) or peak > run.secagg_clipping_range:
+            raise FedstError(f"secagg: tensor {name!r} (max |value| x weight {peak:.4g}) exceeds run config "
+                             f"'secagg-clipping-range' ({run.secagg_clipping_range:g}); SecAgg+ would clip it")

@@ -6,6 +6,7 @@ For tests and the benchmark's compute-only baseline. Each node has its own node 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any, Callable
 
@@ -36,8 +37,10 @@ class LocalGrid(Grid):
         self.run_id = run_id
 
     @property
-    def run(self):  # pragma: no cover
-        return None
+    def run(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(run_id=self.run_id)  # Flower's legacy client manager reads only run.run_id
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # pragma: no cover
         return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id, ttl=ttl)
@@ -59,6 +62,7 @@ class LocalGrid(Grid):
         for msg in messages:
             node = msg.metadata.dst_node_id
             self.sent.append(msg)
+            msg = copy.deepcopy(msg)  # as if serialised: a site must not see (or mutate) another's message object
             failure = self.fail.get(node)
             if failure == "timeout":
                 continue

@@ -4,7 +4,10 @@
 - sends ``train.<action>`` messages (Flower's strategies always send plain ``train``),
 - numbers rounds globally (``round_offset``), so a resumed run sends the same round numbers and FedAdam's
   bias correction sees the same step as an uninterrupted run,
-- rejects updates with NaN/Inf, wrong names/shapes or an out-of-bound norm (logged, kept in the history),
+- rejects updates with NaN/Inf, wrong names/shapes or an out-of-bound norm, and replies that break the privacy
+  contract (anything but the model tensors, scalar metrics and the site's declared name) — logged, kept in the
+  history,
+- labels sites by their declared names (server/sites.py), not by Flower node ids,
 - counts errors and timeouts as failed sites and stops the run with a clear error only when fewer than
   ``min-sites`` valid updates remain or more than ``failure-tolerance`` sites failed,
 - aggregates replies in node-id order (deterministic float sums),
@@ -27,6 +30,7 @@ from flwr.supercore import log
 from shared.config import RunConfig
 from shared.errors import FedstError
 from shared.federation.validate import update_problems
+from server.sites import SiteNames, contract_problems, site_label  # noqa: F401  (site_label: re-exported)
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -37,10 +41,6 @@ def numpy_to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
-def site_label(node_id: int) -> str:
-    return f"node-{node_id}"
-
-
 class PhaseMixin:
     """See the module docstring. Call `setup_phase` before `start`."""
 
@@ -49,8 +49,9 @@ class PhaseMixin:
     extra_records: dict[str, Any] = {}
 
     def setup_phase(self, action: str, run: RunConfig, round_offset: int = 0, extra_records: dict[str, Any] | None = None,
-                    extra_config: dict[str, Any] | None = None) -> None:
+                    extra_config: dict[str, Any] | None = None, sites: SiteNames | None = None) -> None:
         self.action = action
+        self.sites = sites if sites is not None else SiteNames()
         self.run_config = run
         self.round_offset = round_offset
         self.extra_records = dict(extra_records or {})
@@ -86,26 +87,29 @@ class PhaseMixin:
         rejected: dict[str, str] = {}
         accepted: list[Message] = []
         answered = set()
+        label = self.sites.label
         for msg in replies:
             node = msg.metadata.src_node_id
             answered.add(node)
             if msg.has_error():
-                failed[site_label(node)] = f"error: {msg.error.reason}"
+                failed[label(node)] = f"error: {msg.error.reason}"
                 continue
+            self.sites.learn(node, msg.content)
             problems = self._screen(msg)
             if problems:
-                rejected[site_label(node)] = "; ".join(problems)
-                log(WARNING, "%s round %d: rejected update from node %d: %s", self.action, global_round, node, rejected[site_label(node)])
+                rejected[label(node)] = "; ".join(problems)
+                log(WARNING, "%s round %d: rejected update from %s (node %d): %s", self.action, global_round, label(node), node,
+                    rejected[label(node)])
             else:
                 accepted.append(msg)
         for node in self._sent:
             if node not in answered:
-                failed[site_label(node)] = "no reply before round-timeout"
+                failed[label(node)] = "no reply before round-timeout"
         for site, why in failed.items():
             log(WARNING, "%s round %d: %s failed: %s", self.action, global_round, site, why)
         row: dict[str, Any] = {
             "round": global_round,
-            "sites": {site_label(m.metadata.src_node_id): _metrics(m) for m in accepted},
+            "sites": {label(m.metadata.src_node_id): _metrics(m) for m in accepted},
             "failed": failed,
             "rejected": rejected,
             "wall-seconds": time.perf_counter() - getattr(self, "_started", time.perf_counter()),
@@ -126,10 +130,9 @@ class PhaseMixin:
 
     def _screen(self, msg: Message) -> list[str]:
         content = msg.content
-        if len(content.array_records) != 1:
-            return [f"expected exactly one ArrayRecord, got {len(content.array_records)}"]
-        if len(content.metric_records) != 1:
-            return [f"expected exactly one MetricRecord, got {len(content.metric_records)}"]
+        problems = contract_problems(content, arrays=1)
+        if problems:
+            return [f"privacy contract: {p}" for p in problems]
         metrics = next(iter(content.metric_records.values()))
         weight = metrics.get(self.weighted_by_key)  # type: ignore[attr-defined]
         if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:

@@ -2,7 +2,10 @@
 
 Each phase is its own message action (``train.pretrain``, ``train.adapt``, ``query.synthesize``,
 ``evaluate.downstream``). Training phases run through a fedst strategy (server/strategy.py) and checkpoint
-after every round; the other phases broadcast one message and collect scalar metrics per site.
+after every round; the other phases broadcast one message and collect scalar metrics per site. With
+``secagg = true`` pretraining instead runs through Flower's legacy SecAgg+ workflow (server/secagg.py, plain
+``train`` messages), then the other phases continue here on the message API, in the same Flower run.
+Sites are labelled by the names they declare (server/sites.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from server.strategy import PhaseMixin, arrays_to_numpy, make_strategy, numpy_to_arrays, site_label
+from server.sites import SiteNames, contract_problems
+from server.strategy import arrays_to_numpy, make_strategy, numpy_to_arrays
 from shared.config import RunConfig
 from shared.errors import FedstError
 from shared.federation.checkpoint import load_checkpoint, save_checkpoint
@@ -96,6 +100,7 @@ class Workflow:
         self.run_dir = run_dir
         self.run_id = run_id
         self.panel = load_panel(run)
+        self.sites = SiteNames()
         self.results: dict[str, Any] = {
             "run": str(run_id), "status": "running", "config": run.to_dict(), "phases": {}, "timing": {},
             "run-dir": str(run_dir),
@@ -121,6 +126,7 @@ class Workflow:
 
     def save_results(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.results["sites"] = self.sites.table()
         write_json(self.run_dir / "results.json", self.results)
 
     # -- phases -------------------------------------------------------------------------------------------
@@ -149,6 +155,7 @@ class Workflow:
             self.results["error"] = str(exc)
             raise
         finally:
+            self.results["sites"] = self.sites.table()
             write_run_report(self.run_dir, self.results)
         return self.results
 
@@ -156,34 +163,47 @@ class Workflow:
         found = load_checkpoint(self.run_dir, "pretrain")
         return found[1] if found else initial_central(self.run)
 
+    def resume_point(self, phase: str) -> tuple[int, dict[str, np.ndarray] | None, dict[str, np.ndarray], list[dict[str, Any]]]:
+        """(completed rounds, model, optimiser state, history rows) of the last checkpoint when resuming."""
+        if not self.run.resume or (found := load_checkpoint(self.run_dir, phase)) is None:
+            return 0, None, {}, []
+        offset, arrays, opt_state, meta = found
+        if meta.get("fingerprint") != self.run.fingerprint():
+            changed = sorted(k for k in self.run.fingerprint() if meta.get("fingerprint", {}).get(k) != self.run.fingerprint()[k])
+            raise FedstError(f"resume: run config differs from the checkpoint's in {changed} ({self.run_dir})")
+        log(INFO, "fedst: resuming %s after round %d", phase, offset)
+        return offset, arrays, opt_state, meta.get("history", [])
+
+    def checkpoint(self, phase: str, global_round: int, arrays: dict[str, np.ndarray], opt_state: dict[str, np.ndarray],
+                   rows: list[dict[str, Any]]) -> None:
+        """After every round: the model, optimiser state and history on disk, results.json updated."""
+        self.results["phases"][phase] = {"rounds": rows}
+        save_checkpoint(self.run_dir, phase, global_round, arrays, opt_state, {"fingerprint": self.run.fingerprint(), "history": rows})
+        self.save_results()
+
     def train_phase(self, phase: str, rounds: int, initial: dict[str, np.ndarray], extra_records: dict[str, Any] | None = None,
                     strategy_kind: str = "pretrain") -> dict[str, np.ndarray]:
         """R rounds of `phase` through the strategy; checkpoint each round; resume from the last checkpoint."""
         nodes = self.wait_for_sites()
-        strategy = make_strategy(self.run, len(nodes), strategy_kind)
-        offset, arrays, history = 0, initial, []
-        if self.run.resume and (found := load_checkpoint(self.run_dir, phase)) is not None:
-            offset, arrays, opt_state, meta = found
-            if meta.get("fingerprint") != self.run.fingerprint():
-                changed = sorted(k for k in self.run.fingerprint() if meta.get("fingerprint", {}).get(k) != self.run.fingerprint()[k])
-                raise FedstError(f"resume: run config differs from the checkpoint's in {changed} ({self.run_dir})")
-            strategy.import_state(opt_state)
-            history = meta.get("history", [])
-            log(INFO, "fedst: resuming %s after round %d", phase, offset)
-        strategy.setup_phase(phase, self.run, round_offset=offset, extra_records=extra_records, extra_config=self.base_config())
+        offset, resumed, opt_state, history = self.resume_point(phase)
+        arrays = resumed if resumed is not None else initial
         self.results["phases"][phase] = {"rounds": history}
+        if phase == "pretrain" and self.run.secagg:
+            from server.secagg import secagg_train
+
+            return secagg_train(self, phase, rounds, arrays, offset, history)
+        strategy = make_strategy(self.run, len(nodes), strategy_kind)
+        strategy.import_state(opt_state)
+        strategy.setup_phase(phase, self.run, round_offset=offset, extra_records=extra_records, extra_config=self.base_config(),
+                             sites=self.sites)
         remaining = rounds - offset
         if remaining <= 0:
             return arrays
 
         def checkpoint(server_round: int, current: ArrayRecord):
-            if server_round == 0:
-                return None
-            rows = history + strategy.history
-            self.results["phases"][phase] = {"rounds": rows}
-            save_checkpoint(self.run_dir, phase, server_round + offset, arrays_to_numpy(current), strategy.export_state(),
-                            {"fingerprint": self.run.fingerprint(), "history": rows})
-            self.save_results()
+            if server_round > 0:
+                self.checkpoint(phase, server_round + offset, arrays_to_numpy(current), strategy.export_state(),
+                                history + strategy.history)
             return None
 
         result = strategy.start(
@@ -217,18 +237,23 @@ class Workflow:
         replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
         sites: dict[str, dict[str, float]] = {}
         failed: dict[str, str] = {}
+        answered = set()
         for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
-            label = site_label(msg.metadata.src_node_id)
+            node = msg.metadata.src_node_id
+            answered.add(node)
             if msg.has_error():
-                failed[label] = f"error: {msg.error.reason}"
-            elif len(msg.content.array_records) != 0:
-                failed[label] = "reply carried arrays where only scalar metrics are allowed (discarded)"
+                failed[self.sites.label(node)] = f"error: {msg.error.reason}"
+                continue
+            self.sites.learn(node, msg.content)
+            problems = contract_problems(msg.content, arrays=0)
+            if problems:
+                failed[self.sites.label(node)] = "privacy contract (reply discarded): " + "; ".join(problems)
             else:
                 record = next(iter(msg.content.metric_records.values()), {})
-                sites[label] = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+                sites[self.sites.label(node)] = {k: float(v) for k, v in record.items()}
         for node in nodes:
-            if site_label(node) not in sites and site_label(node) not in failed:
-                failed[site_label(node)] = "no reply before round-timeout"
+            if node not in answered:
+                failed[self.sites.label(node)] = "no reply before round-timeout"
         for label, why in failed.items():
             log(WARNING, "%s: %s failed: %s", message_type, label, why)
         if len(sites) < self.run.min_sites or len(failed) > self.run.failure_tolerance:

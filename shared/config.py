@@ -8,6 +8,7 @@ fresh process for every message.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +19,15 @@ PHASES = ("pretrain", "adapt", "synthesize", "downstream")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 BACKENDS = ("c2l", "toy")
 PRESETS = ("tiny", "base", "large")
+SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # what a site may declare as its name (it travels to the server)
+SECAGG_STRATEGIES = ("fedavg", "fedprox")  # server optimisers need no per-site update, but FedAdam's is not wired
+
+
+def site_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a site's declared name (None: it can)."""
+    if not isinstance(name, str) or SITE_NAME.fullmatch(name) is None:
+        return f"{name!r} is not a site name (expected 1-64 letters, digits, '.', '_' or '-')"
+    return None
 
 
 @dataclass
@@ -57,6 +67,12 @@ class RunConfig:
     failure_tolerance: int = 1  # more failed/timed-out/rejected sites than this in a round fails the run
     round_timeout: float = 900.0  # seconds to wait for replies in a round
     max_update_norm: float = 1e4  # L2 norm of (update - global) above which an update is rejected
+    secagg: bool = False  # pretrain through Flower's SecAgg+ (the server sees only the sum of the sites' models)
+    secagg_num_shares: int = 3  # shares of each site's key (neighbours incl. itself); >= 3
+    secagg_reconstruction_threshold: int = 2  # shares needed to unmask; >= 2, < num-shares; sites per round >= it
+    secagg_clipping_range: float = 8.0  # every weighted parameter must lie in [-range, range] (checked on the site)
+    secagg_quantization_range: int = 4194304  # 2**22 integer levels over the clipping range
+    secagg_max_weight: float = 1000.0  # a site's num-examples must not exceed it (weights are quantised as n / max)
     seed: int = 0
 
     @classmethod
@@ -97,6 +113,20 @@ class RunConfig:
         check(self.max_update_norm > 0, "max-update-norm", "a positive norm bound")
         check(self.round_timeout > 0, "round-timeout", "a positive number of seconds")
         check(self.synthetic_count >= 1, "synthetic-count", "an integer >= 1")
+        if self.secagg:
+            check(self.secagg_num_shares >= 3, "secagg-num-shares", "an integer >= 3 (Flower's SecAgg+ needs more than 2)")
+            check(2 <= self.secagg_reconstruction_threshold < self.secagg_num_shares, "secagg-reconstruction-threshold",
+                  f"an integer >= 2 and < secagg-num-shares ({self.secagg_num_shares})")
+            check(self.secagg_clipping_range > 0, "secagg-clipping-range", "a positive number")
+            check(2 <= self.secagg_quantization_range <= 2**24, "secagg-quantization-range",
+                  "an integer in [2, 2**24] (the sum of all sites' levels must stay below Flower's 2**32 modulus)")
+            check(self.secagg_max_weight > 0, "secagg-max-weight", "a positive number")
+            check(self.strategy in SECAGG_STRATEGIES, "strategy",
+                  f"{' or '.join(SECAGG_STRATEGIES)} with secagg = true (SecAgg+ runs on Flower's legacy strategies; "
+                  "FedAdam is not supported there)")
+            check(self.min_sites >= self.secagg_reconstruction_threshold, "min-sites",
+                  f">= secagg-reconstruction-threshold ({self.secagg_reconstruction_threshold}): SecAgg+ cannot unmask "
+                  "a round with fewer sites")
 
     @property
     def phase_list(self) -> list[str]:
@@ -138,7 +168,13 @@ class NodeConfig:
         data_path = Path(str(data)).expanduser()
         if not data_path.exists():
             raise FedstError(f"node config 'data-path': {data_path} does not exist (expected a SITE.toml or a store)")
-        site = str(values.get("site", "")) or _site_name(data_path)
+        declared = values.get("site")
+        if declared not in (None, ""):
+            if (problem := site_name_problem(str(declared))) is not None:
+                raise FedstError(f"node config 'site': {problem}")
+            site = str(declared)
+        else:
+            site = _site_name(data_path)
         work = values.get("work-dir")
         if work is None:
             root = Path(run.sites_root) if run.sites_root else default_work_root
@@ -155,6 +191,7 @@ class NodeConfig:
 
 
 def _site_name(data_path: Path) -> str:
+    """The SITE.toml's declared ``site`` (validated), else a name derived from the path (made valid)."""
     if data_path.suffix == ".toml":
         try:
             import tomllib
@@ -162,8 +199,14 @@ def _site_name(data_path: Path) -> str:
             declared = tomllib.loads(data_path.read_text()).get("site")
         except (OSError, ValueError):
             declared = None
-        return str(declared or (data_path.parent.name if data_path.stem == "site" else data_path.stem))
-    return data_path.name
+        if declared:
+            if (problem := site_name_problem(declared)) is not None:
+                raise FedstError(f"{data_path}: 'site' {problem}")
+            return str(declared)
+        derived = data_path.parent.name if data_path.stem == "site" else data_path.stem
+    else:
+        derived = data_path.name
+    return re.sub(r"[^A-Za-z0-9._-]", "-", derived)[:64] or "site"
 
 
 def _coerce(where: str, value: Any, annotation: Any) -> Any:

@@ -160,7 +160,7 @@ def test_bad_updates_are_rejected_logged_and_excluded(stores, tmp_path):
     with pytest.raises(FedstError, match="1 valid updates"):  # min-sites 2
         strategy.aggregate_train(1, replies)
     row = strategy.history[-1]
-    assert set(row["rejected"]) == {"node-102", "node-103"} and "NaN" in row["rejected"]["node-102"]
+    assert set(row["rejected"]) == {"node-102", "node-103"} and "NaN" in row["rejected"]["node-102"]  # no name declared
     assert "exceeds the bound" in row["rejected"]["node-103"]
     strategy.run_config.min_sites = 1
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -203,12 +203,14 @@ def test_failing_and_silent_sites_do_not_crash_the_run(stores, tmp_path):
     config = toy_config(tmp_path, **{"failure-tolerance": 1})
     grid, results = run_workflow(stores, tmp_path, config, fail={102: "RuntimeError: disk full"})
     assert results["status"] == "completed"
-    for row in results["phases"]["pretrain"]["rounds"]:
-        assert set(row["sites"]) == {"node-101", "node-103"} and "disk full" in row["failed"]["node-102"]
-    assert set(results["phases"]["downstream"]["sites"]) == {"node-101", "node-103"}
+    for row in results["phases"]["pretrain"]["rounds"]:  # sites by declared name; one that never replied by node id
+        assert set(row["sites"]) == {"site-0", "site-2"} and "disk full" in row["failed"]["node-102"]
+    assert set(results["phases"]["downstream"]["sites"]) == {"site-0", "site-2"}
+    assert results["sites"] == {"site-0": 101, "site-2": 103}
     # a silent site (timeout) counts as failed the same way
     _, results = run_workflow(stores, tmp_path / "t", toy_config(tmp_path / "t", phases="pretrain"), fail={103: "timeout"})
     assert results["phases"]["pretrain"]["rounds"][0]["failed"] == {"node-103": "no reply before round-timeout"}
+    assert set(results["phases"]["pretrain"]["rounds"][0]["sites"]) == {"site-0", "site-1"}
     # beyond the tolerance the run stops with a clear error and a results.json saying so
     with pytest.raises(FedstError, match="2 sites failed or rejected \\(failure-tolerance 1\\)"):
         run_workflow(stores, tmp_path / "f", toy_config(tmp_path / "f", phases="pretrain"), fail={102: "x", 103: "timeout"})
@@ -248,7 +250,8 @@ def test_privacy_contract_every_reply(stores, tmp_path, federated_adapt):
         kind = reply.metadata.message_type
         content = reply.content
         assert not reply.has_error(), reply.error
-        assert len(content.config_records) == 0
+        assert list(content.config_records.keys()) == ["site"]  # the declared name, nothing else
+        assert dict(content.config_records["site"]) == {"name": f"site-{reply.metadata.src_node_id - 101}"}
         assert len(content.metric_records) == 1
         for value in next(iter(content.metric_records.values())).values():
             assert isinstance(value, (int, float))  # scalars only, no lists
@@ -273,6 +276,10 @@ def test_reply_record_refuses_non_model_tensors_and_non_scalars():
     with pytest.raises(FedstError, match="metric 'coords' is not a scalar"):
         reply_record({"coords": [1.0, 2.0]}, state, allowed_keys={"w"})
     assert set(reply_record({"loss": 1}, state, {"w"}).array_records["arrays"].keys()) == {"w"}
+    assert dict(reply_record({"loss": 1}, site="st-gallen_2.a").config_records["site"]) == {"name": "st-gallen_2.a"}
+    for bad in ("St Gallen", "x" * 65, "", "a/b", "ü"):
+        with pytest.raises(FedstError, match="not a site name"):
+            reply_record({"loss": 1}, site=bad)
 
 
 def test_run_directory_and_site_reports(stores, tmp_path):
@@ -289,4 +296,58 @@ def test_run_directory_and_site_reports(stores, tmp_path):
     for i in range(3):
         report = tmp_path / f"work-{i}" / "report"
         assert (report / "samples_real_vs_synthetic.png").is_file() and "DP" in (report / "report.md").read_text()
-    assert "| node-101 |" in (run_dir / "summary.md").read_text()
+    summary = (run_dir / "summary.md").read_text()
+    assert "| site-0 |" in summary and "| site-2 |" in summary and "node-10" not in summary
+
+
+# -- site names in reports ---------------------------------------------------------------------------------
+def test_site_names_declared_validated_and_derived(tmp_path):
+    run = RunConfig()
+    node = NodeConfig.from_mapping({"data-path": str(tmp_path), "work-dir": str(tmp_path / "w"), "site": "basel-2"}, run)
+    assert node.site == "basel-2"
+    with pytest.raises(FedstError, match=r"node config 'site': 'Basel Hospital' is not a site name \(expected 1-64"):
+        NodeConfig.from_mapping({"data-path": str(tmp_path), "work-dir": str(tmp_path / "w"), "site": "Basel Hospital"}, run)
+    toml = tmp_path / "bad" / "site.toml"
+    toml.parent.mkdir()
+    toml.write_text('site = "zürich/1"\n')
+    with pytest.raises(FedstError, match=r"site.toml: 'site' 'zürich/1' is not a site name"):
+        NodeConfig.from_mapping({"data-path": str(toml), "work-dir": str(tmp_path / "w")}, run)
+    derived = tmp_path / "my store (v2)"
+    derived.mkdir()
+    assert NodeConfig.from_mapping({"data-path": str(derived), "work-dir": str(tmp_path / "w")}, run).site == "my-store--v2-"
+
+
+def test_reports_use_declared_names_duplicates_and_earlier_names(stores, tmp_path):
+    config = toy_config(tmp_path, phases="pretrain,downstream", **{"rounds-pretrain": 1})
+    nodes = {101: {"data-path": str(stores[0]), "work-dir": str(tmp_path / "w0"), "site": "basel"},
+             102: {"data-path": str(stores[1]), "work-dir": str(tmp_path / "w1"), "site": "basel"},
+             103: {"data-path": str(stores[2]), "work-dir": str(tmp_path / "w2"), "site": "geneva"}}
+    grid = LocalGrid(client_app, nodes, config)
+    workflow = Workflow(grid, RunConfig.from_mapping(config), tmp_path / "runs" / "r")
+    workflow.pretrain()
+    row = workflow.results["phases"]["pretrain"]["rounds"][0]
+    assert set(row["sites"]) == {"basel@node-101", "basel@node-102", "geneva"}  # duplicates told apart
+    grid.fail[103] = "timeout"  # silent in a later phase: keeps the name it declared earlier
+    block = workflow.broadcast("evaluate.downstream", RecordDict())
+    assert block["failed"] == {"geneva": "no reply before round-timeout"}
+    assert set(block["sites"]) == {"basel@node-101", "basel@node-102"}
+
+
+def test_server_discards_replies_with_a_bad_name_or_extra_records(stores, tmp_path):
+    def tamper(node: int, reply: Message) -> Message:
+        if reply.has_error():
+            return reply
+        if node == 102:
+            reply.content["site"] = ConfigRecord({"name": "Basel; DROP TABLE"})
+        if node == 103:
+            reply.content["coords"] = ConfigRecord({"x": [1.0, 2.0]})
+        return reply
+
+    config = toy_config(tmp_path, phases="pretrain,downstream", **{"rounds-pretrain": 1, "min-sites": 1, "failure-tolerance": 2})
+    _, results = run_workflow(stores, tmp_path, config, tamper=tamper)
+    row = results["phases"]["pretrain"]["rounds"][0]
+    assert set(row["sites"]) == {"site-0"}
+    assert "is not a site name" in row["rejected"]["node-102"]  # an invalid name is not learned
+    assert "unexpected ConfigRecord(s) ['coords']" in row["rejected"]["site-2"]
+    failed = results["phases"]["downstream"]["failed"]
+    assert "privacy contract" in failed["node-102"] and "coords" in failed["site-2"]

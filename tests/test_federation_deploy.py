@@ -1,18 +1,19 @@
 """Real deployment on loopback: SuperLink with TLS + SuperNode authentication, SuperNodes as separate
-processes, the multi-phase fedst app run to `finished:completed`. Every process started here is stopped."""
+processes, the multi-phase fedst app run to `finished:completed`; and a > 100 MB model update through real
+processes (the size of the ~25M-parameter `base` preset). Every process started here is stopped."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-import time
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from shared.federation import toy
-from shared.federation.procs import free_port, start, stop_tree
+from shared.federation.procs import FLWR_IN_MEMORY_STATE, family, free_port, start, stop_tree
 from shared.federation.runner import REPO, SuperLink, supernode_command
 
 pytestmark = pytest.mark.slow
@@ -71,6 +72,125 @@ def test_tls_and_node_auth_multi_phase_run(tmp_path):
         assert (tmp_path / f"work-{i}" / "report" / "report.md").is_file()
     for proc in started:
         assert proc.poll() is not None
-    from shared.federation.procs import family
-
     assert not any(family(proc.pid) for proc in started)  # nothing left behind, not even re-parented children
+
+
+# A minimal Flower app (numpy only: no torch import per ClientApp message) that sends every site one random
+# float32 tensor of MEGABYTES (random, so Flower's content-addressed 5 MB chunks cannot be deduplicated) and a
+# per-site offset; each site returns tensor + offset (distinct per site: identical replies would be deduplicated
+# too) and its float64 sum; the ServerApp checks every reply element-wise and writes a summary.
+BIG_APP = textwrap.dedent('''
+    import json, time
+    from pathlib import Path
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+
+    client = ClientApp()
+    server = ServerApp()
+
+
+    def tensor(megabytes):
+        return np.random.default_rng(0).standard_normal(int(megabytes * 2**20) // 4, dtype=np.float32)
+
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        x = msg.content.array_records["arrays"]["x"].numpy()
+        offset = np.float32(msg.content.config_records["config"]["offset"])
+        reply = RecordDict({"arrays": ArrayRecord({"x": Array(x + offset)}),
+                            "metrics": MetricRecord({"sum": float(x.sum(dtype=np.float64)), "num-examples": 1.0})})
+        return Message(reply, reply_to=msg)
+
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = context.run_config
+        deadline = time.monotonic() + 120
+        while len(nodes := sorted(grid.get_node_ids())) < int(config["sites"]):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(nodes)} SuperNodes connected")
+            time.sleep(0.5)
+        x = tensor(float(config["megabytes"]))
+        offsets = {node: float(i + 1) for i, node in enumerate(nodes)}
+        messages = [Message(RecordDict({"arrays": ArrayRecord({"x": Array(x)}), "config": ConfigRecord({"offset": offsets[node]})}),
+                            dst_node_id=node, message_type="train") for node in nodes]
+        started = time.perf_counter()
+        replies = list(grid.send_and_receive(messages, timeout=float(config["timeout"])))
+        wall = time.perf_counter() - started
+        errors = [m.error.reason for m in replies if m.has_error()]
+        if errors or len(replies) != len(nodes):
+            raise RuntimeError(f"{len(replies)} of {len(nodes)} replies; errors: {errors}")
+        for reply in replies:
+            back = reply.content.array_records["arrays"]["x"].numpy()
+            if not np.array_equal(back, x + np.float32(offsets[reply.metadata.src_node_id])):
+                raise RuntimeError("a reply tensor differs from tensor + the site's offset")
+            if abs(reply.content.metric_records["metrics"]["sum"] - float(x.sum(dtype=np.float64))) > 1e-3:
+                raise RuntimeError("a site saw a different tensor")
+        Path(config["out"]).write_text(json.dumps({"replies": len(replies), "bytes": int(x.nbytes), "wall-s": wall}))
+''')
+
+
+def _write_big_app(folder: Path, megabytes: float, sites: int, out: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "bigmsg.py").write_text(BIG_APP)
+    (folder / "pyproject.toml").write_text(textwrap.dedent(f'''
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "bigmsg"
+        version = "1.0.0"
+        dependencies = []
+
+        [tool.flwr.app]
+        publisher = "fedst"
+
+        [tool.flwr.app.components]
+        serverapp = "bigmsg:server"
+        clientapp = "bigmsg:client"
+
+        [tool.flwr.app.config]
+        megabytes = {megabytes}
+        sites = {sites}
+        timeout = 300.0
+        out = "{out}"
+    '''))
+    return folder
+
+
+@pytest.mark.timeout(240)
+def test_model_update_over_100_mb_reaches_every_site_and_back(tmp_path):
+    """The `base` preset's update is ~107 MB per site each way; with SQLite SuperLink state it ended
+    `finished:failed` on a busy host (`database is locked` -> HTTP 500 that Flower does not retry, replies lost).
+    That race depends on load, so this guards the large-message path end to end (real SuperLink + 2 SuperNodes,
+    every byte checked) and the in-memory state configuration (the runner's and deploy/'s default) that removes the lock."""
+    megabytes, sites = 110.0, 2
+    summary = tmp_path / "summary.json"
+    app = _write_big_app(tmp_path / "app", megabytes, sites, summary)
+    started: list[subprocess.Popen] = []
+    link = SuperLink(tmp_path / "flwr", simulation=False)
+    assert link.command()[link.command().index("--database") + 1] == FLWR_IN_MEMORY_STATE  # the runner's default
+    try:
+        with link:
+            for i in range(sites):
+                cmd = supernode_command(link.address, {"site": f"site-{i}"}, free_port())
+                started.append(start(cmd, tmp_path / f"supernode-{i}.log", env=link.env))
+            run_id = link.submit(app, {})
+            info = link.wait(run_id, timeout=200, interval=2.0)
+            assert info["status"] == "finished:completed", link.logs(run_id)[-3000:]
+    finally:
+        for proc in started:
+            stop_tree(proc)
+    assert not (link.home / "state.db").exists()  # no SQLite state whose 5 s lock timeout a large update can outlast
+    result = json.loads(summary.read_text())
+    assert result["replies"] == sites and result["bytes"] >= 100 * 2**20
+    traffic = info["network-traffic"]  # Flower's own counters: the tensor went out to and came back from every site
+    assert traffic["outbound-bytes"] >= sites * result["bytes"]
+    assert traffic["inbound-bytes"] >= sites * result["bytes"]
+    for i in range(sites):
+        assert "Failed to send message" not in (tmp_path / f"supernode-{i}.log").read_text()
+    assert not any(family(proc.pid) for proc in [*started, link.proc])

@@ -15,6 +15,17 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+FLWR_IN_MEMORY_STATE = ":flwr-in-memory:"
+"""`flower-superlink --database` value for Flower's in-memory LinkState/ObjectStore (its own default).
+
+Why not a SQLite file: Flower 1.41 keeps messages and model objects (5 MB chunks) in SQLite with a fixed 5 s busy
+timeout (flwr/supercore/constant.py, SQLITE_PRAGMAS). Writing a ~100 MB model on a busy host holds the write lock
+longer than that; concurrent calls then fail with `database is locked` -> HTTP 500, which Flower's HTTP clients
+never retry (flwr/supercore/retry/http_retry.py: only 502/503/504): the SuperNode drops its reply or leaves the
+federation and the ServerApp exits. In memory there is no such timeout; the price is that registered SuperNode
+keys and run history do not survive a SuperLink restart (deploy/README.md says how to re-register).
+"""
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

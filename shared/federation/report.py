@@ -92,8 +92,10 @@ def summary_markdown(results: dict[str, Any]) -> str:
     cfg = results.get("config", {})
     lines += [f"backend `{cfg.get('backend')}`, preset `{cfg.get('preset')}`, strategy `{cfg.get('strategy')}`, "
               f"patch {cfg.get('patch-px')} px, seed {cfg.get('seed')}", ""]
+    if results.get("sites"):
+        lines += ["sites (declared names): " + ", ".join(f"`{name}`" for name in sorted(results["sites"])), ""]
     for phase, block in results["phases"].items():
-        lines.append(f"## {phase}")
+        lines.append(f"## {phase}" + (" (secure aggregation: SecAgg+)" if block.get("secure-aggregation") else ""))
         for row in block.get("rounds", []):
             agg = ", ".join(f"{k}={v:.4g}" for k, v in row.get("aggregate", {}).items())
             lines.append(f"- round {row['round']}: {len(row['sites'])} sites accepted; {agg}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.errors import FedstError
-from shared.federation.procs import free_port, start, stop_tree
+from shared.federation.procs import FLWR_IN_MEMORY_STATE, free_port, start, stop_tree
 
 REPO = Path(__file__).resolve().parents[2]
 FINISHED = "finished:"
@@ -66,8 +66,10 @@ class SuperLink:
     """A SuperLink on 127.0.0.1 for the lifetime of a ``with`` block (simulation or deployment runtime)."""
 
     def __init__(self, home: Path, *, simulation: bool, tls: dict[str, Path] | None = None, auth: bool = False,
-                 name: str = "fedst", log: Path | None = None):
+                 name: str = "fedst", log: Path | None = None, database: str = FLWR_IN_MEMORY_STATE):
+        """`database`: Flower's in-memory state by default (see procs.FLWR_IN_MEMORY_STATE); a file path for SQLite."""
         self.home, self.simulation, self.tls, self.auth, self.name = home, simulation, tls, auth, name
+        self.database = database
         self.port = free_port()
         self.control_port = free_port()
         self.log = log or home / "superlink.log"
@@ -81,7 +83,7 @@ class SuperLink:
     def command(self) -> list[str]:
         cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
                "--control-api-address", f"127.0.0.1:{self.control_port}",
-               "--disable-runtime-dependency-installation", "--database", str(self.home / "state.db")]
+               "--disable-runtime-dependency-installation", "--database", self.database]
         if self.simulation:
             cmd += ["--simulation", "--isolation", "subprocess"]
         if self.tls:
