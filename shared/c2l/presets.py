@@ -1,6 +1,8 @@
 """Named size presets of the central diffusion model: constructor arguments of `CentralDiffusion`.
 
-`tiny` trains for real on 2 CPU cores (tests, demo); `base` and `large` are for GPUs.
+`tiny` trains for real on 2 CPU cores (tests, demo); `base` and `large` are for GPUs. Every preset predicts v:
+gene-conditioned adaptation learns from the high-noise timesteps, where an epsilon target carries almost none
+of the image's signal (shared.c2l.adapt, README "Learning the gene signal quickly").
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
         attention_head_dim=8,
+        prediction_type="v_prediction",
     ),
     "base": dict(
         sample_size=128,
@@ -27,6 +30,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         norm_num_groups=32,
         attention_head_dim=32,
+        prediction_type="v_prediction",
     ),
     "large": dict(
         sample_size=256,
@@ -36,6 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         up_block_types=("AttnUpBlock2D",) * 2 + ("UpBlock2D",) * 4,
         norm_num_groups=32,
         attention_head_dim=64,
+        prediction_type="v_prediction",
     ),
 }
 

@@ -24,7 +24,7 @@ def pretrain(
     lr: float = typer.Option(2e-4),
     seed: int = typer.Option(0),
     ema_decay: float = typer.Option(0.0, help="> 0 saves EMA weights (e.g. 0.999)"),
-    prediction: str = typer.Option("epsilon", help="epsilon | v_prediction"),
+    prediction: str = typer.Option("v_prediction", help="v_prediction | epsilon"),
     init: Optional[Path] = typer.Option(None, help="continue from this central model directory"),
     sample_size: Optional[int] = typer.Option(None, help="override the preset's resolution (px)"),
     channels: Optional[str] = typer.Option(None, help="override block_out_channels, e.g. 16,32"),
@@ -78,6 +78,8 @@ def adapt(
     lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0),
     cond_dropout: float = typer.Option(0.1, help="probability of the null condition (classifier-free guidance)"),
+    timestep_power: float = typer.Option(0.3, help="t = T u^power: < 1 favours the high-noise steps where the genes matter"),
+    lora_rank: int = typer.Option(0, min=0, help="also train rank-r LoRA on the attention projections (0: FiLM only)"),
     dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="train with DP-SGD to this epsilon"),
     dp_delta: Optional[float] = typer.Option(None, "--dp-delta", help="default: min(1e-5, 0.1 / n_spots)"),
     dp_max_grad_norm: float = typer.Option(1.0, "--dp-max-grad-norm"),
@@ -101,7 +103,8 @@ def adapt(
     site = PatchStore(store)
     dp = DPConfig(target_epsilon=dp_epsilon, target_delta=dp_delta, max_grad_norm=dp_max_grad_norm) if dp_epsilon else None
     model, summary = run_adapt(model_c, site, steps=steps, batch_size=batch_size, lr=lr, seed=seed, dp=dp,
-                               cond_dropout=cond_dropout, device=device)
+                               cond_dropout=cond_dropout, device=device, timestep_power=timestep_power,
+                               lora_rank=lora_rank)
     save_adapter(model, out, central_dir=str(central))
     loss_curve(summary["losses"], out / "loss.png", "adaptation" + (" (DP)" if dp else ""))
     pairs = PairedSpots(site, model_c.sample_size)

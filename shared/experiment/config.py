@@ -34,9 +34,10 @@ from shared.errors import FedstError, require
 ARMS = ("local", "federated", "pooled")
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 CONSORTIUM_TOKEN = "{consortium}"
-CELL_PROTOCOL = 2
+CELL_PROTOCOL = 3
 """Version of what a cell computes from its config, part of the fingerprint: bump it when a code change alters
-cell results, so a resumed run never mixes cells of two versions (2: per-site adaptation/synthesis seeds)."""
+cell results, so a resumed run never mixes cells of two versions (2: per-site adaptation/synthesis seeds;
+3: v-prediction presets and high-noise timestep sampling in adaptation)."""
 
 
 @dataclass(frozen=True)
