@@ -218,45 +218,21 @@ def test_report_aggregates_mean_sd_and_per_seed(tmp_path):
     assert (out / "report" / "epsilon_per_site.png").is_file()
 
 
-MICRO = """
-    name = "micro"
-    arms = ["local", "federated", "pooled"]
-    fractions = [0.1, 1.0]
-    seeds = [0]
-    dp = [true]
-    [synthetic]
-    n_sites = 2
-    seed = 0
-    [store]
-    patch_px = 16
-    max_tiles_per_section = 16
-    [model]
-    preset = "tiny"
-    pretrain_rounds = 1
-    pretrain_steps = 2
-    adapt_steps = 3
-    batch_size = 8
-    min_synthetic = 8
-    synthetic_per_spot = 0.25
-    sample_steps = 2
-    dp_epsilon = 8.0
-    [predictor]
-    kind = "ridge"
-    encoder = "stats"
-    top_k = 12
-    [report]
-    heatmap_genes = 2
-    grid_patches = 4
-"""
+MICRO = [  # the shipped `synthetic` config, scaled down to about a minute (the full one: README, "experiment")
+    "synthetic.n_sites=2", "fractions=[0.1, 1.0]", "seeds=[0]", "dp=[true]",
+    "store.patch_px=16", "store.max_tiles_per_section=16",
+    "model.pretrain_rounds=1", "model.pretrain_steps=2", "model.adapt_steps=3", "model.min_synthetic=8",
+    "model.synthetic_per_spot=0.25", "model.sample_steps=2", "predictor.top_k=12",
+    "report.heatmap_genes=2", "report.grid_patches=4",
+]
 
 
-@pytest.mark.slow
 def test_micro_experiment_end_to_end(tmp_path):
-    """Real arms on a generated 2-site consortium: store prep, Flower pretraining, DP adaptation, synthesis,
-    ridge predictors, shared metrics, report. Then checks what the generative model guarantees (see below)."""
-    path = tmp_path / "micro.toml"
-    path.write_text(textwrap.dedent(MICRO))
-    config = load_config(path)
+    """The shipped `synthetic` config, scaled down: real arms on a generated 2-site consortium (store prep, Flower
+    pretraining, DP adaptation, synthesis, ridge predictors, shared metrics, report). Then checks what the
+    generative model guarantees (see below)."""
+    config = load_config("synthetic", MICRO)
+    assert (config.model.dp_epsilon, config.predictor.kind, config.model.perturb) == (8.0, "ridge", "mixup")  # shipped
     out = tmp_path / "run"
     lines: list[str] = []
     report = run_experiment(config, out, log=lines.append)
