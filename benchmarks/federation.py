@@ -114,9 +114,13 @@ def federated_rounds(mode: str, preset: str, rounds: int, work: Path, sites: int
                 config["consortium"] = str(consortium)
                 run_id = link.submit(REPO, config, federation_config=f"num_supernodes={sites} client_resources_num_cpus=1")
             else:
+                # Each site's own machine in a real consortium; here the sites share the cores, so give each
+                # ClientApp its share of threads (as Ray does per simulated site) instead of oversubscribing.
+                threads = str(max(1, (os.cpu_count() or 1) // sites))
+                env = {**link.env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
                 for i, store in enumerate(stores):
                     cmd = supernode_command(link.address, {"data-path": str(store), "work-dir": str(work / f"site-{mode}-{i}")}, free_port())
-                    procs.append(start(cmd, logs[i], env=link.env))
+                    procs.append(start(cmd, logs[i], env=env))
                 run_id = link.submit(REPO, config)
             info = link.wait(run_id, timeout=3000)
         finally:

@@ -55,7 +55,7 @@ class RunConfig:
     dp_max_grad_norm: float = 1.0
     federated_adapt: bool = False  # average the modulation weights across sites (else they stay on site)
     synthetic_count: int = 64
-    sample_steps: int = 25
+    sample_steps: int = 15
     predictor: str = "ridge"
     consortium: str = ""  # simulation: folder with site-<i>/site.toml; data-path = consortium/site-<partition-id>
     out_dir: str = "fedst-runs"  # server-side run directory root (absolute, or relative to the ServerApp cwd)
