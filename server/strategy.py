@@ -22,7 +22,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.supercore import log
@@ -30,7 +30,7 @@ from flwr.supercore import log
 from shared.config import RunConfig
 from shared.errors import FedstError
 from shared.federation.validate import update_problems
-from server.sites import SiteNames, contract_problems, site_label  # noqa: F401  (site_label: re-exported)
+from server.sites import SiteNames, contract_problems
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

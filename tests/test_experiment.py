@@ -13,7 +13,7 @@ import pytest
 from shared.errors import FedstError
 from shared.experiment.config import load_config, resolve_config_path, resolve_sites
 from shared.experiment.planner import Cell, plan
-from shared.experiment.runner import run_cells, run_experiment
+from shared.experiment.runner import run_experiment
 
 
 def _site_toml(path: Path, ids: list[str]) -> Path:

@@ -16,7 +16,7 @@ from shared.errors import FedstError
 
 flwr = pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
 from client.app import app as client_app  # noqa: E402
 from client.handlers import reply_record  # noqa: E402
