@@ -123,3 +123,13 @@ def store_split(
         "val": section_indices(store, split.val) if split.val else np.zeros(0, dtype=np.int64),
         "test": section_indices(store, split.test) if split.test else np.zeros(0, dtype=np.int64),
     }
+
+
+def downstream_held_out(sections: Sequence[str]) -> str | None:
+    """The section a site's federated downstream phase evaluates on: the last by name (None: only one section).
+
+    One rule for every phase: adaptation and synthesis must not see this section's expression either, or the
+    synthetic pairs would carry the test labels into the predictor's training data.
+    """
+    names = sorted({str(s) for s in sections})
+    return names[-1] if len(names) > 1 else None

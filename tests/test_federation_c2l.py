@@ -35,6 +35,16 @@ def test_c2l_site_task_all_phases(tmp_path):
     assert set(adapter) == set(backend.initial_adapter(new, PANEL))  # only modulation weights
     assert 0 < metrics["trainable-fraction"] < 0.2
     assert task.synthesize()["synthetic-pairs"] == 4
+    # the downstream phase's held-out section conditions neither the adaptation nor the synthetic pairs
+    from shared import keys
+    from shared.store.format import PatchStore
+
+    sections = store.spots.obs[keys.SECTION].astype(str)
+    held_out = sorted(set(sections))[-1]
+    assert task.paired_store.n_spots == int((sections != held_out).sum()) < store.n_spots
+    synthetic = PatchStore(tmp_path / "work" / "synthetic-store")
+    sources = sections.loc[synthetic.spots.obs["source_spot"].astype(str)]
+    assert len(sources) == 4 and held_out not in set(sources)
     scores = task.downstream()
     assert {"num-examples"} < set(scores) and any(k.startswith("real-") for k in scores) and any(k.startswith("augmented-") for k in scores)
     assert all(isinstance(v, float) for v in scores.values())

@@ -22,9 +22,10 @@ import numpy as np
 from shared import keys
 from shared.errors import FedstError, require
 from shared.experiment.config import ExperimentConfig
-from shared.experiment.data import CACHE, SiteData, prepare_sites, subset_store
+from shared.experiment.data import CACHE, SiteData, prepare_sites
 from shared.experiment.planner import Cell
 from shared.store.format import PatchStore
+from shared.store.subset import subset_store
 
 
 def _dense(matrix: Any) -> np.ndarray:

@@ -10,7 +10,7 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -18,7 +18,8 @@ from shared import keys
 from shared.errors import FedstError, require
 from shared.experiment.config import ExperimentConfig, ResolvedSite, resolve_sites
 from shared.federation.runner import toml_value
-from shared.store.format import PatchStore, StoreWriter, is_store
+from shared.store.format import PatchStore
+from shared.store.subset import subset_store
 
 CACHE = "cache"
 
@@ -71,50 +72,6 @@ def write_site_toml(site: ResolvedSite, path: Path, panel: Path | None) -> Path:
     if not path.is_file() or path.read_text() != text:  # keep mtime stable so prepare_store stays a no-op
         path.write_text(text)
     return path
-
-
-def subset_store(
-    store: PatchStore, rows: np.ndarray, out: Path, *, tile_sections: Sequence[str] | None = (), note: str = ""
-) -> PatchStore:
-    """Write a store holding the spot rows ``rows`` of ``store`` (and the tiles of ``tile_sections``; None = all).
-
-    Reused when ``out`` is already a store made from the same rows (checked through the manifest).
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    tag = {"parent": str(store.path), "parent_files": store.manifest.get("files", {}), "n_rows": int(len(rows)),
-           "rows_sha": _hash_rows(rows), "tile_sections": None if tile_sections is None else list(tile_sections)}
-    if is_store(out):
-        existing = PatchStore(out)
-        if existing.manifest.get("provenance", {}).get("subset_of") == tag:
-            return existing
-    spots = store.spots[rows].copy()
-    patch_rows = spots.obs[keys.PATCH_INDEX].to_numpy().astype(np.int64)
-    table = store.tile_table
-    if tile_sections is None:
-        tile_mask = np.ones(len(table), dtype=bool)
-    else:
-        tile_mask = table[keys.SECTION].astype(str).isin([str(s) for s in tile_sections]).to_numpy()
-    tile_rows = np.flatnonzero(tile_mask)
-    with StoreWriter(out, patch_px=store.patch_px) as writer:
-        patches = writer.allocate_patches(len(rows))
-        if len(rows):
-            patches[:] = store.patches[patch_rows]
-        tiles = writer.allocate_tiles(len(tile_rows))
-        if len(tile_rows):
-            tiles[:] = store.tiles[tile_rows]
-        spots.obs[keys.PATCH_INDEX] = np.arange(len(rows), dtype=np.int64)
-        writer.set_spots(spots)
-        writer.set_tile_table(table.iloc[tile_rows].reset_index(drop=True))
-        writer.manifest["params"].update({k: v for k, v in store.manifest.get("params", {}).items() if k != "patch_px"})
-        writer.manifest["provenance"] = {**store.manifest.get("provenance", {}), "subset_of": tag, "note": note}
-        writer.manifest["synthetic"] = store.synthetic
-    return PatchStore(out)
-
-
-def _hash_rows(rows: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def _dense(matrix: Any) -> np.ndarray:

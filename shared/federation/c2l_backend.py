@@ -105,12 +105,13 @@ class C2LBackend:
     def downstream(self, store, synthetic, *, seed: int, predictor: str = "ridge") -> dict[str, float]:
         from shared import keys
         from shared.downstream.predictor import evaluate_predictor, train_predictor
+        from shared.splits import downstream_held_out
 
         sections = store.spots.obs[keys.SECTION].astype(str).to_numpy()
-        names = sorted(set(sections))
-        if len(names) < 2:
-            raise FedstError(f"{store.path}: the downstream phase needs >= 2 sections (one is held out), found {names}")
-        held_out = names[-1]
+        held_out = downstream_held_out(sections)
+        if held_out is None:
+            raise FedstError(f"{store.path}: the downstream phase needs >= 2 sections (one is held out), "
+                             f"found {sorted(set(sections))}")
         train_rows = np.flatnonzero(sections != held_out)
         out: dict[str, float] = {"num-examples": float((sections == held_out).sum())}
         arms = {"real": []} if synthetic is None else {"real": [], "augmented": [synthetic]}

@@ -21,6 +21,7 @@ from shared.errors import FedstError
 CENTRAL = "central.safetensors"
 ADAPTER = "adapter.safetensors"
 SYNTHETIC = "synthetic-store"
+PAIRED = "paired-store"  # the store without the downstream phase's held-out section (adaptation, synthesis)
 METRICS = "metrics.json"
 
 
@@ -77,6 +78,24 @@ class SiteTask:
     def store(self):
         return open_store(self.node, self.run, self.panel)
 
+    @cached_property
+    def paired_store(self):
+        """The paired spots adaptation and synthesis may use: every section but the one downstream evaluates on.
+
+        Without this the held-out section's expression would condition the synthetic pairs that the
+        real+synthetic predictor trains on (test labels in the training data).
+        """
+        from shared import keys
+        from shared.splits import downstream_held_out
+        from shared.store.subset import subset_store
+
+        sections = self.store.spots.obs[keys.SECTION].astype(str).to_numpy()
+        held_out = downstream_held_out(sections)
+        if held_out is None:
+            return self.store
+        return subset_store(self.store, np.flatnonzero(sections != held_out), self.work / PAIRED, tile_sections=[],
+                            note=f"paired spots without the downstream held-out section {held_out}")
+
     @property
     def backend(self):
         if self.run.backend == "toy":
@@ -111,7 +130,7 @@ class SiteTask:
         if self.run.backend != "toy":
             kwargs.update(dp_epsilon=self.run.dp_epsilon, dp_delta=self.run.dp_delta, max_grad_norm=self.run.dp_max_grad_norm,
                           work_dir=self.work)
-        adapter_state, metrics = self.backend.adapt(central, self.store, adapter_state=adapter, **kwargs)
+        adapter_state, metrics = self.backend.adapt(central, self.paired_store, adapter_state=adapter, **kwargs)
         _save(self.work / ADAPTER, adapter_state, save_file)
         self._record("adapt", server_round, metrics)
         return adapter_state, metrics
@@ -127,7 +146,8 @@ class SiteTask:
         if self.run.backend != "toy":
             kwargs.update(steps=self.run.sample_steps)
         synthetic = self.backend.synthesize(
-            load_file(str(self.work / CENTRAL)), load_file(str(self.work / ADAPTER)), self.store, self.work / SYNTHETIC, **kwargs
+            load_file(str(self.work / CENTRAL)), load_file(str(self.work / ADAPTER)), self.paired_store, self.work / SYNTHETIC,
+            **kwargs
         )
         metrics = {"synthetic-pairs": float(synthetic.n_spots), "num-examples": float(synthetic.n_spots)}
         self._record("synthesize", 0, metrics)

@@ -193,10 +193,12 @@ def downstream(store: PatchStore, synthetic: PatchStore | None, *, seed: int) ->
     """Ridge predictor on real-only vs real+synthetic training spots, scored on a held-out section."""
     from shared import keys
 
+    from shared.splits import downstream_held_out
+
     sections = store.spots.obs[keys.SECTION].astype(str).to_numpy()
-    names = sorted(set(sections))
-    if len(names) > 1:
-        test = sections == names[-1]
+    held_out = downstream_held_out(sections)
+    if held_out is not None:
+        test = sections == held_out
     else:
         test = np.random.default_rng(seed).random(len(sections)) < 0.25
     y = _expression(store)
