@@ -35,19 +35,32 @@ def main() -> None:
         store = write_toy_store(Path(tmp) / "s", n_spots=256, n_tiles=0, px=central.sample_size)
         for _ in range(args.repeats):  # interleaved so load changes hit both arms alike
             for arm, dp in (("plain", None), ("dp", DPConfig(target_epsilon=8.0))):
-                _, summary = adapt(central, store, steps=args.steps, batch_size=args.batch, seed=0, dp=dp,
-                                   device=dev, progress=False)
+                _, summary = adapt(
+                    central, store, steps=args.steps, batch_size=args.batch, seed=0, dp=dp, device=dev, progress=False
+                )
                 times[arm].append(summary["mean_step_seconds"])
                 if dp is not None:
                     eps, sigma = summary["epsilon"], summary["dp"]["noise_multiplier"]
     plain, private = min(times["plain"]), min(times["dp"])
     device_name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
-    print(json.dumps({
-        "preset": args.preset, "device": device_name, "batch": args.batch,
-        "trainable_fraction": summary["trainable_fraction"],
-        "step_s_without_dp": plain, "step_s_with_dp": private, "ratio": private / plain, "target_ratio": 2.0,
-        "epsilon": eps, "noise_multiplier": sigma, "delta": summary["delta"],
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "device": device_name,
+                "batch": args.batch,
+                "trainable_fraction": summary["trainable_fraction"],
+                "step_s_without_dp": plain,
+                "step_s_with_dp": private,
+                "ratio": private / plain,
+                "target_ratio": 2.0,
+                "epsilon": eps,
+                "noise_multiplier": sigma,
+                "delta": summary["delta"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

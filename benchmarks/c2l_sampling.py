@@ -38,14 +38,24 @@ def main() -> None:
         sample_central(model, 4, sampler=sampler, steps=steps, device=dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        rows[f"{sampler}-{steps}"] = {"toy_w1": wasserstein_distance(x, reference),
-                                      "tiny_unet_s_per_image": (time.perf_counter() - start) / 4}
+        rows[f"{sampler}-{steps}"] = {
+            "toy_w1": wasserstein_distance(x, reference),
+            "tiny_unet_s_per_image": (time.perf_counter() - start) / 4,
+        }
     ddpm = rows["ddpm-1000"]["tiny_unet_s_per_image"]
     for row in rows.values():
         row["speedup_vs_ddpm1000"] = ddpm / row["tiny_unet_s_per_image"]
     exact = wasserstein_distance(mixture_samples(4096, np.random.default_rng(2)), reference)
-    print(json.dumps({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "CPU",
-                      "exact_draws_w1 (noise floor)": exact, "runs": rows}, indent=2))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name() if dev.type == "cuda" else "CPU",
+                "exact_draws_w1 (noise floor)": exact,
+                "runs": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

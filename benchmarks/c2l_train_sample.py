@@ -1,6 +1,6 @@
 """C2L central model throughput: training steps/s and sampling images/s (DDIM) for a preset, CPU or GPU.
 
-    python benchmarks/c2l_train_sample.py [--preset tiny] [--steps 20] [--batch 16] [--n 16]
+python benchmarks/c2l_train_sample.py [--preset tiny] [--steps 20] [--batch 16] [--n 16]
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = write_toy_store(Path(tmp) / "s", n_spots=64, n_tiles=128, px=px)
         train_central(model, [store], steps=2, batch_size=args.batch, seed=0, device=dev, progress=False)  # warm-up
-        summary = train_central(model, [store], steps=args.steps, batch_size=args.batch, seed=1, device=dev,
-                                progress=False)
+        summary = train_central(
+            model, [store], steps=args.steps, batch_size=args.batch, seed=1, device=dev, progress=False
+        )
     model.to(dev)
     sample_central(model, 2, steps=2, device=dev)
     if dev.type == "cuda":
@@ -47,10 +48,15 @@ def main() -> None:
     seconds = time.perf_counter() - start
     device_name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     result = {
-        "preset": args.preset, "device": device_name, "px": px, "params": model.num_parameters(),
-        "batch": args.batch, "train_steps_per_s": summary["steps_per_s"],
+        "preset": args.preset,
+        "device": device_name,
+        "px": px,
+        "params": model.num_parameters(),
+        "batch": args.batch,
+        "train_steps_per_s": summary["steps_per_s"],
         "train_images_per_s": summary["steps_per_s"] * args.batch,
-        "sampling": f"DDIM {args.sample_steps} steps, batch {args.n}", "sample_images_per_s": args.n / seconds,
+        "sampling": f"DDIM {args.sample_steps} steps, batch {args.n}",
+        "sample_images_per_s": args.n / seconds,
     }
     print(json.dumps(result, indent=2))
 

@@ -36,6 +36,7 @@ def _run(route: str, n: int, genes: int, t: float, k: int, queue) -> None:
     coords, x = _data(n, genes)
     # import everything before the clock starts: only the computation is timed
     import concurrent.futures  # noqa: F401
+
     import scipy.linalg  # noqa: F401
     import scipy.spatial  # noqa: F401
     import scipy.special  # noqa: F401
@@ -67,8 +68,15 @@ def _run(route: str, n: int, genes: int, t: float, k: int, queue) -> None:
     tracemalloc.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     np.save(os.environ["DRIFT_BENCH_OUT"] + f"/{route}_{n}.npy", out[: min(n, 5000)])
-    queue.put({"seconds": elapsed, "traced_peak_mb": peak / 2**20, "rss_peak_mb": rss / 1024,
-               "rss_added_mb": (rss - base_rss) / 1024, "edges": edges})
+    queue.put(
+        {
+            "seconds": elapsed,
+            "traced_peak_mb": peak / 2**20,
+            "rss_peak_mb": rss / 1024,
+            "rss_added_mb": (rss - base_rss) / 1024,
+            "edges": edges,
+        }
+    )
 
 
 def measure(route: str, n: int, genes: int, t: float, k: int) -> dict:
@@ -91,7 +99,9 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=50)
     parser.add_argument("--t", type=float, default=2.0)
     parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--dense-at", type=int, default=5000, help="also run the dense reference at this size (0: never)")
+    parser.add_argument(
+        "--dense-at", type=int, default=5000, help="also run the dense reference at this size (0: never)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="BLAS/OpenMP threads and cores (taskset) to use")
     args = parser.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -111,15 +121,20 @@ def main() -> None:
         for route in routes:
             r = measure(route, n, args.genes, args.t, args.k)
             rows[(route, n)] = r
-            print(f"{route:<8}{n:>10}{r['edges']:>10}{r['seconds']:>10.2f}{r['rss_peak_mb']:>10.0f}"
-                  f"{r['rss_added_mb']:>10.0f}{r['traced_peak_mb']:>11.0f}", flush=True)
+            print(
+                f"{route:<8}{n:>10}{r['edges']:>10}{r['seconds']:>10.2f}{r['rss_peak_mb']:>10.0f}"
+                f"{r['rss_added_mb']:>10.0f}{r['traced_peak_mb']:>11.0f}",
+                flush=True,
+            )
     if ("dense", args.dense_at) in rows:
         n = args.dense_at
         a = np.load(f"{tmp}/sparse_{n}.npy")
         b = np.load(f"{tmp}/dense_{n}.npy")
         ratio = rows[("dense", n)]["seconds"] / rows[("sparse", n)]["seconds"]
-        print(f"at {n} spots: dense/sparse time ratio = {ratio:.1f}x (target >= 50x); "
-              f"max |sparse - dense| = {np.abs(a - b).max():.2e}")
+        print(
+            f"at {n} spots: dense/sparse time ratio = {ratio:.1f}x (target >= 50x); "
+            f"max |sparse - dense| = {np.abs(a - b).max():.2e}"
+        )
     for n in sizes:
         r = rows[("sparse", n)]
         print(f"sparse {n}: {r['traced_peak_mb'] * 2**20 / (r['edges'] + n):.0f} traced bytes per (edge + spot)")

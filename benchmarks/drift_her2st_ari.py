@@ -70,7 +70,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     arms = ("none", "drift-threshold(k=3)", "drift-knn(k=6)")
     print(f"her2st clustering vs pathologist labels, KMeans, {args.seeds} seeds, t={args.t}; mean ± sd")
-    print(f"{'section':<8}{'spots':>6}{'k':>3}  " + "  ".join(f"{a + ' ARI':>26}" for a in arms) + "   NMI (none / thr / knn)")
+    print(
+        f"{'section':<8}{'spots':>6}{'k':>3}  "
+        + "  ".join(f"{a + ' ARI':>26}" for a in arms)
+        + "   NMI (none / thr / knn)"
+    )
     summary = {a: [] for a in arms}
     for section in args.sections.split(","):
         adata = load_section(args.data, section)

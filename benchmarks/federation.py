@@ -11,7 +11,7 @@ For the `tiny` C2L-ST preset and the ~25M-parameter `base` preset (at 32 px so i
 Ratios are against the local compute measured in the same run (never absolute wall-clock targets); the load
 average is printed with every figure (shared cores: timings are upper bounds).
 
-The SuperLink runs with Flower's in-memory state (the default of shared/federation/runner.py and deploy/).
+The SuperLink runs with Flower's in-memory state (the default of server/superlink.py and deploy/).
 `--state sqlite` (`--database FILE`, what they used before) reproduces the failure of the `base` preset on a busy host:
 SQLite `database is locked` after Flower's fixed 5 s busy timeout -> HTTP 500, which Flower does not retry, so a
 SuperNode leaves, a reply is dropped or the ServerApp exits (see shared/federation/procs.FLWR_IN_MEMORY_STATE).
@@ -40,13 +40,18 @@ def serialisation(preset: str, patch_px: int = 32) -> dict:
     from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
     from server.strategy import numpy_to_arrays
-    from shared.federation.c2l_backend import C2LBackend
+    from shared.backends.c2l import C2LBackend
 
     state = C2LBackend(preset, patch_px).initial_state(0)
     params = int(sum(v.size for v in state.values()))
     t0 = time.perf_counter()
-    content = RecordDict({"arrays": numpy_to_arrays(state), "metrics": MetricRecord({"num-examples": 1.0}),
-                          "config": ConfigRecord({"server-round": 1})})
+    content = RecordDict(
+        {
+            "arrays": numpy_to_arrays(state),
+            "metrics": MetricRecord({"num-examples": 1.0}),
+            "config": ConfigRecord({"server-round": 1}),
+        }
+    )
     blob = recorddict_to_proto(content).SerializeToString()
     t1 = time.perf_counter()
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
@@ -57,7 +62,13 @@ def serialisation(preset: str, patch_px: int = 32) -> dict:
     restored = {k: v.numpy() for k, v in back["arrays"].items()}
     t2 = time.perf_counter()
     assert all(np.array_equal(restored[k], state[k]) for k in state)
-    return {"preset": preset, "parameters": params, "message-bytes": len(blob), "encode-s": t1 - t0, "decode-s": t2 - t1}
+    return {
+        "preset": preset,
+        "parameters": params,
+        "message-bytes": len(blob),
+        "encode-s": t1 - t0,
+        "decode-s": t2 - t1,
+    }
 
 
 def import_cost() -> dict:
@@ -66,8 +77,8 @@ def import_cost() -> dict:
     for label, code in {
         "python": "pass",
         "flwr-clientapp-module": "import client.app",
-        "handler-and-site": "import client.app, client.handlers, shared.federation.site",
-        "plus-torch-and-c2l": "import client.handlers, shared.federation.c2l_backend, torch, shared.c2l.train, shared.c2l.adapt",
+        "handler-and-site": "import client.app, client.handlers, client.site",
+        "plus-torch-and-c2l": "import client.handlers, shared.backends.c2l, torch, shared.c2l.train, shared.c2l.adapt",
     }.items():
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
@@ -86,22 +97,44 @@ def _errors(log: Path, limit: int = 6) -> list[str]:
     return seen[:limit]
 
 
-def federated_rounds(mode: str, preset: str, rounds: int, work: Path, sites: int = 2, *, local_steps: int = 2,
-                     batch_size: int = 4, state: str = "memory") -> dict:
+def federated_rounds(
+    mode: str,
+    preset: str,
+    rounds: int,
+    work: Path,
+    sites: int = 2,
+    *,
+    local_steps: int = 2,
+    batch_size: int = 4,
+    state: str = "memory",
+) -> dict:
     """A pretrain-only run; per round: wall (server send -> all replies), max site compute, overhead."""
-    from shared.federation import toy
-    from shared.federation.procs import FLWR_IN_MEMORY_STATE, free_port, start, stop_tree
-    from shared.federation.runner import SuperLink, supernode_command
+    from server.procs import FLWR_IN_MEMORY_STATE, free_port, start, stop_tree
+    from server.superlink import SuperLink, supernode_command
+    from shared.backends import toy
 
-    stores = [toy.write_toy_store(work / f"store-{i}", n_spots=64, n_tiles=64, patch_px=32, seed=i).path for i in range(sites)]
+    stores = [
+        toy.write_toy_store(work / f"store-{i}", n_spots=64, n_tiles=64, patch_px=32, seed=i).path for i in range(sites)
+    ]
     consortium = work / "consortium"
     for i, store in enumerate(stores):
         (consortium / f"site-{i}").parent.mkdir(parents=True, exist_ok=True)
         if not (consortium / f"site-{i}").exists():
             (consortium / f"site-{i}").symlink_to(store)
-    config = {"backend": "c2l", "preset": preset, "patch-px": 32, "phases": "pretrain", "rounds-pretrain": rounds,
-              "local-steps": local_steps, "batch-size": batch_size, "out-dir": str(work / "runs"),
-              "run-name": f"{mode}-{preset}", "min-sites": sites, "sites-root": str(work / "sites"), "max-update-norm": 1e9}
+    config = {
+        "backend": "c2l",
+        "preset": preset,
+        "patch-px": 32,
+        "phases": "pretrain",
+        "rounds-pretrain": rounds,
+        "local-steps": local_steps,
+        "batch-size": batch_size,
+        "out-dir": str(work / "runs"),
+        "run-name": f"{mode}-{preset}",
+        "min-sites": sites,
+        "sites-root": str(work / "sites"),
+        "max-update-norm": 1e9,
+    }
     procs = []
     logs = [work / f"supernode-{i}.log" for i in range(sites)]
     t0 = time.perf_counter()
@@ -112,14 +145,18 @@ def federated_rounds(mode: str, preset: str, rounds: int, work: Path, sites: int
         try:
             if mode == "simulation":
                 config["consortium"] = str(consortium)
-                run_id = link.submit(REPO, config, federation_config=f"num_supernodes={sites} client_resources_num_cpus=1")
+                run_id = link.submit(
+                    REPO, config, federation_config=f"num_supernodes={sites} client_resources_num_cpus=1"
+                )
             else:
                 # Each site's own machine in a real consortium; here the sites share the cores, so give each
                 # ClientApp its share of threads (as Ray does per simulated site) instead of oversubscribing.
                 threads = str(max(1, (os.cpu_count() or 1) // sites))
                 env = {**link.env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
                 for i, store in enumerate(stores):
-                    cmd = supernode_command(link.address, {"data-path": str(store), "work-dir": str(work / f"site-{mode}-{i}")}, free_port())
+                    cmd = supernode_command(
+                        link.address, {"data-path": str(store), "work-dir": str(work / f"site-{mode}-{i}")}, free_port()
+                    )
                     procs.append(start(cmd, logs[i], env=env))
                 run_id = link.submit(REPO, config)
             info = link.wait(run_id, timeout=3000)
@@ -134,15 +171,32 @@ def federated_rounds(mode: str, preset: str, rounds: int, work: Path, sites: int
         if not row["sites"]:
             continue
         compute = max(m["compute-seconds"] for m in row["sites"].values())
-        per_round.append({"round": row["round"], "wall-s": row["wall-seconds"], "compute-s": compute,
-                          "overhead-s": row["wall-seconds"] - compute,
-                          "overhead-fraction": (row["wall-seconds"] - compute) / row["wall-seconds"],
-                          "sites-replied": len(row["sites"]), "failed": row.get("failed", {})})
+        per_round.append(
+            {
+                "round": row["round"],
+                "wall-s": row["wall-seconds"],
+                "compute-s": compute,
+                "overhead-s": row["wall-seconds"] - compute,
+                "overhead-fraction": (row["wall-seconds"] - compute) / row["wall-seconds"],
+                "sites-replied": len(row["sites"]),
+                "failed": row.get("failed", {}),
+            }
+        )
     traffic = info.get("network-traffic", {})
-    out = {"mode": mode, "preset": preset, "sites": sites, "state": state, "local-steps": local_steps,
-           "batch-size": batch_size, "status": info.get("status"), "run-total-s": total, "rounds": per_round,
-           "bytes-per-round-per-site": traffic.get("total-bytes", 0) / max(rounds * sites, 1),
-           "network-traffic": traffic, "load-average": os.getloadavg()}
+    out = {
+        "mode": mode,
+        "preset": preset,
+        "sites": sites,
+        "state": state,
+        "local-steps": local_steps,
+        "batch-size": batch_size,
+        "status": info.get("status"),
+        "run-total-s": total,
+        "rounds": per_round,
+        "bytes-per-round-per-site": traffic.get("total-bytes", 0) / max(rounds * sites, 1),
+        "network-traffic": traffic,
+        "load-average": os.getloadavg(),
+    }
     if info.get("status") != "finished:completed":
         out["errors"] = {log.name: _errors(log) for log in logs if _errors(log)}
     return out
@@ -173,16 +227,21 @@ def round_lines(res: dict, imports: dict[str, float], message_bytes: float) -> l
         compute, overhead = row["compute-s"] - moved, row["overhead-s"] + moved
         note = f" (incl. {moved:.1f} s torch+c2l import moved from the site's timer)" if moved else ""
         steps = steps_for_target({"compute-s": compute, "overhead-s": overhead}, res["local-steps"])
-        lines.append(f"{tag} round {row['round']}: wall {row['wall-s']:.1f} s = compute {compute:.1f} s + overhead {overhead:.1f} s"
-                     f"{note} = {100 * overhead / row['wall-s']:.0f}% of the round; <= 10% from ~{steps:.0f} local steps"
-                     f" (batch {res['batch-size']})")
+        lines.append(
+            f"{tag} round {row['round']}: wall {row['wall-s']:.1f} s "
+            f"= compute {compute:.1f} s + overhead {overhead:.1f} s"
+            f"{note} = {100 * overhead / row['wall-s']:.0f}% of the round; <= 10% from ~{steps:.0f} local steps"
+            f" (batch {res['batch-size']})"
+        )
     if res["mode"] == "simulation":
         traffic = f"no network in simulation; message {message_bytes / 1e6:.1f} MB each way"
     else:
         traffic = f"{res['bytes-per-round-per-site'] / 1e6:.1f} MB (message {message_bytes / 1e6:.1f} MB each way)"
     one, five, _ = res.get("load-average", (float("nan"),) * 3)
-    lines.append(f"{tag} bytes per round per site: {traffic}; status {res['status']}; run {res['run-total-s']:.0f} s"
-                 f" (load {one:.1f}/{five:.1f})")
+    lines.append(
+        f"{tag} bytes per round per site: {traffic}; status {res['status']}; run {res['run-total-s']:.0f} s"
+        f" (load {one:.1f}/{five:.1f})"
+    )
     for log, errors in res.get("errors", {}).items():
         lines.append(f"{tag} {log}: " + "\n    ".join(errors))
     return lines
@@ -195,9 +254,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=2, help="optimiser steps per site per round")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--state", choices=("memory", "sqlite"), default="memory",
-                        help="SuperLink state: Flower's in-memory store (default) or a SQLite file (fails for large models on a busy host)")
-    parser.add_argument("--work", type=Path, default=None, help="keep the run folders and Flower logs here (default: a temp dir)")
+    parser.add_argument(
+        "--state",
+        choices=("memory", "sqlite"),
+        default="memory",
+        help="SuperLink state: Flower's in-memory store (default) or a SQLite file "
+        "(fails for large models on a busy host)",
+    )
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep the run folders and Flower logs here (default: a temp dir)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--summarise", type=Path, default=None, help="only print the lines of a saved JSON report")
     args = parser.parse_args()
@@ -208,20 +274,32 @@ def main() -> None:
             print("\n".join(round_lines(res, report["clientapp-imports-s"], sizes.get(res["preset"], 0))))
         return
     report: dict = {"device": "cpu", "serialisation": [], "rounds": [], "clientapp-imports-s": import_cost()}
-    print(f"fresh-process import cost per ClientApp message (s; {_load()}):", json.dumps({k: round(v, 2) for k, v in report["clientapp-imports-s"].items()}))
+    print(
+        f"fresh-process import cost per ClientApp message (s; {_load()}):",
+        json.dumps({k: round(v, 2) for k, v in report["clientapp-imports-s"].items()}),
+    )
     sizes = {}
     for preset in args.models.split(","):
         ser = serialisation(preset)
         report["serialisation"].append(ser)
         sizes[preset] = ser["message-bytes"]
-        print(f"[{preset}] {ser['parameters']:,} params; message {ser['message-bytes'] / 1e6:.1f} MB; "
-              f"encode {ser['encode-s'] * 1e3:.0f} ms, decode {ser['decode-s'] * 1e3:.0f} ms ({_load()})")
+        print(
+            f"[{preset}] {ser['parameters']:,} params; message {ser['message-bytes'] / 1e6:.1f} MB; "
+            f"encode {ser['encode-s'] * 1e3:.0f} ms, decode {ser['decode-s'] * 1e3:.0f} ms ({_load()})"
+        )
     with tempfile.TemporaryDirectory(prefix="fedst-bench-") as tmp:
         root = args.work or Path(tmp)
         for preset in args.models.split(","):
             for mode in args.modes.split(","):
-                res = federated_rounds(mode, preset, args.rounds, root / f"{mode}-{preset}", local_steps=args.local_steps,
-                                       batch_size=args.batch_size, state=args.state)
+                res = federated_rounds(
+                    mode,
+                    preset,
+                    args.rounds,
+                    root / f"{mode}-{preset}",
+                    local_steps=args.local_steps,
+                    batch_size=args.batch_size,
+                    state=args.state,
+                )
                 report["rounds"].append(res)
                 print("\n".join(round_lines(res, report["clientapp-imports-s"], sizes[preset])), flush=True)
                 if args.out:  # written after every run: a long benchmark keeps what it measured

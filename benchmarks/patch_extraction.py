@@ -114,13 +114,28 @@ def run_method(method: str, workdir: Path, limit: int, repeats: int) -> dict:
         raise SystemExit(f"unknown method {method}")
     elapsed = time.perf_counter() - start
     del patch
-    return {"method": method, "patches": n, "seconds": elapsed, "patches_per_s": n / elapsed,
-            "peak_rss_rise_mb": max(0.0, _peak_rss_mb() - baseline)}
+    return {
+        "method": method,
+        "patches": n,
+        "seconds": elapsed,
+        "patches_per_s": n / elapsed,
+        "peak_rss_rise_mb": max(0.0, _peak_rss_mb() - baseline),
+    }
 
 
 def _child(method: str, workdir: Path, limit: int, repeats: int) -> dict:
-    command = [sys.executable, __file__, "--child", method, "--workdir", str(workdir),
-               "--naive-patches", str(limit), "--repeats", str(repeats)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--workdir",
+        str(workdir),
+        "--naive-patches",
+        str(limit),
+        "--repeats",
+        str(repeats),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{method} failed:\n{result.stderr}")
@@ -136,8 +151,10 @@ def _prepare(workdir: Path) -> float:
     start = time.perf_counter()
     # the legacy-ST reader derives the mpp from the array geometry and converts the JPEG with it (once)
     toml = workdir / "site.toml"
-    toml.write_text(f'site = "her2st-C"\n[[sections]]\nid = "C2"\nformat = "legacy-st"\n'
-                    f'counts = "{COUNTS}"\nspots = "{SPOTS}"\nimage = "{JPEG}"\n')
+    toml.write_text(
+        f'site = "her2st-C"\n[[sections]]\nid = "C2"\nformat = "legacy-st"\n'
+        f'counts = "{COUNTS}"\nspots = "{SPOTS}"\nimage = "{JPEG}"\n'
+    )
     site = load_site(toml, cache_dir=workdir / "cache")
     convert_s = time.perf_counter() - start
     tif = site.sections[0].slide_path
@@ -145,8 +162,16 @@ def _prepare(workdir: Path) -> float:
     with open_slide(tif) as slide:
         field_224 = OUT_PX * slide.mpp
     for px, name in ((OUT_PX, "store224"), (64, "store64")):
-        prepare_store(toml, workdir / name, panel=DATA / "histogene_genes.npy", patch_px=px, field_um=field_224 if px == OUT_PX else 112.0,
-                      max_tiles_per_section=0, progress=False, cache_dir=workdir / "cache")
+        prepare_store(
+            toml,
+            workdir / name,
+            panel=DATA / "histogene_genes.npy",
+            patch_px=px,
+            field_um=field_224 if px == OUT_PX else 112.0,
+            max_tiles_per_section=0,
+            progress=False,
+            cache_dir=workdir / "cache",
+        )
     return convert_s
 
 
@@ -166,8 +191,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedst-bench-") as tmp:
         workdir = Path(tmp)
         convert_s = _prepare(workdir)
-        rows = [_child(m, workdir, args.naive_patches, args.repeats)
-                for m in ("naive", "naive_once", "fedst", "store224", "store64")]
+        rows = [
+            _child(m, workdir, args.naive_patches, args.repeats)
+            for m in ("naive", "naive_once", "fedst", "store224", "store64")
+        ]
     naive = rows[0]["patches_per_s"]
     fedst = rows[2]["patches_per_s"]
     labels = {
@@ -178,10 +205,14 @@ def main() -> None:
         "store64": "store: memmap read, 64 px (batches of 32)",
     }
     print(f"her2st C2, {OUT_PX} px spot-centred patches; JPEG -> pyramidal TIFF + spot table load: {convert_s:.2f} s")
-    print(f"{'method':46s} {'patches':>8s} {'patches/s':>11s} {'x naive':>9s} {'x fedst':>9s} {'peak RSS rise MB':>17s}")
+    print(
+        f"{'method':46s} {'patches':>8s} {'patches/s':>11s} {'x naive':>9s} {'x fedst':>9s} {'peak RSS rise MB':>17s}"
+    )
     for row in rows:
-        print(f"{labels[row['method']]:46s} {row['patches']:8d} {row['patches_per_s']:11.1f} "
-              f"{row['patches_per_s'] / naive:9.1f} {row['patches_per_s'] / fedst:9.2f} {row['peak_rss_rise_mb']:17.1f}")
+        print(
+            f"{labels[row['method']]:46s} {row['patches']:8d} {row['patches_per_s']:11.1f} "
+            f"{row['patches_per_s'] / naive:9.1f} {row['patches_per_s'] / fedst:9.2f} {row['peak_rss_rise_mb']:17.1f}"
+        )
     print("peak memory = rise of peak RSS (VmHWM, reset via clear_refs) during the method, fresh subprocess each")
 
 

@@ -38,8 +38,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-spot-prior", action="store_true",
-                        help="ablation: SpaDiT without the kNN-carried spot prior channel (the paper's inputs only)")
+    parser.add_argument(
+        "--no-spot-prior",
+        action="store_true",
+        help="ablation: SpaDiT without the kNN-carried spot prior channel (the paper's inputs only)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("spadit_real.json"))
     parser.add_argument("--maps", type=Path, default=None, help="folder for one maps PNG per dataset (seed 0)")
@@ -59,27 +62,51 @@ def main() -> None:
         st, sc = load_sc_spatial(args.data / name)
         for seed in args.seeds:
             t0 = time.perf_counter()
-            result = run_imputation(st, sc, holdout_fraction=args.holdout, preset=args.preset, epochs=args.epochs,
-                                    seed=seed, n_samples=args.samples, steps=args.steps, device=args.device,
-                                    model_overrides={"spot_prior": False} if args.no_spot_prior else None,
-                                    progress=False)
+            result = run_imputation(
+                st,
+                sc,
+                holdout_fraction=args.holdout,
+                preset=args.preset,
+                epochs=args.epochs,
+                seed=seed,
+                n_samples=args.samples,
+                steps=args.steps,
+                device=args.device,
+                model_overrides={"spot_prior": False} if args.no_spot_prior else None,
+                progress=False,
+            )
             wall = time.perf_counter() - t0
             t = result.timings
-            rows.append({"dataset": name, "seed": seed, "n_spots": st.n_obs, "n_cells": sc.n_obs,
-                         "n_test_genes": len(result.genes), "n_train_genes": len(result.train_genes),
-                         "metrics": result.metrics, "timings": t, "wall_s": wall, "params": result.params})
-            print(f"{name} seed {seed}: " + "  ".join(
-                f"{m} pcc={result.metrics[m]['pcc']:.3f}" for m in ("spadit", "knn"))
+            rows.append(
+                {
+                    "dataset": name,
+                    "seed": seed,
+                    "n_spots": st.n_obs,
+                    "n_cells": sc.n_obs,
+                    "n_test_genes": len(result.genes),
+                    "n_train_genes": len(result.train_genes),
+                    "metrics": result.metrics,
+                    "timings": t,
+                    "wall_s": wall,
+                    "params": result.params,
+                }
+            )
+            print(
+                f"{name} seed {seed}: "
+                + "  ".join(f"{m} pcc={result.metrics[m]['pcc']:.3f}" for m in ("spadit", "knn"))
                 + f"  (spadit {t['spadit_train_s'] + t['spadit_sample_s']:.1f}s, knn {t['knn_s']:.2f}s)",
-                flush=True)
+                flush=True,
+            )
             if args.maps is not None and seed == args.seeds[0]:
                 from shared.downstream.spadit.output import write_result
 
                 args.maps.mkdir(parents=True, exist_ok=True)
                 write_result(result, st, args.maps / f"{name}.h5ad")
 
-    print(f"\nheld-out fraction {args.holdout}, seeds {args.seeds}, preset {args.preset}, device {args.device}"
-          f"{', no spot prior' if args.no_spot_prior else ''}")
+    print(
+        f"\nheld-out fraction {args.holdout}, seeds {args.seeds}, preset {args.preset}, device {args.device}"
+        f"{', no spot prior' if args.no_spot_prior else ''}"
+    )
     header = f"| dataset | method | {' | '.join(METRICS)} | time (s) |"
     print(header)
     print("|" + "---|" * (len(METRICS) + 3))
@@ -92,16 +119,27 @@ def main() -> None:
                 v = np.array([r["metrics"][method][metric] for r in mine])
                 cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
                 summary.setdefault(name, {}).setdefault(method, {})[metric] = [float(v.mean()), float(v.std())]
-            secs = np.array([r["timings"]["spadit_train_s"] + r["timings"]["spadit_sample_s"] if method == "spadit"
-                             else r["timings"]["knn_s"] for r in mine])
+            secs = np.array(
+                [
+                    r["timings"]["spadit_train_s"] + r["timings"]["spadit_sample_s"]
+                    if method == "spadit"
+                    else r["timings"]["knn_s"]
+                    for r in mine
+                ]
+            )
             summary[name][method]["time_s"] = float(secs.mean())
             print(f"| {name} | {method} | {' | '.join(cells)} | {secs.mean():.2f} |")
         ratio = summary[name]["spadit"]["pcc"][0] / max(summary[name]["knn"]["pcc"][0], 1e-12)
         summary[name]["pcc_ratio_spadit_over_knn"] = ratio
     for name in args.datasets:
         print(f"{name}: PCC ratio SpaDiT / kNN = {summary[name]['pcc_ratio_spadit_over_knn']:.2f}")
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
-                                    "runs": rows}, indent=2, default=float))
+    args.out.write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": rows},
+            indent=2,
+            default=float,
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -1,5 +1,5 @@
 """fedst ClientApp: one handler per phase; each is a fresh process per message in deployment, so every import
-beyond Flower's own is lazy (client/handlers.py -> shared/federation/site.py -> torch only when training)."""
+beyond Flower's own is lazy (client/handlers.py -> client/site.py -> torch only when training)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Translate Flower messages to the site's Flower-free task (shared/federation/site.py) and back.
+"""Translate Flower messages to the site's Flower-free task (client/site.py) and back.
 
 Privacy contract: a reply carries at most one ArrayRecord whose keys are exactly the keys of the model the
 server sent (model parameters), one MetricRecord of scalars, and the site's declared name (one ConfigRecord
@@ -23,7 +23,7 @@ from shared.errors import FedstError
 
 def site_task(msg: Message, context: Context, config: dict[str, Any] | None = None):
     """The site's task for this message; ``config`` defaults to the message's ConfigRecord ``config``."""
-    from shared.federation.site import SiteTask
+    from client.site import SiteTask
 
     run = RunConfig.from_mapping(context.run_config)
     if config is None:
@@ -51,8 +51,12 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return scalars
 
 
-def reply_record(metrics: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
-                 allowed_keys: set[str] | None = None, site: str | None = None) -> RecordDict:
+def reply_record(
+    metrics: dict[str, Any],
+    arrays: dict[str, np.ndarray] | None = None,
+    allowed_keys: set[str] | None = None,
+    site: str | None = None,
+) -> RecordDict:
     """The only way a handler builds a reply: model tensors with the sent names + scalar metrics + the site's
     declared name."""
     content = RecordDict()
@@ -76,7 +80,9 @@ def _arrays(msg: Message, name: str) -> dict[str, np.ndarray]:
 def pretrain(msg: Message, context: Context) -> Message:
     task, config = site_task(msg, context)
     state = _arrays(msg, "arrays")
-    new_state, metrics = task.pretrain(state, int(config.get("server-round", 1)), prox_mu=float(config.get("proximal-mu", 0.0)))
+    new_state, metrics = task.pretrain(
+        state, int(config.get("server-round", 1)), prox_mu=float(config.get("proximal-mu", 0.0))
+    )
     return Message(reply_record(metrics, new_state, set(state), site=task.node.site), reply_to=msg)
 
 
@@ -129,12 +135,14 @@ def secagg_pretrain(msg: Message, context: Context) -> Message:
             server_round = int(fit_config.get("server-round", 1))
             new_state, metrics = task.pretrain(state, server_round, prox_mu=float(fit_config.get("proximal_mu", 0.0)))
             if set(new_state) != set(names):
-                raise FedstError("privacy contract: reply tensors must have exactly the names of the model the server sent")
+                raise FedstError(
+                    "privacy contract: reply tensors must have exactly the names of the model the server sent"
+                )
             examples = int(round(float(metrics["num-examples"])))
             check_secagg_range(new_state, examples, run)
             # Flower quantises with stochastic rounding from numpy's global RNG: seed it per site and round so a
             # resumed run reproduces the uninterrupted one (the masks come from separate, secret randomness).
-            from shared.federation.site import site_seed
+            from client.site import site_seed
 
             np.random.seed(site_seed(run.seed, task.node.site, server_round, "secagg-rounding"))
             return [np.asarray(new_state[n]) for n in names], examples, scalar_metrics(metrics)
@@ -149,11 +157,15 @@ def check_secagg_range(state: dict[str, np.ndarray], examples: int, run: RunConf
     if examples <= 0:
         raise FedstError("secagg: the site has no training examples")
     if examples > run.secagg_max_weight:
-        raise FedstError(f"secagg: this site's num-examples {examples} exceeds run config 'secagg-max-weight' "
-                         f"({run.secagg_max_weight:g}); raise it (the aggregate would overflow)")
+        raise FedstError(
+            f"secagg: this site's num-examples {examples} exceeds run config 'secagg-max-weight' "
+            f"({run.secagg_max_weight:g}); raise it (the aggregate would overflow)"
+        )
     ratio = round(examples / run.secagg_max_weight * run.secagg_quantization_range) / run.secagg_quantization_range
     for name, value in state.items():
         peak = float(np.max(np.abs(value))) * ratio if np.size(value) else 0.0
         if not np.isfinite(peak) or peak > run.secagg_clipping_range:
-            raise FedstError(f"secagg: tensor {name!r} (max |value| x weight {peak:.4g}) exceeds run config "
-                             f"'secagg-clipping-range' ({run.secagg_clipping_range:g}); SecAgg+ would clip it")
+            raise FedstError(
+                f"secagg: tensor {name!r} (max |value| x weight {peak:.4g}) exceeds run config "
+                f"'secagg-clipping-range' ({run.secagg_clipping_range:g}); SecAgg+ would clip it"
+            )

@@ -2,7 +2,7 @@
 # Operator (lead site): the SuperLink with TLS, SuperNode authentication, no runtime dependency installation.
 # Usage: deploy/start-superlink.sh CERT_DIR STATE_DIR [PORT]   (binds 127.0.0.1; put nginx in front, see nginx.conf)
 # State is in memory by default: Flower's SQLite state has a fixed 5 s lock timeout that a ~100 MB model update
-# outlasts on a busy host (HTTP 500, replies lost; shared/federation/procs.py). FEDST_SUPERLINK_DATABASE=FILE
+# outlasts on a busy host (HTTP 500, replies lost; server/procs.py). FEDST_SUPERLINK_DATABASE=FILE
 # (e.g. STATE_DIR/state.db) keeps SQLite state: registered keys and run history survive a restart; small models only.
 set -euo pipefail
 certs="${1:?cert dir (ca.crt server.crt server.key)}"; state="${2:?state dir}"; port="${3:-9200}"

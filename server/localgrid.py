@@ -16,9 +16,15 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class LocalGrid(Grid):
-    def __init__(self, client_app: Any, node_configs: dict[int, dict[str, Any]], run_config: dict[str, Any],
-                 run_id: int = 1, fail: dict[int, Any] | None = None,
-                 tamper: Callable[[int, Message], Message] | None = None):
+    def __init__(
+        self,
+        client_app: Any,
+        node_configs: dict[int, dict[str, Any]],
+        run_config: dict[str, Any],
+        run_id: int = 1,
+        fail: dict[int, Any] | None = None,
+        tamper: Callable[[int, Message], Message] | None = None,
+    ):
         self.client_app = client_app
         self.node_configs = node_configs
         self.run_config = run_config
@@ -69,8 +75,13 @@ class LocalGrid(Grid):
             if failure is not None:
                 replies.append(Message(Error(code=0, reason=str(failure)), reply_to=msg))
                 continue
-            context = Context(run_id=self.run_id, node_id=node, node_config=self.node_configs[node],
-                              state=self.states[node], run_config=self.run_config)
+            context = Context(
+                run_id=self.run_id,
+                node_id=node,
+                node_config=self.node_configs[node],
+                state=self.states[node],
+                run_config=self.run_config,
+            )
             try:
                 reply = self.client_app(msg, context)
             except Exception as exc:  # a crashing site becomes an error reply, as in Flower

@@ -31,10 +31,10 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from shared.errors import FedstError
-from shared.federation.report import weighted
-from shared.federation.validate import update_problems
+from server.report import weighted
 from server.sites import SiteNames, contract_problems
+from server.validate import update_problems
+from shared.errors import FedstError
 
 if TYPE_CHECKING:
     from server.workflow import Workflow
@@ -108,8 +108,9 @@ def screen_reply(content: RecordDict) -> list[str]:
     """The SecAgg+ reply contract: no plaintext tensor values (Flower's FitRes keeps an empty ArrayRecord),
     scalar metrics, the protocol's ConfigRecord (keys, encrypted shares, the masked vector) and the name."""
     arrays = len(content.array_records)
-    problems = contract_problems(content, arrays=arrays, extra_configs=LEGACY_CONFIGS,
-                                 metric_records=len(content.metric_records))
+    problems = contract_problems(
+        content, arrays=arrays, extra_configs=LEGACY_CONFIGS, metric_records=len(content.metric_records)
+    )
     for name, record in content.array_records.items():
         if any(len(array.data) for array in record.values()):
             problems.append(f"ArrayRecord {name!r} carries plaintext tensors")
@@ -127,8 +128,14 @@ def _legacy_strategy_class(kind: str):
     return {"fedavg": FedAvg, "fedprox": FedProx}[kind]
 
 
-def make_secagg_strategy(workflow: "Workflow", names: list[str], reference: dict[str, np.ndarray], offset: int,
-                         history: list[dict[str, Any]], grid: ObservedGrid):
+def make_secagg_strategy(
+    workflow: Workflow,
+    names: list[str],
+    reference: dict[str, np.ndarray],
+    offset: int,
+    history: list[dict[str, Any]],
+    grid: ObservedGrid,
+):
     """A legacy FedAvg/FedProx that speaks fedst: names, global rounds, screening, history, checkpoints."""
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
@@ -138,8 +145,12 @@ def make_secagg_strategy(workflow: "Workflow", names: list[str], reference: dict
     class SecAggStrategy(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             kwargs: dict[str, Any] = dict(
-                fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=run.min_sites, min_evaluate_clients=0,
-                min_available_clients=run.min_sites, accept_failures=True,
+                fraction_fit=1.0,
+                fraction_evaluate=0.0,
+                min_fit_clients=run.min_sites,
+                min_evaluate_clients=0,
+                min_available_clients=run.min_sites,
+                accept_failures=True,
                 initial_parameters=ndarrays_to_parameters([reference[n] for n in names]),
             )
             if base.__name__ == "FedProx":
@@ -171,11 +182,21 @@ def make_secagg_strategy(workflow: "Workflow", names: list[str], reference: dict
             results = sorted(results, key=lambda r: r[0].node_id)
             accepted = {label(proxy.node_id): _fit_metrics(res) for proxy, res in results}
             answered = {proxy.node_id for proxy, _ in results}
-            failed = {label(n): grid.problems.get(n, "dropped out during secure aggregation") for n in self.sent if n not in answered}
+            failed = {
+                label(n): grid.problems.get(n, "dropped out during secure aggregation")
+                for n in self.sent
+                if n not in answered
+            }
             for site, why in failed.items():
                 log(WARNING, "pretrain round %d (secagg): %s failed: %s", global_round, site, why)
-            row: dict[str, Any] = {"round": global_round, "sites": accepted, "failed": failed, "rejected": {},
-                                   "secure-aggregation": True, "wall-seconds": time.perf_counter() - self.started}
+            row: dict[str, Any] = {
+                "round": global_round,
+                "sites": accepted,
+                "failed": failed,
+                "rejected": {},
+                "secure-aggregation": True,
+                "wall-seconds": time.perf_counter() - self.started,
+            }
             self.rows.append(row)
             if len(accepted) < run.min_sites or len(failed) > run.failure_tolerance:
                 raise FedstError(
@@ -186,12 +207,16 @@ def make_secagg_strategy(workflow: "Workflow", names: list[str], reference: dict
             # SecAgg+ hands every result the same unmasked aggregate; screen that (individual updates are hidden).
             arrays = parameters_to_ndarrays(results[0][1].parameters)
             if len(arrays) != len(names):
-                raise FedstError(f"pretrain round {global_round} (secagg): aggregate has {len(arrays)} tensors, the model {len(names)}")
+                raise FedstError(
+                    f"pretrain round {global_round} (secagg): aggregate "
+                    f"has {len(arrays)} tensors, the model {len(names)}"
+                )
             aggregate = {n: _as_reference(a, reference[n]) for n, a in zip(names, arrays)}
             problems = update_problems(aggregate, self.reference, run.max_update_norm)
             if problems:
                 raise FedstError(
-                    f"pretrain round {global_round} (secagg): the secure aggregate is unusable ({'; '.join(problems)}); "
+                    f"pretrain round {global_round} (secagg): the secure "
+                    f"aggregate is unusable ({'; '.join(problems)}); "
                     "under SecAgg+ single updates cannot be screened or excluded, so the round cannot be repaired "
                     "(check the sites' logs, lower lr, or raise max-update-norm if the bound is too tight)"
                 )
@@ -205,9 +230,13 @@ def make_secagg_strategy(workflow: "Workflow", names: list[str], reference: dict
             if server_round == 0:
                 return None
             if server_round not in self.aggregated:
-                why = "; ".join(f"{workflow.sites.label(n)}: {v}" for n, v in sorted(grid.problems.items())) or "see the server log"
+                why = (
+                    "; ".join(f"{workflow.sites.label(n)}: {v}" for n, v in sorted(grid.problems.items()))
+                    or "see the server log"
+                )
                 raise FedstError(
-                    f"pretrain round {server_round + offset} (secagg): secure aggregation halted before unmasking — fewer "
+                    f"pretrain round {server_round + offset} (secagg): "
+                    "secure aggregation halted before unmasking — fewer "
                     f"than secagg-reconstruction-threshold ({run.secagg_reconstruction_threshold}) sites stayed in the "
                     f"protocol ({why})"
                 )
@@ -233,44 +262,68 @@ def _as_reference(array: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return array.astype(np.asarray(reference).dtype)
 
 
-def secagg_train(workflow: "Workflow", phase: str, rounds: int, initial: dict[str, np.ndarray], offset: int,
-                 history: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def secagg_train(
+    workflow: Workflow,
+    phase: str,
+    rounds: int,
+    initial: dict[str, np.ndarray],
+    offset: int,
+    history: list[dict[str, Any]],
+) -> dict[str, np.ndarray]:
     """``rounds - offset`` SecAgg+ rounds of ``phase`` from ``initial``; returns the final central weights."""
+    import flwr.compat.common.recorddict_compat as compat
     from flwr.common import parameters_to_ndarrays
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
-    import flwr.compat.common.recorddict_compat as compat
-
     run = workflow.run
     nodes = workflow.wait_for_sites()
     if len(nodes) < run.secagg_reconstruction_threshold:
-        raise FedstError(f"secagg: {len(nodes)} sites connected, fewer than secagg-reconstruction-threshold "
-                         f"({run.secagg_reconstruction_threshold})")
+        raise FedstError(
+            f"secagg: {len(nodes)} sites connected, fewer than secagg-reconstruction-threshold "
+            f"({run.secagg_reconstruction_threshold})"
+        )
     remaining = rounds - offset
     if remaining <= 0:
         return initial
-    names = sorted(initial)  # one canonical order (a checkpoint reloads keys sorted): rounding draws are order-dependent
+    names = sorted(
+        initial
+    )  # one canonical order (a checkpoint reloads keys sorted): rounding draws are order-dependent
     grid = ObservedGrid(workflow.grid, workflow.sites)
     strategy = make_secagg_strategy(workflow, names, initial, offset, history, grid)
     context = LegacyContext(
-        context=Context(run_id=int(workflow.run_id or 0), node_id=0, node_config={}, state=RecordDict(),
-                        run_config=dict(run.to_dict())),
+        context=Context(
+            run_id=int(workflow.run_id or 0),
+            node_id=0,
+            node_config={},
+            state=RecordDict(),
+            run_config=dict(run.to_dict()),
+        ),
         config=ServerConfig(num_rounds=remaining, round_timeout=run.round_timeout),
         strategy=strategy,
     )
     fit = SecAggPlusWorkflow(
-        num_shares=run.secagg_num_shares, reconstruction_threshold=run.secagg_reconstruction_threshold,
-        max_weight=run.secagg_max_weight, clipping_range=run.secagg_clipping_range,
-        quantization_range=run.secagg_quantization_range, timeout=run.round_timeout,
+        num_shares=run.secagg_num_shares,
+        reconstruction_threshold=run.secagg_reconstruction_threshold,
+        max_weight=run.secagg_max_weight,
+        clipping_range=run.secagg_clipping_range,
+        quantization_range=run.secagg_quantization_range,
+        timeout=run.round_timeout,
     )
-    log(INFO, "fedst: pretrain through SecAgg+ (%d rounds, %d shares, threshold %d)", remaining, run.secagg_num_shares,
-        run.secagg_reconstruction_threshold)
+    log(
+        INFO,
+        "fedst: pretrain through SecAgg+ (%d rounds, %d shares, threshold %d)",
+        remaining,
+        run.secagg_num_shares,
+        run.secagg_reconstruction_threshold,
+    )
     try:
         DefaultWorkflow(fit_workflow=fit)(grid, context)
     finally:
         grid.closed = True
         workflow.results["phases"][phase] = {"rounds": history + strategy.rows, "secure-aggregation": "SecAgg+"}
-    final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
+    final = parameters_to_ndarrays(
+        compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+    )
     return {n: _as_reference(a, initial[n]) for n, a in zip(names, final)}

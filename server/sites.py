@@ -32,8 +32,9 @@ def declared_name(content: RecordDict) -> tuple[str | None, str | None]:
     return (None, f"declared site {problem}") if problem else (str(name), None)
 
 
-def contract_problems(content: RecordDict, *, arrays: int, extra_configs: frozenset[str] = frozenset(),
-                      metric_records: int = 1) -> list[str]:
+def contract_problems(
+    content: RecordDict, *, arrays: int, extra_configs: frozenset[str] = frozenset(), metric_records: int = 1
+) -> list[str]:
     """Why a reply breaks the privacy contract: model tensors (``arrays`` ArrayRecords, names checked by the
     caller), ``metric_records`` MetricRecords of scalar numbers, and no ConfigRecord but ``site`` (plus
     ``extra_configs``, e.g. the SecAgg+ protocol's own)."""

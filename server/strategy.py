@@ -27,10 +27,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.supercore import log
 
+from server.sites import SiteNames, contract_problems
+from server.validate import update_problems
 from shared.config import RunConfig
 from shared.errors import FedstError
-from shared.federation.validate import update_problems
-from server.sites import SiteNames, contract_problems
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -48,8 +48,15 @@ class PhaseMixin:
     round_offset = 0
     extra_records: dict[str, Any] = {}
 
-    def setup_phase(self, action: str, run: RunConfig, round_offset: int = 0, extra_records: dict[str, Any] | None = None,
-                    extra_config: dict[str, Any] | None = None, sites: SiteNames | None = None) -> None:
+    def setup_phase(
+        self,
+        action: str,
+        run: RunConfig,
+        round_offset: int = 0,
+        extra_records: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None,
+        sites: SiteNames | None = None,
+    ) -> None:
         self.action = action
         self.sites = sites if sites is not None else SiteNames()
         self.run_config = run
@@ -61,7 +68,9 @@ class PhaseMixin:
         self._reference: dict[str, np.ndarray] = {}
 
     # -- sending --------------------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         for key, value in self.extra_config.items():
             config[key] = value
         self._reference = arrays_to_numpy(arrays)
@@ -71,16 +80,22 @@ class PhaseMixin:
             content = msg.content
             for name, record in self.extra_records.items():
                 content[name] = record
-            routed.append(Message(content=content, message_type=f"train.{self.action}", dst_node_id=msg.metadata.dst_node_id))
+            routed.append(
+                Message(content=content, message_type=f"train.{self.action}", dst_node_id=msg.metadata.dst_node_id)
+            )
         self._sent = sorted(m.metadata.dst_node_id for m in routed)
         self._started = time.perf_counter()
         return routed
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return []  # fedst evaluates in its own downstream phase
 
     # -- receiving ------------------------------------------------------------------------------------
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         global_round = server_round + self.round_offset
         replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
         failed: dict[str, str] = {}
@@ -98,8 +113,15 @@ class PhaseMixin:
             problems = self._screen(msg)
             if problems:
                 rejected[label(node)] = "; ".join(problems)
-                log(WARNING, "%s round %d: rejected update from %s (node %d): %s", self.action, global_round, label(node), node,
-                    rejected[label(node)])
+                log(
+                    WARNING,
+                    "%s round %d: rejected update from %s (node %d): %s",
+                    self.action,
+                    global_round,
+                    label(node),
+                    node,
+                    rejected[label(node)],
+                )
             else:
                 accepted.append(msg)
         for node in self._sent:
@@ -176,13 +198,22 @@ class PhaseFedAdam(PhaseMixin, FedAdam):
 def make_strategy(run: RunConfig, n_sites: int, federated: str = "pretrain") -> PhaseMixin:
     """The configured strategy for a training phase; FedProx/FedAdam only for pretraining."""
     common = dict(
-        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n_sites, min_evaluate_nodes=0,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=n_sites,
+        min_evaluate_nodes=0,
         min_available_nodes=n_sites,
     )
     kind = run.strategy if federated == "pretrain" else "fedavg"
     if kind == "fedprox":
         return PhaseFedProx(proximal_mu=run.prox_mu, **common)
     if kind == "fedadam":
-        return PhaseFedAdam(eta=run.server_lr, eta_l=run.lr, beta_1=run.server_beta1, beta_2=run.server_beta2,
-                            tau=run.server_tau, **common)
+        return PhaseFedAdam(
+            eta=run.server_lr,
+            eta_l=run.lr,
+            beta_1=run.server_beta1,
+            beta_2=run.server_beta2,
+            tau=run.server_tau,
+            **common,
+        )
     return PhaseFedAvg(**common)

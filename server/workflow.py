@@ -10,7 +10,6 @@ Sites are labelled by the names they declare (server/sites.py).
 
 from __future__ import annotations
 
-import json
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -21,12 +20,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.report import weighted, write_run_report
 from server.sites import SiteNames, contract_problems
 from server.strategy import arrays_to_numpy, make_strategy, numpy_to_arrays
 from shared.config import RunConfig
 from shared.errors import FedstError
-from shared.federation.checkpoint import load_checkpoint, save_checkpoint
-from shared.federation.report import weighted, write_json, write_run_report
+from shared.io import write_json_atomic
 
 
 def resolve_run_dir(run: RunConfig, run_id: int | str) -> Path:
@@ -62,31 +62,35 @@ def initial_central(run: RunConfig) -> dict[str, np.ndarray]:
         expected = _fresh_central(run)
         problems = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
         if problems or set(state) != set(expected):
-            raise FedstError(f"run config 'warm-start': {file} does not match the {run.backend}/{run.preset} model "
-                             f"(first mismatching tensor: {(problems or sorted(set(state) ^ set(expected)))[0]!r})")
+            raise FedstError(
+                f"run config 'warm-start': {file} does not match the {run.backend}/{run.preset} model "
+                f"(first mismatching tensor: {(problems or sorted(set(state) ^ set(expected)))[0]!r})"
+            )
         return {k: state[k] for k in expected}
     return _fresh_central(run)
 
 
 def _fresh_central(run: RunConfig) -> dict[str, np.ndarray]:
     if run.backend == "toy":
-        from shared.federation import toy
+        from shared.backends import toy
 
         return toy.initial_state(run.seed)
-    from shared.federation import c2l_backend
+    from shared.backends import c2l as c2l_backend
 
     return c2l_backend.for_run(run).initial_state(run.seed)
 
 
 def initial_adapter(run: RunConfig, central: dict[str, np.ndarray], panel: list[str] | None) -> dict[str, np.ndarray]:
     if panel is None:
-        raise FedstError("run config 'federated-adapt' needs the consortium panel (set 'consortium' to a folder with panel.txt)")
+        raise FedstError(
+            "run config 'federated-adapt' needs the consortium panel (set 'consortium' to a folder with panel.txt)"
+        )
     if run.backend == "toy":
-        from shared.federation import toy
+        from shared.backends import toy
 
         film = toy.build_adapter(len(panel))
         return {k: v.detach().numpy().copy() for k, v in film.state_dict().items()}
-    from shared.federation import c2l_backend
+    from shared.backends import c2l as c2l_backend
 
     return c2l_backend.for_run(run).initial_adapter(central, panel)
 
@@ -102,7 +106,11 @@ class Workflow:
         self.panel = load_panel(run)
         self.sites = SiteNames()
         self.results: dict[str, Any] = {
-            "run": str(run_id), "status": "running", "config": run.to_dict(), "phases": {}, "timing": {},
+            "run": str(run_id),
+            "status": "running",
+            "config": run.to_dict(),
+            "phases": {},
+            "timing": {},
             "run-dir": str(run_dir),
         }
 
@@ -120,19 +128,22 @@ class Workflow:
             if len(nodes) >= self.run.min_sites:
                 return nodes
             if time.monotonic() > deadline:
-                raise FedstError(f"only {len(nodes)} sites connected after {self.run.round_timeout:.0f} s (min-sites {self.run.min_sites})")
+                raise FedstError(
+                    f"only {len(nodes)} sites connected after "
+                    f"{self.run.round_timeout:.0f} s (min-sites {self.run.min_sites})"
+                )
             log(INFO, "waiting for sites: %d connected, min-sites %d", len(nodes), self.run.min_sites)
             time.sleep(1.0)
 
     def save_results(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.results["sites"] = self.sites.table()
-        write_json(self.run_dir / "results.json", self.results)
+        write_json_atomic(self.run_dir / "results.json", self.results)
 
     # -- phases -------------------------------------------------------------------------------------------
     def run_all(self) -> dict[str, Any]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.run_dir / "resolved-config.json", self.run.to_dict())
+        write_json_atomic(self.run_dir / "resolved-config.json", self.run.to_dict())
         central: dict[str, np.ndarray] | None = None
         try:
             for phase in self.run.phase_list:
@@ -163,26 +174,49 @@ class Workflow:
         found = load_checkpoint(self.run_dir, "pretrain")
         return found[1] if found else initial_central(self.run)
 
-    def resume_point(self, phase: str) -> tuple[int, dict[str, np.ndarray] | None, dict[str, np.ndarray], list[dict[str, Any]]]:
+    def resume_point(
+        self, phase: str
+    ) -> tuple[int, dict[str, np.ndarray] | None, dict[str, np.ndarray], list[dict[str, Any]]]:
         """(completed rounds, model, optimiser state, history rows) of the last checkpoint when resuming."""
         if not self.run.resume or (found := load_checkpoint(self.run_dir, phase)) is None:
             return 0, None, {}, []
         offset, arrays, opt_state, meta = found
         if meta.get("fingerprint") != self.run.fingerprint():
-            changed = sorted(k for k in self.run.fingerprint() if meta.get("fingerprint", {}).get(k) != self.run.fingerprint()[k])
+            changed = sorted(
+                k for k in self.run.fingerprint() if meta.get("fingerprint", {}).get(k) != self.run.fingerprint()[k]
+            )
             raise FedstError(f"resume: run config differs from the checkpoint's in {changed} ({self.run_dir})")
         log(INFO, "fedst: resuming %s after round %d", phase, offset)
         return offset, arrays, opt_state, meta.get("history", [])
 
-    def checkpoint(self, phase: str, global_round: int, arrays: dict[str, np.ndarray], opt_state: dict[str, np.ndarray],
-                   rows: list[dict[str, Any]]) -> None:
+    def checkpoint(
+        self,
+        phase: str,
+        global_round: int,
+        arrays: dict[str, np.ndarray],
+        opt_state: dict[str, np.ndarray],
+        rows: list[dict[str, Any]],
+    ) -> None:
         """After every round: the model, optimiser state and history on disk, results.json updated."""
         self.results["phases"][phase] = {"rounds": rows}
-        save_checkpoint(self.run_dir, phase, global_round, arrays, opt_state, {"fingerprint": self.run.fingerprint(), "history": rows})
+        save_checkpoint(
+            self.run_dir,
+            phase,
+            global_round,
+            arrays,
+            opt_state,
+            {"fingerprint": self.run.fingerprint(), "history": rows},
+        )
         self.save_results()
 
-    def train_phase(self, phase: str, rounds: int, initial: dict[str, np.ndarray], extra_records: dict[str, Any] | None = None,
-                    strategy_kind: str = "pretrain") -> dict[str, np.ndarray]:
+    def train_phase(
+        self,
+        phase: str,
+        rounds: int,
+        initial: dict[str, np.ndarray],
+        extra_records: dict[str, Any] | None = None,
+        strategy_kind: str = "pretrain",
+    ) -> dict[str, np.ndarray]:
         """R rounds of `phase` through the strategy; checkpoint each round; resume from the last checkpoint."""
         nodes = self.wait_for_sites()
         offset, resumed, opt_state, history = self.resume_point(phase)
@@ -194,21 +228,36 @@ class Workflow:
             return secagg_train(self, phase, rounds, arrays, offset, history)
         strategy = make_strategy(self.run, len(nodes), strategy_kind)
         strategy.import_state(opt_state)
-        strategy.setup_phase(phase, self.run, round_offset=offset, extra_records=extra_records, extra_config=self.base_config(),
-                             sites=self.sites)
+        strategy.setup_phase(
+            phase,
+            self.run,
+            round_offset=offset,
+            extra_records=extra_records,
+            extra_config=self.base_config(),
+            sites=self.sites,
+        )
         remaining = rounds - offset
         if remaining <= 0:
             return arrays
 
         def checkpoint(server_round: int, current: ArrayRecord):
             if server_round > 0:
-                self.checkpoint(phase, server_round + offset, arrays_to_numpy(current), strategy.export_state(),
-                                history + strategy.history)
+                self.checkpoint(
+                    phase,
+                    server_round + offset,
+                    arrays_to_numpy(current),
+                    strategy.export_state(),
+                    history + strategy.history,
+                )
             return None
 
         result = strategy.start(
-            grid=self.grid, initial_arrays=numpy_to_arrays(arrays), num_rounds=remaining, timeout=self.run.round_timeout,
-            train_config=ConfigRecord(), evaluate_fn=checkpoint,
+            grid=self.grid,
+            initial_arrays=numpy_to_arrays(arrays),
+            num_rounds=remaining,
+            timeout=self.run.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_fn=checkpoint,
         )
         self.results["phases"][phase] = {"rounds": history + strategy.history}
         return arrays_to_numpy(result.arrays)
@@ -219,14 +268,27 @@ class Workflow:
     def adapt(self, central: dict[str, np.ndarray]) -> None:
         if self.run.federated_adapt:
             adapter = initial_adapter(self.run, central, self.panel)
-            final = self.train_phase("adapt", self.run.rounds_adapt, adapter, extra_records={"central": numpy_to_arrays(central)},
-                                     strategy_kind="adapt")
+            final = self.train_phase(
+                "adapt",
+                self.run.rounds_adapt,
+                adapter,
+                extra_records={"central": numpy_to_arrays(central)},
+                strategy_kind="adapt",
+            )
             from safetensors.numpy import save_file
 
             save_file(final, str(self.run_dir / "federated-adapter.safetensors"))
             return
         block = self.broadcast("train.adapt", RecordDict({"central": numpy_to_arrays(central)}))
-        block["rounds"] = [{"round": 1, "sites": block["sites"], "failed": block["failed"], "rejected": {}, "aggregate": block["weighted"]}]
+        block["rounds"] = [
+            {
+                "round": 1,
+                "sites": block["sites"],
+                "failed": block["failed"],
+                "rejected": {},
+                "aggregate": block["weighted"],
+            }
+        ]
         self.results["phases"]["adapt"] = block
 
     def broadcast(self, message_type: str, content: RecordDict) -> dict[str, Any]:
@@ -257,6 +319,9 @@ class Workflow:
         for label, why in failed.items():
             log(WARNING, "%s: %s failed: %s", message_type, label, why)
         if len(sites) < self.run.min_sites or len(failed) > self.run.failure_tolerance:
-            raise FedstError(f"{message_type}: {len(sites)} sites replied (min-sites {self.run.min_sites}), {len(failed)} failed "
-                             f"(failure-tolerance {self.run.failure_tolerance}): " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+            raise FedstError(
+                f"{message_type}: {len(sites)} sites replied (min-sites {self.run.min_sites}), {len(failed)} failed "
+                f"(failure-tolerance {self.run.failure_tolerance}): "
+                + "; ".join(f"{k}: {v}" for k, v in failed.items())
+            )
         return {"sites": sites, "failed": failed, "weighted": weighted(sites)}

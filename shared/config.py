@@ -76,7 +76,7 @@ class RunConfig:
     seed: int = 0
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "RunConfig":
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> RunConfig:
         """Build from Flower's run config (kebab-case); unknown keys and wrong types are FedstErrors."""
         values = dict(values or {})
         known = {f.name: f for f in fields(cls)}
@@ -114,19 +114,33 @@ class RunConfig:
         check(self.round_timeout > 0, "round-timeout", "a positive number of seconds")
         check(self.synthetic_count >= 1, "synthetic-count", "an integer >= 1")
         if self.secagg:
-            check(self.secagg_num_shares >= 3, "secagg-num-shares", "an integer >= 3 (Flower's SecAgg+ needs more than 2)")
-            check(2 <= self.secagg_reconstruction_threshold < self.secagg_num_shares, "secagg-reconstruction-threshold",
-                  f"an integer >= 2 and < secagg-num-shares ({self.secagg_num_shares})")
+            check(
+                self.secagg_num_shares >= 3, "secagg-num-shares", "an integer >= 3 (Flower's SecAgg+ needs more than 2)"
+            )
+            check(
+                2 <= self.secagg_reconstruction_threshold < self.secagg_num_shares,
+                "secagg-reconstruction-threshold",
+                f"an integer >= 2 and < secagg-num-shares ({self.secagg_num_shares})",
+            )
             check(self.secagg_clipping_range > 0, "secagg-clipping-range", "a positive number")
-            check(2 <= self.secagg_quantization_range <= 2**24, "secagg-quantization-range",
-                  "an integer in [2, 2**24] (the sum of all sites' levels must stay below Flower's 2**32 modulus)")
+            check(
+                2 <= self.secagg_quantization_range <= 2**24,
+                "secagg-quantization-range",
+                "an integer in [2, 2**24] (the sum of all sites' levels must stay below Flower's 2**32 modulus)",
+            )
             check(self.secagg_max_weight > 0, "secagg-max-weight", "a positive number")
-            check(self.strategy in SECAGG_STRATEGIES, "strategy",
-                  f"{' or '.join(SECAGG_STRATEGIES)} with secagg = true (SecAgg+ runs on Flower's legacy strategies; "
-                  "FedAdam is not supported there)")
-            check(self.min_sites >= self.secagg_reconstruction_threshold, "min-sites",
-                  f">= secagg-reconstruction-threshold ({self.secagg_reconstruction_threshold}): SecAgg+ cannot unmask "
-                  "a round with fewer sites")
+            check(
+                self.strategy in SECAGG_STRATEGIES,
+                "strategy",
+                f"{' or '.join(SECAGG_STRATEGIES)} with secagg = true (SecAgg+ runs on Flower's legacy strategies; "
+                "FedAdam is not supported there)",
+            )
+            check(
+                self.min_sites >= self.secagg_reconstruction_threshold,
+                "min-sites",
+                f">= secagg-reconstruction-threshold ({self.secagg_reconstruction_threshold}): SecAgg+ cannot unmask "
+                "a round with fewer sites",
+            )
 
     @property
     def phase_list(self) -> list[str]:
@@ -152,7 +166,9 @@ class NodeConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], run: RunConfig, default_work_root: Path | None = None) -> "NodeConfig":
+    def from_mapping(
+        cls, values: Mapping[str, Any], run: RunConfig, default_work_root: Path | None = None
+    ) -> NodeConfig:
         """Read ``data-path`` / ``work-dir`` (deployment), or derive them from ``partition-id`` (simulation)."""
         values = dict(values or {})
         partition = values.get("partition-id")

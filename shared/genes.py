@@ -77,7 +77,7 @@ class GenePanel(Sequence[str]):
 
     # -- files --------------------------------------------------------------------------------------------
     @classmethod
-    def read(cls, path: str | os.PathLike) -> "GenePanel":
+    def read(cls, path: str | os.PathLike) -> GenePanel:
         """Read a panel file: one symbol per line; blank lines and '#' comments ignored; .npy arrays accepted."""
         path = Path(path)
         require(path.is_file(), f"{path}: gene panel file not found (expected one gene symbol per line)")
@@ -113,7 +113,7 @@ class GenePanel(Sequence[str]):
                     by_id.setdefault(_key(gene_id), []).append(column)
         return [by_key.get(_key(s)) or by_id.get(_key(s)) or [] for s in self.symbols]
 
-    def align(self, adata: "anndata.AnnData", section: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def align(self, adata: anndata.AnnData, section: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Counts on the panel (n_spots x n_genes float32, 0 where unmeasured) and the measured mask (bool).
 
         Duplicate source columns of one gene (e.g. two probes) are summed, as UMIs of the same gene.
@@ -133,15 +133,16 @@ class GenePanel(Sequence[str]):
 
         rows = [c for cols in columns for c in cols]
         targets = [j for j, cols in enumerate(columns) for _ in cols]
-        selector = sparse.csr_matrix((np.ones(len(rows), dtype=np.float64), (rows, targets)),
-                                     shape=(adata.n_vars, len(self)))
+        selector = sparse.csr_matrix(
+            (np.ones(len(rows), dtype=np.float64), (rows, targets)), shape=(adata.n_vars, len(self))
+        )
         product = adata.X @ selector
         product = product.toarray() if sparse.issparse(product) else np.asarray(product)
         counts = product.astype(np.float32)
         return counts, measured
 
 
-def _section_name(adata: "anndata.AnnData") -> str:
+def _section_name(adata: anndata.AnnData) -> str:
     provenance = adata.uns.get(keys.PROVENANCE, {}) if hasattr(adata, "uns") else {}
     if isinstance(provenance, dict):
         for field in ("section", "section_id", "id"):
@@ -150,7 +151,7 @@ def _section_name(adata: "anndata.AnnData") -> str:
     return "<unnamed>"
 
 
-def library_size(adata: "anndata.AnnData") -> np.ndarray:
+def library_size(adata: anndata.AnnData) -> np.ndarray:
     """Total counts per spot over ALL genes of the source (not only the panel), float64."""
     total = adata.X.sum(axis=1)
     return np.asarray(total, dtype=np.float64).reshape(-1)
@@ -165,14 +166,16 @@ def normalise(counts: np.ndarray, library_size: np.ndarray) -> np.ndarray:
     """
     counts = np.asarray(counts, dtype=np.float64)
     size = np.asarray(library_size, dtype=np.float64).reshape(-1)
-    require(counts.ndim == 2 and len(size) == counts.shape[0],
-            f"normalise: {counts.shape} counts need one library size per row, got {size.shape}")
+    require(
+        counts.ndim == 2 and len(size) == counts.shape[0],
+        f"normalise: {counts.shape} counts need one library size per row, got {size.shape}",
+    )
     require(bool(np.all(size > 0)), "normalise: library sizes must be > 0 (drop spots without counts first)")
     return np.log1p(counts / size[:, None] * keys.TARGET_SUM).astype(np.float32)
 
 
 def select_hvg(
-    adatas: Sequence["anndata.AnnData"],
+    adatas: Sequence[anndata.AnnData],
     n_top: int = 200,
     *,
     flavor: str = "seurat",
@@ -211,7 +214,9 @@ def select_hvg(
         cols = [keyed[k] for k in ordered]
         matrix = adata.X[:, cols]
         matrix = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
-        part = ad.AnnData(np.asarray(matrix, dtype=np.float32), obs=pd.DataFrame(index=[f"{i}:{j}" for j in range(adata.n_obs)]))
+        part = ad.AnnData(
+            np.asarray(matrix, dtype=np.float32), obs=pd.DataFrame(index=[f"{i}:{j}" for j in range(adata.n_obs)])
+        )
         part.var_names = ordered
         part.obs["batch"] = str(i)
         size = library_size(adata)
@@ -224,8 +229,9 @@ def select_hvg(
     batch_key = "batch" if len(parts) > 1 else None
     # dispersions are z-scored within mean bins; with few genes, 20 bins leave single-gene bins (z = 1)
     n_bins = max(1, min(20, pooled.n_vars // 20))
-    sc.pp.highly_variable_genes(pooled, flavor=flavor, n_top_genes=min(n_top, pooled.n_vars), batch_key=batch_key,
-                                n_bins=n_bins)
+    sc.pp.highly_variable_genes(
+        pooled, flavor=flavor, n_top_genes=min(n_top, pooled.n_vars), batch_key=batch_key, n_bins=n_bins
+    )
     table = pooled.var.copy()
     score_col = "dispersions_norm"
     table[score_col] = table[score_col].fillna(-np.inf)

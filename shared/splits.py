@@ -43,7 +43,10 @@ def _count(value: float | int, n: int, name: str) -> int:
     if isinstance(value, float) and value < 1.0:
         require(value >= 0.0, f"split: {name} fraction must be in [0, 1), got {value}")
         return int(round(value * n))
-    require(float(value).is_integer() and value >= 0, f"split: {name} must be a fraction in [0, 1) or a count >= 0, got {value}")
+    require(
+        float(value).is_integer() and value >= 0,
+        f"split: {name} must be a fraction in [0, 1) or a count >= 0, got {value}",
+    )
     return int(value)
 
 
@@ -74,11 +77,11 @@ def split_sections(
     return SectionSplit(train=train_ids, val=val_ids, test=test_ids)
 
 
-def _spot_table(source: "PatchStore | anndata.AnnData") -> "anndata.AnnData":
+def _spot_table(source: PatchStore | anndata.AnnData) -> anndata.AnnData:
     return source.spots if hasattr(source, "spots") and hasattr(source, "manifest") else source  # type: ignore[return-value]
 
 
-def section_indices(source: "PatchStore | anndata.AnnData", sections: Sequence[str]) -> np.ndarray:
+def section_indices(source: PatchStore | anndata.AnnData, sections: Sequence[str]) -> np.ndarray:
     """Row indices (sorted, int64) of the spots of ``sections`` in a store's spot table (or an AnnData)."""
     obs = _spot_table(source).obs
     require(keys.SECTION in obs, f"spot table has no obs[{keys.SECTION!r}]")
@@ -104,7 +107,7 @@ def fraction_subset(indices: np.ndarray | int, fraction: float, *, seed: int = 0
 
 
 def store_split(
-    store: "PatchStore | anndata.AnnData",
+    store: PatchStore | anndata.AnnData,
     *,
     val: float | int = 0.0,
     test: float | int = 0.2,

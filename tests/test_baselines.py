@@ -25,9 +25,9 @@ def test_ridge_collapsed_map_equals_the_sklearn_pipeline() -> None:
 
     x, y = _linear_problem()
     model = RidgeBaseline(n_components=8).fit(x, y)
-    pipe = Pipeline(
-        [("s", StandardScaler()), ("p", PCA(8, random_state=0)), ("r", RidgeCV(alphas=model.alphas))]
-    ).fit(x, y)
+    pipe = Pipeline([("s", StandardScaler()), ("p", PCA(8, random_state=0)), ("r", RidgeCV(alphas=model.alphas))]).fit(
+        x, y
+    )
     np.testing.assert_allclose(model.predict(x), pipe.predict(x), rtol=1e-4, atol=1e-4)
     assert model.alpha_ == pipe.named_steps["r"].alpha_
 

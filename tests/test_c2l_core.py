@@ -87,8 +87,9 @@ def test_train_central_is_deterministic_and_prox_pulls_to_reference(toy_store):
     for mu in (0.0, 0.0, 100.0):
         model = create_central("tiny", **SMALL)
         model.load_state_dict(ref)
-        train_central(model, [toy_store], steps=4, batch_size=4, lr=5e-3, seed=3, prox_mu=mu, prox_reference=ref,
-                      progress=False)
+        train_central(
+            model, [toy_store], steps=4, batch_size=4, lr=5e-3, seed=3, prox_mu=mu, prox_reference=ref, progress=False
+        )
         runs.append(_state(model))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in ref)
     dist = [sum(float((r[k] - ref[k]).pow(2).sum()) for k in ref if r[k].is_floating_point()) for r in runs]
@@ -120,8 +121,15 @@ def test_dp_adaptation_keeps_central_and_matches_opacus_accountant(central, toy_
     before = _state(central)
     eps = []
     for steps in (2, 4):
-        model, summary = adapt(central, toy_store, steps=steps, batch_size=8, seed=0, progress=False,
-                               dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+        model, summary = adapt(
+            central,
+            toy_store,
+            steps=steps,
+            batch_size=8,
+            seed=0,
+            progress=False,
+            dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0),
+        )
         assert all(torch.equal(model.central.state_dict()[k], v) for k, v in before.items())
         assert summary["delta"] == pytest.approx(min(1e-5, 0.1 / 64))
         expected = rdp_epsilon(1.0, 8 / 64, steps, summary["delta"])
@@ -134,15 +142,15 @@ def test_dp_target_epsilon_is_met_and_infeasible_target_fails_before_training(ce
     import shared.c2l.adapt as adapt_module
     from shared.c2l.dp import DPConfig
 
-    _, summary = adapt_module.adapt(central, toy_store, steps=4, batch_size=8, seed=0, progress=False,
-                                    dp=DPConfig(target_epsilon=4.0))
+    _, summary = adapt_module.adapt(
+        central, toy_store, steps=4, batch_size=8, seed=0, progress=False, dp=DPConfig(target_epsilon=4.0)
+    )
     assert 3.9 <= summary["epsilon"] <= 4.0
     monkeypatch.setattr(adapt_module, "create_conditioned", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(FedstError, match="infeasible"):
         adapt_module.adapt(central, toy_store, steps=50, dp=DPConfig(target_epsilon=1e-4), progress=False)
     with pytest.raises(FedstError, match="delta"):
-        adapt_module.adapt(central, toy_store, steps=5, dp=DPConfig(target_epsilon=8, target_delta=0.5),
-                           progress=False)
+        adapt_module.adapt(central, toy_store, steps=5, dp=DPConfig(target_epsilon=8, target_delta=0.5), progress=False)
 
 
 def test_bad_stores_give_clear_errors(tmp_path, central, toy_store):
@@ -156,8 +164,11 @@ def test_bad_stores_give_clear_errors(tmp_path, central, toy_store):
     from shared.c2l.synthesize import synthesize
     from shared.store.format import PatchStore, StoreWriter
 
-    empty = anndata.AnnData(np.zeros((0, 8), np.float32), obs=pd.DataFrame({keys.SECTION: pd.Series(dtype=str)}),
-                            var=pd.DataFrame(index=toy_store.panel))
+    empty = anndata.AnnData(
+        np.zeros((0, 8), np.float32),
+        obs=pd.DataFrame({keys.SECTION: pd.Series(dtype=str)}),
+        var=pd.DataFrame(index=toy_store.panel),
+    )
     with StoreWriter(tmp_path / "tiles_only", patch_px=32) as writer:
         writer.allocate_tiles(2)[:] = 128
         writer.set_tile_table(pd.DataFrame({keys.SECTION: ["A", "A"], "x": [0, 1], "y": [0, 1]}))
@@ -276,9 +287,19 @@ def test_lora_adaptation_keeps_central_bit_identical_and_round_trips(tmp_path, c
     e, m = torch.rand(2, 8), torch.ones(2, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x, t, e, m), model.eval()(x, t, e, m))
-    dp_model, dp_summary = adapt(central, toy_store, steps=2, batch_size=8, seed=0, lora_rank=4, progress=False,
-                                 dp=DPConfig(noise_multiplier=1.0))
-    assert dp_summary["epsilon"] > 0 and all(torch.equal(dp_model.central.state_dict()[k], v) for k, v in before.items())
+    dp_model, dp_summary = adapt(
+        central,
+        toy_store,
+        steps=2,
+        batch_size=8,
+        seed=0,
+        lora_rank=4,
+        progress=False,
+        dp=DPConfig(noise_multiplier=1.0),
+    )
+    assert dp_summary["epsilon"] > 0 and all(
+        torch.equal(dp_model.central.state_dict()[k], v) for k, v in before.items()
+    )
     assert any(float(layer.up.weight.detach().abs().sum()) > 0 for layer in dp_model.modulation.lora)
 
 

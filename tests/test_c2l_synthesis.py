@@ -35,12 +35,22 @@ def test_conditioned_generator_uses_the_genes_on_the_consortium(synthetic_stores
     torch.manual_seed(0)
     central = create_central("tiny", **CONSORTIUM_MODEL)
     train_central(central, [store], steps=150, batch_size=16, lr=3e-3, seed=0, progress=False)
-    model, summary = adapt(central, store, steps=200, batch_size=16, lr=1e-2, seed=0, timestep_power=0.3,
-                           progress=False)
+    model, summary = adapt(
+        central, store, steps=200, batch_size=16, lr=1e-2, seed=0, timestep_power=0.3, progress=False
+    )
     assert summary["losses"][-1] < summary["losses"][0]
     syn = synthesize(central, model, store, 128, tmp_path / "syn", steps=10, guidance=2.0, seed=0, progress=False)
-    uncond = synthesize(central, create_conditioned(central, store.panel), store, 128, tmp_path / "uncond",
-                        steps=10, guidance=1.0, seed=0, progress=False)
+    uncond = synthesize(
+        central,
+        create_conditioned(central, store.panel),
+        store,
+        128,
+        tmp_path / "uncond",
+        steps=10,
+        guidance=1.0,
+        seed=0,
+        progress=False,
+    )
 
     reopened = PatchStore(tmp_path / "syn")
     reopened.verify()
@@ -59,9 +69,11 @@ def test_conditioned_generator_uses_the_genes_on_the_consortium(synthetic_stores
         return report["conditional_consistency"]["pcc_mean"], float(np.nanmean([per_gene[g] for g in markers]))
 
     (pcc, pcc_markers), (pcc0, pcc0_markers) = consistency(cond), consistency(base)
-    print(f"conditional consistency PCC (all genes / markers): conditioned {pcc:.3f} / {pcc_markers:.3f}, "
-          f"unconditioned {pcc0:.3f} / {pcc0_markers:.3f}, "
-          f"real hold-out {cond['conditional_consistency']['real_holdout_pcc_mean']:.3f}")
+    print(
+        f"conditional consistency PCC (all genes / markers): conditioned {pcc:.3f} / {pcc_markers:.3f}, "
+        f"unconditioned {pcc0:.3f} / {pcc0_markers:.3f}, "
+        f"real hold-out {cond['conditional_consistency']['real_holdout_pcc_mean']:.3f}"
+    )
     assert cond["conditional_consistency"]["real_holdout_pcc_mean"] > 0.4  # the probe can read the genes
     assert pcc_markers > 0.2 and pcc_markers > pcc0_markers + 0.15
     assert pcc > pcc0 + 0.08
@@ -86,26 +98,88 @@ def test_cli_pretrain_adapt_synthesize_audit(tmp_path):
         assert result.exit_code == 0, (result.output, result.exception)
         return result
 
-    run("pretrain", tmp_path / "site", "--out", tmp_path / "central", "--steps", 3, "--batch-size", 4,
-        "--sample-size", 16, "--channels", "16,32")
+    run(
+        "pretrain",
+        tmp_path / "site",
+        "--out",
+        tmp_path / "central",
+        "--steps",
+        3,
+        "--batch-size",
+        4,
+        "--sample-size",
+        16,
+        "--channels",
+        "16,32",
+    )
     assert json.loads((tmp_path / "central" / "summary.json").read_text())["steps"] == 3
     assert (tmp_path / "central" / "loss.png").stat().st_size > 0
-    run("adapt", "--central", tmp_path / "central", "--store", tmp_path / "site", "--out", tmp_path / "ad",
-        "--steps", 3, "--batch-size", 4, "--dp-epsilon", 8)
+    run(
+        "adapt",
+        "--central",
+        tmp_path / "central",
+        "--store",
+        tmp_path / "site",
+        "--out",
+        tmp_path / "ad",
+        "--steps",
+        3,
+        "--batch-size",
+        4,
+        "--dp-epsilon",
+        8,
+    )
     summary = json.loads((tmp_path / "ad" / "summary.json").read_text())
     assert 0 < summary["epsilon"] <= 8 and summary["trainable_fraction"] <= 0.10
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["epsilon"] == summary["epsilon"]
-    run("synthesize", "--central", tmp_path / "central", "--adapter", tmp_path / "ad", "--n", 6,
-        "--out", tmp_path / "syn", "--steps", 3, "--perturb", "mixup")
+    run(
+        "synthesize",
+        "--central",
+        tmp_path / "central",
+        "--adapter",
+        tmp_path / "ad",
+        "--n",
+        6,
+        "--out",
+        tmp_path / "syn",
+        "--steps",
+        3,
+        "--perturb",
+        "mixup",
+    )
     store = PatchStore(tmp_path / "syn")
     assert store.synthetic and store.n_spots == 6 and store.manifest["provenance"]["dp_epsilon"] == summary["epsilon"]
     assert (tmp_path / "syn_samples.png").is_file()
-    run("audit", "--central", tmp_path / "central", "--adapter", tmp_path / "ad", "--real", tmp_path / "site",
-        "--synthetic", tmp_path / "syn", "--out", tmp_path / "audit")
+    run(
+        "audit",
+        "--central",
+        tmp_path / "central",
+        "--adapter",
+        tmp_path / "ad",
+        "--real",
+        tmp_path / "site",
+        "--synthetic",
+        tmp_path / "syn",
+        "--out",
+        tmp_path / "audit",
+    )
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert {"conditional_consistency", "kid", "memorisation", "unconditioned_baseline"} <= set(report)
 
     (tmp_path / "central" / "model.safetensors").unlink()
-    bad = runner.invoke(app, ["c2l", "synthesize", "--central", str(tmp_path / "central"), "--adapter",
-                              str(tmp_path / "ad"), "--n", "2", "--out", str(tmp_path / "syn2")])
+    bad = runner.invoke(
+        app,
+        [
+            "c2l",
+            "synthesize",
+            "--central",
+            str(tmp_path / "central"),
+            "--adapter",
+            str(tmp_path / "ad"),
+            "--n",
+            "2",
+            "--out",
+            str(tmp_path / "syn2"),
+        ],
+    )
     assert isinstance(bad.exception, FedstError) and "missing weights file" in str(bad.exception)

@@ -83,7 +83,15 @@ def test_inspect_site_toml(tmp_path: Path):
     info = _json("inspect", str(toml), cache=tmp_path / "cache")
     assert info["kind"] == "site" and info["site"] == "lab"
     rows = [{k: s[k] for k in ("id", "format", "spots", "genes", "mpp", "width", "height")} for s in info["sections"]]
-    assert rows[1] == {"id": "G1", "format": "h5ad", "spots": 49, "genes": 1999, "mpp": 1.0, "width": 950, "height": 1717}
+    assert rows[1] == {
+        "id": "G1",
+        "format": "h5ad",
+        "spots": 49,
+        "genes": 1999,
+        "mpp": 1.0,
+        "width": 950,
+        "height": 1717,
+    }
     assert rows[0]["id"] == "V1" and rows[0]["spots"] == 100 and rows[0]["mpp"] == pytest.approx(4.0997, abs=1e-3)
     text = _run("inspect", str(toml), cache=tmp_path / "cache").output
     assert text.startswith("site lab:") and "G1" in text and "visium" in text
@@ -102,7 +110,13 @@ def test_inspect_store(tmp_path: Path):
         writer.set_spots(spots)
     info = _json("inspect", str(tmp_path / "store"))
     assert info["kind"] == "store"
-    assert (info["spots"], info["genes"], info["tiles"], info["patch_px"], info["sections"]) == (3, 2, 0, 16, ["S1", "S2"])
+    assert (info["spots"], info["genes"], info["tiles"], info["patch_px"], info["sections"]) == (
+        3,
+        2,
+        0,
+        16,
+        ["S1", "S2"],
+    )
 
 
 def test_inspect_errors_are_fedst_errors(tmp_path: Path):
@@ -123,8 +137,16 @@ def test_synthetic_then_prepare_then_inspect(tmp_path: Path):
     site = _json("inspect", str(toml), cache=tmp_path / "cache")
     assert site["kind"] == "site" and len(site["sections"]) >= 1
     result = _run(
-        "prepare", str(toml), "--out", str(tmp_path / "store"), "--patch-px", "32", "--max-tiles", "8",
-        "--no-progress", cache=tmp_path / "cache",
+        "prepare",
+        str(toml),
+        "--out",
+        str(tmp_path / "store"),
+        "--patch-px",
+        "32",
+        "--max-tiles",
+        "8",
+        "--no-progress",
+        cache=tmp_path / "cache",
     )
     assert result.exit_code == 0, (result.output, result.exception)
     store = _json("inspect", str(tmp_path / "store"))

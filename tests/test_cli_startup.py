@@ -12,10 +12,7 @@ HEAVY = ("torch", "openslide", "scanpy", "anndata", "sklearn", "diffusers", "opa
 
 
 def test_cli_import_loads_no_heavy_library() -> None:
-    code = (
-        "import sys, json; import shared.cli.main; "
-        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
-    )
+    code = f"import sys, json; import shared.cli.main; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert json.loads(out) == []
 

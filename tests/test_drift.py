@@ -163,7 +163,9 @@ def test_cli_drift_and_evaluate(tmp_path):
     assert metrics["n_spots"] == 48 and -1 <= metrics["pcc_per_slide_mean"] <= 1 and "ssc" in metrics
     pred.write_h5ad(tmp_path / "rev.h5ad")
     res = runner.invoke(app, ["evaluate", str(tmp_path / "rev.h5ad"), str(src), "--json", str(tmp_path / "m2.json")])
-    assert json.loads((tmp_path / "m2.json").read_text())["pcc_per_slide_mean"] == pytest.approx(metrics["pcc_per_slide_mean"])
+    assert json.loads((tmp_path / "m2.json").read_text())["pcc_per_slide_mean"] == pytest.approx(
+        metrics["pcc_per_slide_mean"]
+    )
 
     other = adata.copy()
     other.var_names = [f"X{j}" for j in range(5)]

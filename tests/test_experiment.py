@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.experiment.config import load_config, resolve_config_path, resolve_sites
+from server.experiment.planner import Cell, plan
+from server.experiment.runner import run_experiment
 from shared.errors import FedstError
-from shared.experiment.config import load_config, resolve_config_path, resolve_sites
-from shared.experiment.planner import Cell, plan
-from shared.experiment.runner import run_experiment
 
 
 def _site_toml(path: Path, ids: list[str]) -> Path:
@@ -60,7 +60,7 @@ def test_config_parses_any_split_of_sections(tmp_path):
 
 
 def test_cli_overrides_take_precedence_over_file(tmp_path):
-    path = _config(tmp_path, BASE + '\n[model]\nadapt_steps = 7\n')
+    path = _config(tmp_path, BASE + "\n[model]\nadapt_steps = 7\n")
     config = load_config(path, ["model.adapt_steps=3", "seeds=[5]", "predictor.kind=mlp", "arms=['local']"])
     assert config.model.adapt_steps == 3 and config.seeds == (5,) and config.predictor.kind == "mlp"
     assert config.arms == ("local",)
@@ -129,7 +129,8 @@ def test_planner_grid(tmp_path):
     assert len({c.key for c in cells}) == len(cells)
     assert not any(c.dp for c in cells if c.arm != "federated")
     assert {(c.dp, c.fraction) for c in cells if c.arm == "federated" and c.seed == 1} == {
-        (dp, f) for dp in (False, True) for f in (0.1, 0.5, 1.0)}
+        (dp, f) for dp in (False, True) for f in (0.1, 0.5, 1.0)
+    }
     assert [c.seed for c in cells] == sorted(c.seed for c in cells)  # seed-major
     only_local = plan(load_config(_config(tmp_path, BASE), ["arms=['local']", "dp=true"]))
     assert {c.arm for c in only_local} == {"local"} and len(only_local) == 6
@@ -156,12 +157,16 @@ def _fake_cell_factory(calls: list[str]):
 def test_resume_skips_finished_cells_and_gives_identical_results(tmp_path):
     config = load_config(_config(tmp_path, BASE))
     calls_a: list[str] = []
-    run_experiment(config, tmp_path / "uninterrupted", cell_fn=_fake_cell_factory(calls_a), log=lambda s: None, figures=False)
+    run_experiment(
+        config, tmp_path / "uninterrupted", cell_fn=_fake_cell_factory(calls_a), log=lambda s: None, figures=False
+    )
     full = json.loads((tmp_path / "uninterrupted" / "results.json").read_text())
 
     out = tmp_path / "resumed"
     calls_b: list[str] = []
-    run_experiment(config, out, cell_fn=_fake_cell_factory(calls_b), log=lambda s: None, limit=5, figures=False)  # "killed" after 5
+    run_experiment(
+        config, out, cell_fn=_fake_cell_factory(calls_b), log=lambda s: None, limit=5, figures=False
+    )  # "killed" after 5
     partial = json.loads((out / "results.json").read_text())
     assert partial["cells_finished"] == 5 and not partial["complete"]
     assert len(calls_b) == 5
@@ -219,11 +224,21 @@ def test_report_aggregates_mean_sd_and_per_seed(tmp_path):
 
 
 MICRO = [  # the shipped `synthetic` config, scaled down to about a minute (the full one: README, "experiment")
-    "synthetic.n_sites=2", "fractions=[0.1, 1.0]", "seeds=[0]", "dp=[true]",
-    "store.patch_px=16", "store.max_tiles_per_section=16",
-    "model.pretrain_rounds=1", "model.pretrain_steps=2", "model.adapt_steps=3", "model.min_synthetic=8",
-    "model.synthetic_per_spot=0.25", "model.sample_steps=2", "predictor.top_k=12",
-    "report.heatmap_genes=2", "report.grid_patches=4",
+    "synthetic.n_sites=2",
+    "fractions=[0.1, 1.0]",
+    "seeds=[0]",
+    "dp=[true]",
+    "store.patch_px=16",
+    "store.max_tiles_per_section=16",
+    "model.pretrain_rounds=1",
+    "model.pretrain_steps=2",
+    "model.adapt_steps=3",
+    "model.min_synthetic=8",
+    "model.synthetic_per_spot=0.25",
+    "model.sample_steps=2",
+    "predictor.top_k=12",
+    "report.heatmap_genes=2",
+    "report.grid_patches=4",
 ]
 
 
@@ -255,8 +270,13 @@ def test_micro_experiment_end_to_end(tmp_path):
         assert 0 < eps <= 8.0 + 1e-6  # spent epsilon, read from the accountant, within the target
     assert set(results["overall"]) == {"local", "federated+dp", "pooled"}
     assert "held-out" in results["protocol"]["splits"]
-    for png in ("metrics_vs_fraction.png", "metrics_vs_fraction_per_site.png", "heatmaps_site-0.png",
-                "patches_site-1.png", "epsilon_per_site.png"):
+    for png in (
+        "metrics_vs_fraction.png",
+        "metrics_vs_fraction_per_site.png",
+        "heatmaps_site-0.png",
+        "patches_site-1.png",
+        "epsilon_per_site.png",
+    ):
         assert (out / "report" / png).stat().st_size > 5_000, png
     text = report.read_text()
     assert "## Protocol" in text and "training sections only" in text and "![metrics_vs_fraction]" in text
@@ -289,20 +309,26 @@ def test_cli_reports_bad_config_as_one_error_line(tmp_path):
 
     bad = _config(tmp_path, BASE.replace("[0.5, 0.1, 1.0]", "[2.0]"))
     for target in (str(bad), "no-such-config"):
-        proc = subprocess.run([sys.executable, "-m", "shared.cli.main", "experiment", target, "--out", str(tmp_path / "o")],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "shared.cli.main", "experiment", target, "--out", str(tmp_path / "o")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()  # nothing written for an invalid config
 
 
 def test_site_seeds_differ_per_site_and_are_reproducible():
-    from shared.experiment.arms import site_seed
+    from server.experiment.arms import site_seed
 
     seeds = {site: site_seed(3, site, "adapt") for site in ("site-0", "site-1", "site-2", "her2st-a")}
     assert len(set(seeds.values())) == len(seeds)  # every site draws its own noise
     assert site_seed(3, "site-0", "adapt") == seeds["site-0"]  # same in every call / process (crc32, not hash)
-    assert site_seed(3, "site-0", "adapt") != site_seed(3, "site-0", "synthesize") != site_seed(4, "site-0", "synthesize")
+    assert (
+        site_seed(3, "site-0", "adapt") != site_seed(3, "site-0", "synthesize") != site_seed(4, "site-0", "synthesize")
+    )
     assert all(0 <= s < 2**31 - 1 for s in seeds.values())
     assert site_seed(0, "site-0", "adapt") == (1_000_003 * 0 + __import__("zlib").crc32(b"site-0/adapt")) % (2**31 - 1)
 
@@ -328,7 +354,7 @@ def _paired_store(path: Path, expression: np.ndarray, brightness: np.ndarray, se
 
 
 def test_synthesis_audit_tells_faithful_from_unfaithful_synthetic_pairs(tmp_path):
-    from shared.experiment.arms import synthesis_audit
+    from server.experiment.arms import synthesis_audit
 
     rng = np.random.default_rng(0)
     signal = rng.uniform(0, 1, 80)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from shared.backends import toy
 from shared.config import NodeConfig, RunConfig
-from shared.federation import toy
 
 pytest.importorskip("diffusers")
 PANEL = [f"G{i}" for i in range(6)]
@@ -17,12 +15,21 @@ PANEL = [f"G{i}" for i in range(6)]
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_c2l_site_task_all_phases(tmp_path):
-    from shared.federation.c2l_backend import C2LBackend
-    from shared.federation.site import SiteTask
+    from client.site import SiteTask
+    from shared.backends.c2l import C2LBackend
 
     store = toy.write_toy_store(tmp_path / "store", n_spots=40, n_tiles=16, panel=PANEL, patch_px=32, seed=0)
-    run = RunConfig.from_mapping({"preset": "tiny", "patch-px": 32, "local-steps": 1, "adapt-steps": 1, "batch-size": 2,
-                                  "synthetic-count": 4, "sample-steps": 2})
+    run = RunConfig.from_mapping(
+        {
+            "preset": "tiny",
+            "patch-px": 32,
+            "local-steps": 1,
+            "adapt-steps": 1,
+            "batch-size": 2,
+            "synthetic-count": 4,
+            "sample-steps": 2,
+        }
+    )
     node = NodeConfig.from_mapping({"data-path": str(store.path), "work-dir": str(tmp_path / "work")}, run)
     task = SiteTask(run, node, PANEL)
     backend = C2LBackend("tiny", 32)
@@ -46,7 +53,11 @@ def test_c2l_site_task_all_phases(tmp_path):
     sources = sections.loc[synthetic.spots.obs["source_spot"].astype(str)]
     assert len(sources) == 4 and held_out not in set(sources)
     scores = task.downstream()
-    assert {"num-examples"} < set(scores) and any(k.startswith("real-") for k in scores) and any(k.startswith("augmented-") for k in scores)
+    assert (
+        {"num-examples"} < set(scores)
+        and any(k.startswith("real-") for k in scores)
+        and any(k.startswith("augmented-") for k in scores)
+    )
     assert all(isinstance(v, float) for v in scores.values())
     assert (tmp_path / "work" / "report" / "samples_real_vs_synthetic.png").is_file()
 
@@ -55,17 +66,28 @@ def test_federated_adaptation_starts_from_the_averaged_modulation(tmp_path):
     """With federated-adapt, a site's round starts from the server's modulation weights, not from zero."""
     import torch
 
+    from shared.backends.c2l import C2LBackend
     from shared.c2l.adapt import adapt
     from shared.errors import FedstError
-    from shared.federation.c2l_backend import C2LBackend
 
     store = toy.write_toy_store(tmp_path / "store", n_spots=24, n_tiles=4, panel=PANEL, patch_px=32, seed=0)
     backend = C2LBackend("tiny", 32)
     central_state = backend.initial_state(0)
     start = {k: torch.from_numpy(np.array(v)) + 0.01 for k, v in backend.initial_adapter(central_state, PANEL).items()}
-    model, _ = adapt(backend.central(central_state), store, steps=1, batch_size=4, lr=1e-12, seed=0,
-                     initial_modulation=start, augmentation=False, progress=False)
+    model, _ = adapt(
+        backend.central(central_state),
+        store,
+        steps=1,
+        batch_size=4,
+        lr=1e-12,
+        seed=0,
+        initial_modulation=start,
+        augmentation=False,
+        progress=False,
+    )
     for name, value in model.modulation.state_dict().items():
         torch.testing.assert_close(value, start[name], rtol=0, atol=1e-6)  # lr ~ 0: it stayed where it started
     with pytest.raises(FedstError, match="initial modulation"):
-        adapt(backend.central(central_state), store, steps=1, initial_modulation={"nope": torch.zeros(1)}, progress=False)
+        adapt(
+            backend.central(central_state), store, steps=1, initial_modulation={"nope": torch.zeros(1)}, progress=False
+        )

@@ -1,6 +1,6 @@
 """Federation mechanics against the real Flower strategies and ClientApp, driven in-process (server/localgrid.py).
 
-The toy backend (shared/federation/toy.py) keeps these fast; the same code paths run the C2L-ST backend.
+The toy backend (shared/backends/toy.py) keeps these fast; the same code paths run the C2L-ST backend.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from client.app import app as client_app  # noqa: E402
 from client.handlers import reply_record  # noqa: E402
 from server.localgrid import LocalGrid  # noqa: E402
 from server.strategy import make_strategy, numpy_to_arrays  # noqa: E402
+from server.validate import update_problems, weighted_mean  # noqa: E402
 from server.workflow import Workflow  # noqa: E402
-from shared.federation import toy  # noqa: E402
-from shared.federation.validate import update_problems, weighted_mean  # noqa: E402
+from shared.backends import toy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PANEL = [f"G{i}" for i in range(6)]
@@ -47,8 +47,17 @@ def make_grid(stores, tmp_path, run_config, **kwargs) -> LocalGrid:
 
 
 def toy_config(tmp_path: Path, **overrides) -> dict:
-    config = {"backend": "toy", "patch-px": 16, "rounds-pretrain": 2, "local-steps": 2, "adapt-steps": 2,
-              "synthetic-count": 8, "out-dir": str(tmp_path / "runs"), "run-name": "r", "lr": 1e-3}
+    config = {
+        "backend": "toy",
+        "patch-px": 16,
+        "rounds-pretrain": 2,
+        "local-steps": 2,
+        "adapt-steps": 2,
+        "synthetic-count": 8,
+        "out-dir": str(tmp_path / "runs"),
+        "run-name": "r",
+        "lr": 1e-3,
+    }
     config.update(overrides)
     return config
 
@@ -94,12 +103,14 @@ def test_node_config_errors_name_the_field(tmp_path):
 
 
 def test_gene_panel_mismatch_is_a_clear_error(stores, tmp_path):
-    from shared.federation.site import open_store
+    from client.site import open_store
 
     run = RunConfig(backend="toy", patch_px=16)
     node = NodeConfig.from_mapping({"data-path": str(stores[0]), "work-dir": str(tmp_path)}, run)
     assert open_store(node, run, PANEL).panel == PANEL
-    with pytest.raises(FedstError, match=r"gene panel .* differs .*position 2 the store has 'G2' where the consortium has 'X2'"):
+    with pytest.raises(
+        FedstError, match=r"gene panel .* differs .*position 2 the store has 'G2' where the consortium has 'X2'"
+    ):
         open_store(node, run, ["G0", "G1", "X2", "G3", "G4", "G5"])
     with pytest.raises(FedstError, match="patch size 16 px, run config 'patch-px' is 32"):
         open_store(node, RunConfig(backend="toy", patch_px=32), None)
@@ -108,8 +119,10 @@ def test_gene_panel_mismatch_is_a_clear_error(stores, tmp_path):
 # -- aggregation and validation ----------------------------------------------------------------------------
 def _reply(node: int, state: dict, weight: float, action: str = "pretrain") -> Message:
     inst = Message(content=RecordDict(), message_type=f"train.{action}", dst_node_id=node)
-    return Message(RecordDict({"arrays": numpy_to_arrays(state), "metrics": MetricRecord({"num-examples": weight, "loss": 1.0})}),
-                   reply_to=inst)
+    return Message(
+        RecordDict({"arrays": numpy_to_arrays(state), "metrics": MetricRecord({"num-examples": weight, "loss": 1.0})}),
+        reply_to=inst,
+    )
 
 
 def _prime(strategy, grid, reference: dict) -> None:
@@ -126,7 +139,9 @@ def test_fedavg_equals_hand_computed_weighted_mean(stores, tmp_path):
     _prime(strategy, grid, base)
     updates = [{k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()} for _ in range(3)]
     weights = [10.0, 30.0, 60.0]
-    arrays, metrics = strategy.aggregate_train(1, [_reply(101 + i, u, w) for i, (u, w) in enumerate(zip(updates, weights))])
+    arrays, metrics = strategy.aggregate_train(
+        1, [_reply(101 + i, u, w) for i, (u, w) in enumerate(zip(updates, weights))]
+    )
     got = {k: v.numpy() for k, v in arrays.items()}
     by_hand = {k: (10 * updates[0][k] + 30 * updates[1][k] + 60 * updates[2][k]) / 100 for k in base}
     for k in base:
@@ -154,9 +169,11 @@ def test_bad_updates_are_rejected_logged_and_excluded(stores, tmp_path):
     strategy.setup_phase("pretrain", run)
     base = {"w": np.zeros((2, 2), np.float32)}
     _prime(strategy, grid, base)
-    replies = [_reply(101, {"w": np.ones((2, 2), np.float32)}, 1.0),
-               _reply(102, {"w": np.full((2, 2), np.nan, np.float32)}, 1.0),
-               _reply(103, {"w": np.full((2, 2), 1e3, np.float32)}, 1.0)]
+    replies = [
+        _reply(101, {"w": np.ones((2, 2), np.float32)}, 1.0),
+        _reply(102, {"w": np.full((2, 2), np.nan, np.float32)}, 1.0),
+        _reply(103, {"w": np.full((2, 2), 1e3, np.float32)}, 1.0),
+    ]
     with pytest.raises(FedstError, match="1 valid updates"):  # min-sites 2
         strategy.aggregate_train(1, replies)
     row = strategy.history[-1]
@@ -169,7 +186,7 @@ def test_bad_updates_are_rejected_logged_and_excluded(stores, tmp_path):
 
 # -- workflow: resume, failures, privacy -------------------------------------------------------------------
 def _final(run_dir: Path) -> dict:
-    from shared.federation.checkpoint import load_checkpoint
+    from server.checkpoint import load_checkpoint
 
     return load_checkpoint(run_dir, "pretrain")
 
@@ -180,7 +197,9 @@ def test_resume_is_bit_identical_to_uninterrupted(stores, tmp_path, strategy):
     run_workflow(stores, tmp_path / "a", toy_config(tmp_path / "a", **phases, **{"rounds-pretrain": 3}))
     # "interrupted" after round 2, then resumed to 3 rounds from the checkpoint (moments included)
     run_workflow(stores, tmp_path / "b", toy_config(tmp_path / "b", **phases, **{"rounds-pretrain": 2}))
-    grid, results = run_workflow(stores, tmp_path / "b", toy_config(tmp_path / "b", **phases, **{"rounds-pretrain": 3, "resume": True}))
+    grid, results = run_workflow(
+        stores, tmp_path / "b", toy_config(tmp_path / "b", **phases, **{"rounds-pretrain": 3, "resume": True})
+    )
     assert [m.content["config"]["server-round"] for m in grid.sent] == [3, 3, 3]  # only round 3 ran again
     a, b = _final(tmp_path / "a" / "runs" / "r"), _final(tmp_path / "b" / "runs" / "r")
     assert a[0] == b[0] == 3
@@ -208,12 +227,16 @@ def test_failing_and_silent_sites_do_not_crash_the_run(stores, tmp_path):
     assert set(results["phases"]["downstream"]["sites"]) == {"site-0", "site-2"}
     assert results["sites"] == {"site-0": 101, "site-2": 103}
     # a silent site (timeout) counts as failed the same way
-    _, results = run_workflow(stores, tmp_path / "t", toy_config(tmp_path / "t", phases="pretrain"), fail={103: "timeout"})
+    _, results = run_workflow(
+        stores, tmp_path / "t", toy_config(tmp_path / "t", phases="pretrain"), fail={103: "timeout"}
+    )
     assert results["phases"]["pretrain"]["rounds"][0]["failed"] == {"node-103": "no reply before round-timeout"}
     assert set(results["phases"]["pretrain"]["rounds"][0]["sites"]) == {"site-0", "site-1"}
     # beyond the tolerance the run stops with a clear error and a results.json saying so
     with pytest.raises(FedstError, match="2 sites failed or rejected \\(failure-tolerance 1\\)"):
-        run_workflow(stores, tmp_path / "f", toy_config(tmp_path / "f", phases="pretrain"), fail={102: "x", 103: "timeout"})
+        run_workflow(
+            stores, tmp_path / "f", toy_config(tmp_path / "f", phases="pretrain"), fail={102: "x", 103: "timeout"}
+        )
     import json
 
     saved = json.loads((tmp_path / "f" / "runs" / "r" / "results.json").read_text())
@@ -228,7 +251,10 @@ def test_a_site_with_the_wrong_panel_is_excluded_with_its_reason(stores, tmp_pat
     config = toy_config(tmp_path, phases="pretrain", consortium=str(consortium))
     _, results = run_workflow([stores[0], stores[1], other.path], tmp_path, config)
     row = results["phases"]["pretrain"]["rounds"][0]
-    assert "gene panel" in row["failed"]["node-103"] and "has 'XIST' where the consortium has 'G5'" in row["failed"]["node-103"]
+    assert (
+        "gene panel" in row["failed"]["node-103"]
+        and "has 'XIST' where the consortium has 'G5'" in row["failed"]["node-103"]
+    )
 
 
 def _tensor_count(state: dict) -> int:
@@ -303,10 +329,14 @@ def test_run_directory_and_site_reports(stores, tmp_path):
 # -- site names in reports ---------------------------------------------------------------------------------
 def test_site_names_declared_validated_and_derived(tmp_path):
     run = RunConfig()
-    node = NodeConfig.from_mapping({"data-path": str(tmp_path), "work-dir": str(tmp_path / "w"), "site": "basel-2"}, run)
+    node = NodeConfig.from_mapping(
+        {"data-path": str(tmp_path), "work-dir": str(tmp_path / "w"), "site": "basel-2"}, run
+    )
     assert node.site == "basel-2"
     with pytest.raises(FedstError, match=r"node config 'site': 'Basel Hospital' is not a site name \(expected 1-64"):
-        NodeConfig.from_mapping({"data-path": str(tmp_path), "work-dir": str(tmp_path / "w"), "site": "Basel Hospital"}, run)
+        NodeConfig.from_mapping(
+            {"data-path": str(tmp_path), "work-dir": str(tmp_path / "w"), "site": "Basel Hospital"}, run
+        )
     toml = tmp_path / "bad" / "site.toml"
     toml.parent.mkdir()
     toml.write_text('site = "zürich/1"\n')
@@ -314,14 +344,19 @@ def test_site_names_declared_validated_and_derived(tmp_path):
         NodeConfig.from_mapping({"data-path": str(toml), "work-dir": str(tmp_path / "w")}, run)
     derived = tmp_path / "my store (v2)"
     derived.mkdir()
-    assert NodeConfig.from_mapping({"data-path": str(derived), "work-dir": str(tmp_path / "w")}, run).site == "my-store--v2-"
+    assert (
+        NodeConfig.from_mapping({"data-path": str(derived), "work-dir": str(tmp_path / "w")}, run).site
+        == "my-store--v2-"
+    )
 
 
 def test_reports_use_declared_names_duplicates_and_earlier_names(stores, tmp_path):
     config = toy_config(tmp_path, phases="pretrain,downstream", **{"rounds-pretrain": 1})
-    nodes = {101: {"data-path": str(stores[0]), "work-dir": str(tmp_path / "w0"), "site": "basel"},
-             102: {"data-path": str(stores[1]), "work-dir": str(tmp_path / "w1"), "site": "basel"},
-             103: {"data-path": str(stores[2]), "work-dir": str(tmp_path / "w2"), "site": "geneva"}}
+    nodes = {
+        101: {"data-path": str(stores[0]), "work-dir": str(tmp_path / "w0"), "site": "basel"},
+        102: {"data-path": str(stores[1]), "work-dir": str(tmp_path / "w1"), "site": "basel"},
+        103: {"data-path": str(stores[2]), "work-dir": str(tmp_path / "w2"), "site": "geneva"},
+    }
     grid = LocalGrid(client_app, nodes, config)
     workflow = Workflow(grid, RunConfig.from_mapping(config), tmp_path / "runs" / "r")
     workflow.pretrain()
@@ -343,7 +378,9 @@ def test_server_discards_replies_with_a_bad_name_or_extra_records(stores, tmp_pa
             reply.content["coords"] = ConfigRecord({"x": [1.0, 2.0]})
         return reply
 
-    config = toy_config(tmp_path, phases="pretrain,downstream", **{"rounds-pretrain": 1, "min-sites": 1, "failure-tolerance": 2})
+    config = toy_config(
+        tmp_path, phases="pretrain,downstream", **{"rounds-pretrain": 1, "min-sites": 1, "failure-tolerance": 2}
+    )
     _, results = run_workflow(stores, tmp_path, config, tamper=tamper)
     row = results["phases"]["pretrain"]["rounds"][0]
     assert set(row["sites"]) == {"site-0"}

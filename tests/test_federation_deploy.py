@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.federation import toy
-from shared.federation.procs import FLWR_IN_MEMORY_STATE, family, free_port, start, stop_tree
-from shared.federation.runner import REPO, SuperLink, supernode_command
+from server.procs import FLWR_IN_MEMORY_STATE, family, free_port, start, stop_tree
+from server.superlink import REPO, SuperLink, supernode_command
+from shared.backends import toy
 
 pytestmark = pytest.mark.slow
 PANEL = [f"G{i}" for i in range(6)]
@@ -24,7 +24,9 @@ def _script(name: str, *args: str) -> None:
     subprocess.run(["bash", str(REPO / "deploy" / name), *map(str, args)], check=True, capture_output=True, timeout=120)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("ssh-keygen") is None, reason="needs openssl and ssh-keygen")
+@pytest.mark.skipif(
+    shutil.which("openssl") is None or shutil.which("ssh-keygen") is None, reason="needs openssl and ssh-keygen"
+)
 @pytest.mark.timeout(420)
 def test_tls_and_node_auth_multi_phase_run(tmp_path):
     certs, keys = tmp_path / "certs", tmp_path / "keys"
@@ -33,23 +35,49 @@ def test_tls_and_node_auth_multi_phase_run(tmp_path):
         _script("make-node-key.sh", keys, name)
     stores = [toy.write_toy_store(tmp_path / f"store-{i}", panel=PANEL, patch_px=16, seed=i).path for i in range(2)]
     started: list[subprocess.Popen] = []
-    link = SuperLink(tmp_path / "flwr", simulation=False, auth=True,
-                     tls={"ca": certs / "ca.crt", "cert": certs / "server.crt", "key": certs / "server.key"})
+    link = SuperLink(
+        tmp_path / "flwr",
+        simulation=False,
+        auth=True,
+        tls={"ca": certs / "ca.crt", "cert": certs / "server.crt", "key": certs / "server.key"},
+    )
     try:
         with link:
             for i in range(2):
                 link.flwr("supernode", "register", str(keys / f"site-{i}.pub"), link.name)
             for i, store in enumerate(stores):
-                cmd = supernode_command(link.address, {"data-path": str(store), "work-dir": str(tmp_path / f"work-{i}")},
-                                        free_port(), ca=certs / "ca.crt", key=keys / f"site-{i}")
+                cmd = supernode_command(
+                    link.address,
+                    {"data-path": str(store), "work-dir": str(tmp_path / f"work-{i}")},
+                    free_port(),
+                    ca=certs / "ca.crt",
+                    key=keys / f"site-{i}",
+                )
                 started.append(start(cmd, tmp_path / f"supernode-{i}.log", env=link.env))
             # an unregistered key is refused: the SuperNode exits with 305
-            rogue = start(supernode_command(link.address, {"data-path": str(stores[0]), "work-dir": str(tmp_path / "rogue")},
-                                            free_port(), ca=certs / "ca.crt", key=keys / "rogue"),
-                          tmp_path / "rogue.log", env=link.env)
+            rogue = start(
+                supernode_command(
+                    link.address,
+                    {"data-path": str(stores[0]), "work-dir": str(tmp_path / "rogue")},
+                    free_port(),
+                    ca=certs / "ca.crt",
+                    key=keys / "rogue",
+                ),
+                tmp_path / "rogue.log",
+                env=link.env,
+            )
             started.append(rogue)
-            overrides = {"backend": "toy", "patch-px": 16, "rounds-pretrain": 2, "local-steps": 2, "adapt-steps": 2,
-                         "synthetic-count": 8, "out-dir": str(tmp_path / "runs"), "run-name": "deploy", "min-sites": 2}
+            overrides = {
+                "backend": "toy",
+                "patch-px": 16,
+                "rounds-pretrain": 2,
+                "local-steps": 2,
+                "adapt-steps": 2,
+                "synthetic-count": 8,
+                "out-dir": str(tmp_path / "runs"),
+                "run-name": "deploy",
+                "min-sites": 2,
+            }
             run_id = link.submit(REPO, overrides)
             info = link.wait(run_id, timeout=300)
             assert info["status"] == "finished:completed", link.logs(run_id)[-3000:]
@@ -79,7 +107,7 @@ def test_tls_and_node_auth_multi_phase_run(tmp_path):
 # float32 tensor of MEGABYTES (random, so Flower's content-addressed 5 MB chunks cannot be deduplicated) and a
 # per-site offset; each site returns tensor + offset (distinct per site: identical replies would be deduplicated
 # too) and its float64 sum; the ServerApp checks every reply element-wise and writes a summary.
-BIG_APP = textwrap.dedent('''
+BIG_APP = textwrap.dedent("""
     import json, time
     from pathlib import Path
 
@@ -115,8 +143,14 @@ BIG_APP = textwrap.dedent('''
             time.sleep(0.5)
         x = tensor(float(config["megabytes"]))
         offsets = {node: float(i + 1) for i, node in enumerate(nodes)}
-        messages = [Message(RecordDict({"arrays": ArrayRecord({"x": Array(x)}), "config": ConfigRecord({"offset": offsets[node]})}),
-                            dst_node_id=node, message_type="train") for node in nodes]
+        messages = [
+            Message(
+                RecordDict({"arrays": ArrayRecord({"x": Array(x)}), "config": ConfigRecord({"offset": offsets[node]})}),
+                dst_node_id=node,
+                message_type="train",
+            )
+            for node in nodes
+        ]
         started = time.perf_counter()
         replies = list(grid.send_and_receive(messages, timeout=float(config["timeout"])))
         wall = time.perf_counter() - started
@@ -130,13 +164,14 @@ BIG_APP = textwrap.dedent('''
             if abs(reply.content.metric_records["metrics"]["sum"] - float(x.sum(dtype=np.float64))) > 1e-3:
                 raise RuntimeError("a site saw a different tensor")
         Path(config["out"]).write_text(json.dumps({"replies": len(replies), "bytes": int(x.nbytes), "wall-s": wall}))
-''')
+""")
 
 
 def _write_big_app(folder: Path, megabytes: float, sites: int, out: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "bigmsg.py").write_text(BIG_APP)
-    (folder / "pyproject.toml").write_text(textwrap.dedent(f'''
+    (folder / "pyproject.toml").write_text(
+        textwrap.dedent(f'''
         [build-system]
         requires = ["setuptools>=68"]
         build-backend = "setuptools.build_meta"
@@ -158,7 +193,8 @@ def _write_big_app(folder: Path, megabytes: float, sites: int, out: Path) -> Pat
         sites = {sites}
         timeout = 300.0
         out = "{out}"
-    '''))
+    ''')
+    )
     return folder
 
 
@@ -167,7 +203,8 @@ def test_model_update_over_100_mb_reaches_every_site_and_back(tmp_path):
     """The `base` preset's update is ~107 MB per site each way; with SQLite SuperLink state it ended
     `finished:failed` on a busy host (`database is locked` -> HTTP 500 that Flower does not retry, replies lost).
     That race depends on load, so this guards the large-message path end to end (real SuperLink + 2 SuperNodes,
-    every byte checked) and the in-memory state configuration (the runner's and deploy/'s default) that removes the lock."""
+    every byte checked) and the in-memory state configuration (the runner's and deploy/'s default) that removes the
+    lock."""
     megabytes, sites = 110.0, 2
     summary = tmp_path / "summary.json"
     app = _write_big_app(tmp_path / "app", megabytes, sites, summary)

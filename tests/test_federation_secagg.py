@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.backends import toy
 from shared.config import NodeConfig, RunConfig
 from shared.errors import FedstError
-from shared.federation import toy
 
 flwr = pytest.importorskip("flwr")
 
@@ -32,11 +32,11 @@ from flwr.app import ArrayRecord, Message, RecordDict  # noqa: E402
 
 from client.app import app as client_app  # noqa: E402
 from client.handlers import check_secagg_range  # noqa: E402
+from client.site import SiteTask  # noqa: E402
+from server.checkpoint import load_checkpoint  # noqa: E402
 from server.localgrid import LocalGrid  # noqa: E402
 from server.secagg import screen_reply  # noqa: E402
 from server.workflow import Workflow  # noqa: E402
-from shared.federation.checkpoint import load_checkpoint  # noqa: E402
-from shared.federation.site import SiteTask  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PANEL = [f"G{i}" for i in range(6)]
@@ -52,8 +52,16 @@ def stores(tmp_path_factory) -> list[Path]:
 
 
 def toy_config(out: Path, **overrides) -> dict:
-    config = {"backend": "toy", "patch-px": 16, "phases": "pretrain", "rounds-pretrain": 1, "local-steps": 3,
-              "out-dir": str(out / "runs"), "run-name": "r", "lr": 1e-2}
+    config = {
+        "backend": "toy",
+        "patch-px": 16,
+        "phases": "pretrain",
+        "rounds-pretrain": 1,
+        "local-steps": 3,
+        "out-dir": str(out / "runs"),
+        "run-name": "r",
+        "lr": 1e-2,
+    }
     config.update(overrides)
     return config
 
@@ -72,7 +80,9 @@ def site_updates(stores, config: dict, start: dict, server_round: int, scratch: 
     updates, weights = [], []
     for i, store in enumerate(stores):
         node = NodeConfig.from_mapping({"data-path": str(store), "work-dir": str(scratch / f"recompute-{i}")}, run)
-        state, metrics = SiteTask(run, node).pretrain({k: v.copy() for k, v in start.items()}, server_round, prox_mu=prox)
+        state, metrics = SiteTask(run, node).pretrain(
+            {k: v.copy() for k, v in start.items()}, server_round, prox_mu=prox
+        )
         updates.append(state)
         weights.append(metrics["num-examples"])
     return updates, weights
@@ -108,12 +118,22 @@ def checkpoint_model(run_dir: Path, server_round: int) -> dict:
 
 # -- configuration -----------------------------------------------------------------------------------------
 def test_secagg_config_errors_before_the_run():
-    ok = RunConfig.from_mapping({"secagg": "true", "strategy": "fedprox", "secagg-num-shares": 5,
-                                 "secagg-reconstruction-threshold": 3, "min-sites": 3})
+    ok = RunConfig.from_mapping(
+        {
+            "secagg": "true",
+            "strategy": "fedprox",
+            "secagg-num-shares": 5,
+            "secagg-reconstruction-threshold": 3,
+            "min-sites": 3,
+        }
+    )
     assert ok.secagg and ok.secagg_num_shares == 5 and ok.secagg_reconstruction_threshold == 3
     with pytest.raises(FedstError, match=r"'strategy' is 'fedadam'; expected fedavg or fedprox with secagg = true"):
         RunConfig.from_mapping({"secagg": True, "strategy": "fedadam"})
-    with pytest.raises(FedstError, match=r"'secagg-reconstruction-threshold' is 3; expected an integer >= 2 and < secagg-num-shares \(3\)"):
+    with pytest.raises(
+        FedstError,
+        match=r"'secagg-reconstruction-threshold' is 3; expected an integer >= 2 and < secagg-num-shares \(3\)",
+    ):
         RunConfig.from_mapping({"secagg": True, "secagg-reconstruction-threshold": 3})
     with pytest.raises(FedstError, match=r"'secagg-num-shares' is 2"):
         RunConfig.from_mapping({"secagg": True, "secagg-num-shares": 2})
@@ -160,7 +180,10 @@ def test_one_round_secagg_equals_fedavg_within_the_quantisation_bound(stores, tm
     secagg = checkpoint_model(Path(secure["out-dir"]) / "r", 1)
     assert worst(fedavg, exact, {k: np.full_like(v, 1e-6) for k, v in exact.items()})[1] <= 1  # plain path is FedAvg
     diff, ratio = worst(secagg, exact, bound)
-    print(f"\n[{strategy}] secagg vs FedAvg: max |diff| {diff:.3g}, rounding bound {rounding:.3g}, max diff/bound {ratio:.3f}")
+    print(
+        f"\n[{strategy}] secagg vs FedAvg: max |diff| {diff:.3g}, "
+        f"rounding bound {rounding:.3g}, max diff/bound {ratio:.3f}"
+    )
     assert ratio <= 1.0
     assert diff > 0  # it really went through quantisation (not a plaintext shortcut)
     assert set(secagg) == set(fedavg) and all(secagg[k].dtype == fedavg[k].dtype for k in secagg)
@@ -173,7 +196,12 @@ def test_one_round_secagg_equals_fedavg_within_the_quantisation_bound(stores, tm
         assert reply.metadata.message_type == "train" and not reply.has_error()
         assert screen_reply(reply.content) == []
         assert all(len(a.data) == 0 for record in reply.content.array_records.values() for a in record.values())
-        assert set(reply.content.config_records.keys()) <= {"secaggplus_configs", "fitres.status", "fitres.metrics", "site"}
+        assert set(reply.content.config_records.keys()) <= {
+            "secaggplus_configs",
+            "fitres.status",
+            "fitres.metrics",
+            "site",
+        }
     assert len(grid.replies) == 3 * 4  # setup, share keys, collect masked vectors, unmask
 
 
@@ -207,8 +235,11 @@ def test_two_rounds_each_aggregate_within_the_bound_and_resume_is_identical(stor
     for key, value in checkpoint_model(run_dir, 2).items():
         np.testing.assert_array_equal(again[1][key], value)
     assert [r["round"] for r in results["phases"]["pretrain"]["rounds"]] == [1, 2]
-    assert {m.content.config_records["fitins.config"]["server-round"] for m in grid.sent
-            if "fitins.config" in m.content.config_records} == {2}  # only round 2 ran again
+    assert {
+        m.content.config_records["fitins.config"]["server-round"]
+        for m in grid.sent
+        if "fitins.config" in m.content.config_records
+    } == {2}  # only round 2 ran again
 
 
 def test_a_site_leaking_plaintext_is_dropped_and_the_rest_unmasked(stores, tmp_path):
@@ -245,14 +276,19 @@ def test_the_aggregate_is_screened_and_a_halted_protocol_fails_clearly(stores, t
 def test_flwr_simulation_secagg_pretrain_then_message_api_phases(stores, tmp_path):
     """One `flwr run` (private SuperLink, 3 simulated SuperNodes): two SecAgg+ pretraining rounds, then the
     adapt phase on the message API; the round-1 aggregate matches FedAvg of the sites' models."""
-    from shared.federation.runner import SuperLink
+    from server.superlink import SuperLink
 
     consortium = tmp_path / "consortium"
     for i, store in enumerate(stores):
         shutil.copytree(store, consortium / f"site-{i}")
     (consortium / "panel.txt").write_text("\n".join(PANEL) + "\n")
-    config = toy_config(tmp_path, secagg=True, phases="pretrain,adapt", consortium=str(consortium),
-                        **{"rounds-pretrain": 2, "adapt-steps": 2, "sites-root": str(tmp_path / "sites"), "round-timeout": 300.0})
+    config = toy_config(
+        tmp_path,
+        secagg=True,
+        phases="pretrain,adapt",
+        consortium=str(consortium),
+        **{"rounds-pretrain": 2, "adapt-steps": 2, "sites-root": str(tmp_path / "sites"), "round-timeout": 300.0},
+    )
     with SuperLink(tmp_path / "flwr", simulation=True) as link:
         run_id = link.submit(REPO, config, federation_config="num_supernodes=3 client_resources_num_cpus=1")
         info = link.wait(run_id, timeout=360)
@@ -267,7 +303,9 @@ def test_flwr_simulation_secagg_pretrain_then_message_api_phases(stores, tmp_pat
     assert set(results["sites"]) == {"site-0", "site-1", "site-2"}
     summary = (run_dir / "summary.md").read_text()
     assert "`site-1`" in summary and "## pretrain (secure aggregation: SecAgg+)" in summary
-    updates, weights = site_updates([consortium / f"site-{i}" for i in range(3)], config, toy.initial_state(0), 1, tmp_path)
+    updates, weights = site_updates(
+        [consortium / f"site-{i}" for i in range(3)], config, toy.initial_state(0), 1, tmp_path
+    )
     exact, bound, rounding = fedavg_and_bound(updates, weights, RunConfig.from_mapping(config))
     diff, ratio = worst(checkpoint_model(run_dir, 1), exact, bound)
     print(f"\nflwr simulation: secagg round 1 vs FedAvg max |diff| {diff:.3g}, rounding bound {rounding:.3g}")

@@ -33,8 +33,24 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_fedst_demo_simulation_runs_every_phase(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli.main", "demo", "--backend", "toy", "--sites", "3", "--rounds", "2", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=380,
+        [
+            sys.executable,
+            "-m",
+            "shared.cli.main",
+            "demo",
+            "--backend",
+            "toy",
+            "--sites",
+            "3",
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=380,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "pretrain round 2: 3 sites" in done.stdout and "downstream: done on 3 sites" in done.stdout

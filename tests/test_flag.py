@@ -9,7 +9,6 @@ import torch
 from shared.downstream.flag.regressor import FlagRegressor, FlagSettings
 from shared.downstream.flag.sde import heun_sample
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -74,7 +73,9 @@ def test_save_load_restores_the_exact_model(fitted, tmp_path) -> None:
     reg, (feats, _, coords, sections, _) = fitted
     reg.save(tmp_path / "flag")
     back = FlagRegressor.load(tmp_path / "flag", device="cpu")
-    np.testing.assert_array_equal(back.predict(feats, coords, sections, mpp=1.0), reg.predict(feats, coords, sections, mpp=1.0))
+    np.testing.assert_array_equal(
+        back.predict(feats, coords, sections, mpp=1.0), reg.predict(feats, coords, sections, mpp=1.0)
+    )
 
 
 def test_edge_condition_switch_changes_the_condition(fitted) -> None:

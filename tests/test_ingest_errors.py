@@ -38,8 +38,11 @@ def _legacy(tmp_path: Path, counts, spots, cache: Path, image: Path | None = Non
     counts.to_csv(tmp_path / "c.tsv", sep="\t")
     spots.to_csv(tmp_path / "s.tsv", sep="\t", index=False)
     return load_legacy_st_section(
-        tmp_path / "c.tsv", tmp_path / "s.tsv", image or shared_path("her2st", "images", "C2.jpg"),
-        mpp=mpp, cache_dir=cache,
+        tmp_path / "c.tsv",
+        tmp_path / "s.tsv",
+        image or shared_path("her2st", "images", "C2.jpg"),
+        mpp=mpp,
+        cache_dir=cache,
     )
 
 
@@ -231,7 +234,9 @@ def _cli(*args: str, env_cache: Path) -> subprocess.CompletedProcess:
 def test_cli_bad_input_is_one_error_line(tmp_path: Path):
     folder = shared_path("visium", "squidpy_tests_data")
     toml = tmp_path / "SITE.toml"
-    toml.write_text(f"[[sections]]\nformat = 'h5ad'\nh5ad = '{folder / 'test_data.h5ad'}'\nimage = '{folder / 'test_img.jpg'}'\n")
+    toml.write_text(
+        f"[[sections]]\nformat = 'h5ad'\nh5ad = '{folder / 'test_data.h5ad'}'\nimage = '{folder / 'test_img.jpg'}'\n"
+    )
     for args, needle in [
         (("data", "inspect", str(tmp_path / "absent.svs")), "absent.svs: no such file"),
         (("data", "inspect", str(toml)), "test_img.jpg: image carries no microns-per-pixel"),

@@ -211,9 +211,9 @@ panel = "../panel.txt"
 [[sections]]
 id = "C2-st"
 format = "legacy-st"
-counts = "{her2st / 'counts' / 'C2.tsv.gz'}"
-spots = "{her2st / 'spots' / 'C2_selection.tsv'}"
-image = "{her2st / 'images' / 'C2.jpg'}"
+counts = "{her2st / "counts" / "C2.tsv.gz"}"
+spots = "{her2st / "spots" / "C2_selection.tsv"}"
+image = "{her2st / "images" / "C2.jpg"}"
 mpp = 0.7
 
 [[sections]]

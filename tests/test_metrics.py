@@ -62,7 +62,7 @@ def test_ssim_hand_computed():
     truth = np.array([[0.0], [1.0], [2.0]])  # min-max -> (0, .5, 1)
     pred = np.array([[0.0], [2.0], [1.0]])  # min-max -> (0, 1, .5)
     mx = my = 0.5
-    vx = vy = ((0.25 + 0.25 + 0) / 3)  # 1/6
+    vx = vy = (0.25 + 0.25 + 0) / 3  # 1/6
     cxy = ((-0.5) * (-0.5) + 0.5 * 0 + 0 * 0.5) / 3  # 1/12
     c1, c2 = 1e-4, 9e-4
     expected = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
@@ -134,8 +134,14 @@ def test_ari_nmi():
 
 def test_accuracy_score_ranks_methods_not_genes():
     results = {
-        "d1": {"a": {"pcc_per_slide_mean": 0.5, "rmse_minmax": 0.1}, "b": {"pcc_per_slide_mean": 0.3, "rmse_minmax": 0.2}},
-        "d2": {"a": {"pcc_per_slide_mean": 0.2, "rmse_minmax": 0.3}, "b": {"pcc_per_slide_mean": 0.4, "rmse_minmax": 0.3}},
+        "d1": {
+            "a": {"pcc_per_slide_mean": 0.5, "rmse_minmax": 0.1},
+            "b": {"pcc_per_slide_mean": 0.3, "rmse_minmax": 0.2},
+        },
+        "d2": {
+            "a": {"pcc_per_slide_mean": 0.2, "rmse_minmax": 0.3},
+            "b": {"pcc_per_slide_mean": 0.4, "rmse_minmax": 0.3},
+        },
     }
     # d1: a best on both (rank 2/2), b (1/2); d2: pcc b best; rmse tie -> 1.5/2 each
     s = M.accuracy_score(results, metrics=("pcc_per_slide_mean", "rmse_minmax"))
@@ -165,8 +171,20 @@ def test_evaluate_predictions_reports_everything_without_nan():
     pred[:, 3] = 1.0  # constant prediction
     sections = np.array(["s1"] * 15 + ["s2"] * 15)
     out = M.evaluate_predictions(pred, truth, coords, sections, [f"g{i}" for i in range(5)])
-    for key in ("pcc_per_slide_mean", "pcc_pooled", "pcc_top_k", "mse", "rmse", "mae", "rmse_minmax", "ssim",
-                "js_divergence", "js_distance", "gsc", "ssc"):
+    for key in (
+        "pcc_per_slide_mean",
+        "pcc_pooled",
+        "pcc_top_k",
+        "mse",
+        "rmse",
+        "mae",
+        "rmse_minmax",
+        "ssim",
+        "js_divergence",
+        "js_distance",
+        "gsc",
+        "ssc",
+    ):
         assert isinstance(out[key], float) and np.isfinite(out[key]), key
     assert out["n_genes_constant_truth"] == 2  # gene 4 in both slides
     assert out["n_genes_constant_pred"] == 2  # gene 3 in both slides

@@ -13,7 +13,6 @@ from shared import keys
 from shared.downstream.predictor import evaluate_predictor, load_predictor, train_predictor
 from shared.errors import FedstError
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -28,11 +27,21 @@ def site(synthetic_stores):
     return store, train_section, test_section
 
 
-@pytest.mark.parametrize("kind,kw", [("ridge", {}), ("mlp", {"epochs": 60}), pytest.param("flag", {"steps": 400, "max_spots": 64, "sample_steps": 8, "n_samples": 4}, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kind,kw",
+    [
+        ("ridge", {}),
+        ("mlp", {"epochs": 60}),
+        pytest.param(
+            "flag", {"steps": 400, "max_spots": 64, "sample_steps": 8, "n_samples": 4}, marks=pytest.mark.slow
+        ),
+    ],
+)
 def test_predictor_beats_the_training_mean_on_a_held_out_section(site, kind, kw, tmp_path) -> None:
     store, train_section, test_section = site
-    predictor = train_predictor([store], kind, "stats", spot_indices={store.path: _section_rows(store, train_section)},
-                                progress=False, **kw)
+    predictor = train_predictor(
+        [store], kind, "stats", spot_indices={store.path: _section_rows(store, train_section)}, progress=False, **kw
+    )
     metrics = evaluate_predictor(predictor, store, sections=[test_section])
     # The generated tissue ties expression to nuclei density/size/stain (README: synthetic consortium), so
     # image features carry real signal; a constant (training-mean) prediction has PCC 0 by the stated rule.
@@ -61,16 +70,45 @@ def test_synthetic_extra_store_with_another_panel_is_refused(synthetic_stores, t
 def test_cli_train_then_predict_writes_anndata_and_heatmaps(synthetic_stores, tmp_path) -> None:
     store = synthetic_stores[1]
     cli = [sys.executable, "-m", "shared.cli.main"]
-    subprocess.run([*cli, "train-predictor", str(store.path), "--out", str(tmp_path / "model"), "--no-progress"],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [*cli, "train-predictor", str(store.path), "--out", str(tmp_path / "model"), "--no-progress"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     out = tmp_path / "pred.h5ad"
-    run = subprocess.run([*cli, "predict", "--model", str(tmp_path / "model"), "--section", str(store.path),
-                          "--out", str(out), "--no-progress"], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            *cli,
+            "predict",
+            "--model",
+            str(tmp_path / "model"),
+            "--section",
+            str(store.path),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     pred = anndata.read_h5ad(out)
     assert pred.shape == (store.n_spots, len(store.panel))
     np.testing.assert_array_equal(pred.obsm[keys.SPATIAL], store.spots.obsm[keys.SPATIAL])
     assert list(tmp_path.glob("*.png")), "heatmaps of predicted vs measured genes are written beside the output"
-    bad = subprocess.run([*cli, "predict", "--model", str(tmp_path / "nope"), "--section", str(store.path),
-                          "--out", str(tmp_path / "x.h5ad")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            *cli,
+            "predict",
+            "--model",
+            str(tmp_path / "nope"),
+            "--section",
+            str(store.path),
+            "--out",
+            str(tmp_path / "x.h5ad"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

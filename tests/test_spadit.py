@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from shared import keys
+from shared.downstream.dit import DiTBlock
 from shared.downstream.spadit.baseline import knn_impute
 from shared.downstream.spadit.data import frame_genes, pair_genes, split_genes
-from shared.downstream.dit import DiTBlock
 from shared.downstream.spadit.model import SpaDiT, create_spadit
 from shared.downstream.spadit.train import make_scheduler, sample_genes, train_spadit
 from shared.errors import FedstError
@@ -42,20 +42,21 @@ def make_pair(n_spots: int = 60, n_cells: int = 90, n_genes: int = 24, n_types: 
     st = ad.AnnData(X=spots.astype(np.float32), obs=pd.DataFrame(index=[f"s{i}" for i in range(n_spots)]))
     st.var_names = genes
     st.obsm[keys.SPATIAL] = xy
-    sc = ad.AnnData(X=cells.astype(np.float32), obs=pd.DataFrame({"cell_type": [f"T{t}" for t in types]},
-                                                                 index=[f"c{i}" for i in range(n_cells)]))
+    sc = ad.AnnData(
+        X=cells.astype(np.float32),
+        obs=pd.DataFrame({"cell_type": [f"T{t}" for t in types]}, index=[f"c{i}" for i in range(n_cells)]),
+    )
     sc.var_names = genes
     return st, sc
 
 
 def test_forward_shapes_and_zero_output_at_init():
-    model = create_spadit("tiny", n_spots=37, n_cells=50, n_ref_genes=11)   # spots not a multiple of the patch
+    model = create_spadit("tiny", n_spots=37, n_cells=50, n_ref_genes=11)  # spots not a multiple of the patch
     cond = model.encode_reference(torch.randn(11, 50))
     assert cond.shape == (32,)
-    eps = model(torch.randn(5, 37), torch.tensor([0, 10, 100, 500, 999]), torch.randn(5, 50), cond,
-                torch.randn(5, 37))
+    eps = model(torch.randn(5, 37), torch.tensor([0, 10, 100, 500, 999]), torch.randn(5, 50), cond, torch.randn(5, 37))
     assert eps.shape == (5, 37)
-    assert torch.count_nonzero(eps) == 0          # adaLN-Zero + zero head: the untrained model predicts 0
+    assert torch.count_nonzero(eps) == 0  # adaLN-Zero + zero head: the untrained model predicts 0
     with pytest.raises(FedstError, match="expects"):
         model.encode_reference(torch.randn(12, 50))
     with pytest.raises(FedstError, match="spot_prior"):
@@ -68,14 +69,14 @@ def test_zero_initialised_adaln_blocks_are_identity():
     x, c = torch.randn(3, 7, 16), torch.randn(3, 16)
     assert torch.equal(block(x, c), x)
     with torch.no_grad():
-        block.ada[1].bias.add_(0.1)                # once the gates open the block is no longer the identity
+        block.ada[1].bias.add_(0.1)  # once the gates open the block is no longer the identity
     assert not torch.allclose(block(x, c), x)
 
 
 def test_save_load_restores_exact_model(tmp_path):
     torch.manual_seed(1)
     model = create_spadit("tiny", n_spots=20, n_cells=30, n_ref_genes=8, depth=1)
-    for p in model.parameters():                   # leave init so the comparison is non-trivial
+    for p in model.parameters():  # leave init so the comparison is non-trivial
         torch.nn.init.normal_(p, std=0.1)
     model.save(tmp_path / "m")
     again = SpaDiT.load(tmp_path / "m")
@@ -96,7 +97,7 @@ def test_cosine_schedule_matches_closed_form_and_diffusers():
     sched = make_scheduler(1000)
     T = 1000
 
-    def alpha_bar(t: float) -> float:              # Nichol & Dhariwal 2021, eq. 17 (s = 0.008)
+    def alpha_bar(t: float) -> float:  # Nichol & Dhariwal 2021, eq. 17 (s = 0.008)
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
     betas = np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)])
@@ -163,7 +164,7 @@ def test_imputation_never_reads_held_out_truth():
 def test_genes_pair_by_name_not_row_order():
     st, sc = make_pair(n_genes=10)
     shuffled = sc[:, np.random.default_rng(0).permutation(sc.n_vars)].copy()
-    shuffled.var_names = [g.upper() for g in shuffled.var_names]       # case differs too
+    shuffled.var_names = [g.upper() for g in shuffled.var_names]  # case differs too
     a, b = pair_genes(st, sc), pair_genes(st, shuffled)
     order = [b.genes.index(g.upper()) for g in a.genes]
     np.testing.assert_array_equal(a.sc_counts, b.sc_counts[order])
@@ -171,7 +172,7 @@ def test_genes_pair_by_name_not_row_order():
     split = split_genes(a, holdout_fraction=0.3, seed=3)
     assert len(np.intersect1d(split.test, split.measured)) == 0 and len(split.test) == 3
     np.testing.assert_array_equal(split.test, split_genes(a, holdout_fraction=0.3, seed=3).test)
-    frame = frame_genes(a, split)                 # ST library over measured genes only: truth leaks nothing
+    frame = frame_genes(a, split)  # ST library over measured genes only: truth leaks nothing
     lib = a.st_counts[split.measured].sum(0)
     np.testing.assert_allclose(frame.st_log[0], np.log1p(a.st_counts[0] / lib * keys.TARGET_SUM))
 
@@ -196,7 +197,7 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_knn_baseline_known_answer():
     rng = np.random.default_rng(0)
-    cells = rng.normal(size=(8, 30))                 # measured genes x cells
+    cells = rng.normal(size=(8, 30))  # measured genes x cells
     target = rng.normal(size=(2, 30))
     spots_idx = np.array([4, 17, 29, 0])
     pred = knn_impute(cells[:, spots_idx] * 3.0 + 1.0, cells, target, k=1)
@@ -215,14 +216,13 @@ def test_small_merfish_run_is_finite_and_beats_the_mean(tmp_path):
     st, sc = load_sc_spatial(shared_path("sc-spatial", "merfish_hypothalamus"))
     assert st.shape == (750, 134) and sc.shape == (1308, 134) and st.obsm[keys.SPATIAL].shape == (750, 2)
     st, sc = st[:240].copy(), sc[::3].copy()
-    result = run_imputation(st, sc, holdout_fraction=0.2, epochs=60, steps=20, n_samples=2, seed=0,
-                            progress=False)
+    result = run_imputation(st, sc, holdout_fraction=0.2, epochs=60, steps=20, n_samples=2, seed=0, progress=False)
     assert len(result.genes) == 27 and result.has_truth.all()
     for pred in result.predictions.values():
         assert pred.shape == (240, 27) and np.isfinite(pred).all() and (pred >= 0).all()
     # a constant (mean) predictor has PCC 0 on every gene; both methods must carry real signal
     assert result.metrics["knn"]["pcc"] > 0.15
-    assert result.metrics["spadit"]["pcc"] > 0.1        # measured: 0.17 (kNN 0.26)
+    assert result.metrics["spadit"]["pcc"] > 0.1  # measured: 0.17 (kNN 0.26)
     written = write_result(result, st, tmp_path / "out.h5ad")
     assert all(p.stat().st_size > 0 for p in written.values())
     import anndata as ad
@@ -240,7 +240,7 @@ def test_loaders_read_visium_and_bdtnp():
     st, sc = load_sc_spatial(shared_path("sc-spatial", "visium_hippocampus"))
     assert st.shape == (313, 276) and sc.shape == (510, 307)
     assert sc.obs[CELL_TYPE].nunique() == 17
-    assert len(pair_genes(st, sc).genes) == 124                 # shared by (case-insensitive) name
+    assert len(pair_genes(st, sc).genes) == 124  # shared by (case-insensitive) name
     atlas = load_bdtnp(shared_path("sc-spatial", "bdtnp"))
     assert atlas.shape == (3039, 84) and atlas.obsm["spatial_3d"].shape == (3039, 3)
     np.testing.assert_allclose(atlas.obsm[keys.SPATIAL][0], [-194.04, 0.22])
@@ -266,11 +266,36 @@ def test_cli_impute_end_to_end(tmp_path):
     st, sc = make_pair(n_spots=50, n_cells=70, n_genes=20)
     st.write_h5ad(tmp_path / "st.h5ad")
     sc.write_h5ad(tmp_path / "sc.h5ad")
-    cli = [sys.executable, "-m", "shared.cli.main", "impute", "--spatial", str(tmp_path / "st.h5ad"),
-           "--reference", str(tmp_path / "sc.h5ad")]
-    ok = subprocess.run(cli + ["--holdout-fraction", "0.25", "--epochs", "5", "--steps", "5", "--samples", "1",
-                               "--out", str(tmp_path / "imp.h5ad"), "--save-model", str(tmp_path / "model")],
-                        capture_output=True, text=True, timeout=120)
+    cli = [
+        sys.executable,
+        "-m",
+        "shared.cli.main",
+        "impute",
+        "--spatial",
+        str(tmp_path / "st.h5ad"),
+        "--reference",
+        str(tmp_path / "sc.h5ad"),
+    ]
+    ok = subprocess.run(
+        cli
+        + [
+            "--holdout-fraction",
+            "0.25",
+            "--epochs",
+            "5",
+            "--steps",
+            "5",
+            "--samples",
+            "1",
+            "--out",
+            str(tmp_path / "imp.h5ad"),
+            "--save-model",
+            str(tmp_path / "model"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     import anndata as ad
 
@@ -280,8 +305,12 @@ def test_cli_impute_end_to_end(tmp_path):
     assert set(report["metrics"]) == {"spadit", "knn"} and len(report["genes"]) == 5
     assert (tmp_path / "imp.maps.png").stat().st_size > 0
     assert SpaDiT.load(tmp_path / "model").config.n_spots == 50
-    bad = subprocess.run(cli + ["--genes", "Gene1,NotAGene", "--out", str(tmp_path / "bad.h5ad")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        cli + ["--genes", "Gene1,NotAGene", "--out", str(tmp_path / "bad.h5ad")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: requested gene 'NotAGene' is absent")
     assert not (tmp_path / "bad.h5ad").exists()

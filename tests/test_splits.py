@@ -32,11 +32,14 @@ def test_integer_counts_and_minimum_one_section():
     assert split_sections(["only"], test=0.0).train == ["only"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"test": 2, "val": 1}, "leave none"),
-    ({"test": -1}, "count >= 0"),
-    ({"test": 1.5}, "fraction in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"test": 2, "val": 1}, "leave none"),
+        ({"test": -1}, "count >= 0"),
+        ({"test": 1.5}, "fraction in"),
+    ],
+)
 def test_bad_split_requests(kwargs, message):
     with pytest.raises(FedstError, match=message):
         split_sections(SECTIONS[:3], **kwargs)

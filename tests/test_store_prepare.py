@@ -10,14 +10,13 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+from conftest import shared_path
 
 from shared import keys
 from shared.errors import FedstError
 from shared.store import PatchStore, is_store
 from shared.store.prepare import prepare_store
-from shared.store.tissue import saturation, tile_grid, tissue_mask, otsu_threshold
-
-from conftest import shared_path
+from shared.store.tissue import otsu_threshold, saturation, tile_grid, tissue_mask
 
 
 def _manifest_mtime(store: Path) -> int:
@@ -125,8 +124,14 @@ def test_interrupted_prepare_leaves_no_store_and_no_temp_dir(site0, tmp_path, mo
 
 def test_panel_genes_the_source_lacks_are_masked(site0, tmp_path):
     toml, _ = site0
-    store = prepare_store(toml, tmp_path / "store", panel=["epcam", "NOT_A_GENE", "ptprc"], patch_px=16,
-                          max_tiles_per_section=0, progress=False)
+    store = prepare_store(
+        toml,
+        tmp_path / "store",
+        panel=["epcam", "NOT_A_GENE", "ptprc"],
+        patch_px=16,
+        max_tiles_per_section=0,
+        progress=False,
+    )
     assert store.panel == ["epcam", "NOT_A_GENE", "ptprc"]
     measured = store.spots.layers[keys.MEASURED]
     assert (measured[:, [0, 2]] == 1).all() and (measured[:, 1] == 0).all()
@@ -145,12 +150,15 @@ def test_no_panel_falls_back_to_site_hvgs_with_a_warning(site0, tmp_path, caplog
     assert 0 < len(store.panel) <= 64 and not any(g.startswith(("MT-", "RPL", "RPS")) for g in store.panel)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"patch_px": 8}, "patch_px must be an integer in 16..512"),
-    ({"field_um": -1.0}, "field_um must be"),
-    ({"tile_px": 48}, "keeps tiles at the patch size"),
-    ({"panel": ["NOPE1", "NOPE2"]}, "section S0A: no gene overlap with the panel"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"patch_px": 8}, "patch_px must be an integer in 16..512"),
+        ({"field_um": -1.0}, "field_um must be"),
+        ({"tile_px": 48}, "keeps tiles at the patch size"),
+        ({"panel": ["NOPE1", "NOPE2"]}, "section S0A: no gene overlap with the panel"),
+    ],
+)
 def test_bad_requests_write_nothing(site0, tmp_path, kwargs, message):
     toml, _ = site0
     with pytest.raises(FedstError, match=message):
@@ -189,8 +197,14 @@ def test_her2st_c2_store_with_the_histogene_panel(tmp_path):
     data = shared_path("her2st")
     toml = _her2st_toml(tmp_path)
     panel_file = data / "histogene_genes.npy"
-    store = prepare_store(toml, tmp_path / "store", panel=panel_file, max_tiles_per_section=30,
-                          progress=False, cache_dir=tmp_path / "cache")
+    store = prepare_store(
+        toml,
+        tmp_path / "store",
+        panel=panel_file,
+        max_tiles_per_section=30,
+        progress=False,
+        cache_dir=tmp_path / "cache",
+    )
     assert store.n_spots == 187 and store.patches.shape == (187, 64, 64, 3)
     assert len(store.panel) == 785 and store.panel == [str(g) for g in np.load(panel_file)]
     assert store.n_tiles == 30
@@ -207,6 +221,9 @@ def test_her2st_c2_store_with_the_histogene_panel(tmp_path):
     assert measured.sum() == len(present) > 700
     columns = [store.panel.index(g) for g in present]
     np.testing.assert_array_equal(spots.layers[keys.COUNTS][:, columns], raw.loc[ids, present].to_numpy())
-    np.testing.assert_allclose(np.expm1(spots.X).sum(axis=1),
-                               raw.loc[ids, present].sum(axis=1).to_numpy() / library * keys.TARGET_SUM, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.expm1(spots.X).sum(axis=1),
+        raw.loc[ids, present].sum(axis=1).to_numpy() / library * keys.TARGET_SUM,
+        rtol=1e-4,
+    )
     assert is_store(store.path)

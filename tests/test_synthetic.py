@@ -13,13 +13,15 @@ import pytest
 from shared import keys
 from shared.errors import FedstError
 from shared.genes import GenePanel
-from shared.synthetic import CELL_TYPES, TYPE_LABEL, TYPE_MIXTURE, generate_consortium, marker_genes, panel_genes
-from shared.synthetic import model
+from shared.synthetic import CELL_TYPES, TYPE_LABEL, TYPE_MIXTURE, generate_consortium, marker_genes, model, panel_genes
 
 
 def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_layout_is_the_real_formats(synthetic_consortium):
@@ -81,8 +83,10 @@ def test_expression_follows_the_type_mixtures(synthetic_consortium):
 
 
 def test_sites_differ_in_stain_and_batch(synthetic_consortium):
-    effects = [ad.read_h5ad(synthetic_consortium / f"site-{i}" / f"S{i}A.h5ad").uns[model.GROUND_TRUTH]["site_effects"]
-               for i in range(3)]
+    effects = [
+        ad.read_h5ad(synthetic_consortium / f"site-{i}" / f"S{i}A.h5ad").uns[model.GROUND_TRUTH]["site_effects"]
+        for i in range(3)
+    ]
     stains = [np.asarray(e["stain"]) for e in effects]
     assert not np.allclose(stains[0], stains[1]) and not np.allclose(stains[1], stains[2])
     for stain in stains:  # rotated at most STAIN_ROTATION_RAD away from the reference H&E vectors
@@ -111,8 +115,16 @@ def synthetic_stores(synthetic_consortium, tmp_path_factory):
     from shared.store.prepare import prepare_store
 
     out = tmp_path_factory.mktemp("synthetic-stores")
-    return [prepare_store(synthetic_consortium / f"site-{i}" / "site.toml", out / f"site-{i}", patch_px=32,
-                          max_tiles_per_section=0, progress=False) for i in range(2)]
+    return [
+        prepare_store(
+            synthetic_consortium / f"site-{i}" / "site.toml",
+            out / f"site-{i}",
+            patch_px=32,
+            max_tiles_per_section=0,
+            progress=False,
+        )
+        for i in range(2)
+    ]
 
 
 def test_a_ridge_on_site_0_patches_predicts_markers_on_site_1(synthetic_stores):
@@ -130,8 +142,12 @@ def test_a_ridge_on_site_0_patches_predicts_markers_on_site_1(synthetic_stores):
     # and the image, not chance: shuffled training pairs learn nothing
     shuffled = np.random.default_rng(0).permutation(train.spots.n_obs)
     null = Ridge(alpha=10.0).fit(_patch_features(np.asarray(train.patches)), train.spots[:, markers].X[shuffled])
-    null_pcc = np.nanmean([np.corrcoef(null.predict(_patch_features(np.asarray(test.patches)))[:, j], truth[:, j])[0, 1]
-                           for j in range(len(markers))])
+    null_pcc = np.nanmean(
+        [
+            np.corrcoef(null.predict(_patch_features(np.asarray(test.patches)))[:, j], truth[:, j])[0, 1]
+            for j in range(len(markers))
+        ]
+    )
     assert null_pcc < pcc.mean() - 0.25
 
 
@@ -144,8 +160,11 @@ def test_macenko_recovers_site_stains_and_keeps_the_transfer(synthetic_stores, s
 
     normalisers = [StainNormaliser.fit(np.asarray(store.patches)) for store in synthetic_stores]
     for i, normaliser in enumerate(normalisers):
-        truth = np.asarray(ad.read_h5ad(synthetic_consortium / f"site-{i}" / f"S{i}A.h5ad")
-                           .uns[model.GROUND_TRUTH]["site_effects"]["stain"])
+        truth = np.asarray(
+            ad.read_h5ad(synthetic_consortium / f"site-{i}" / f"S{i}A.h5ad").uns[model.GROUND_TRUTH]["site_effects"][
+                "stain"
+            ]
+        )
         cosines = (normaliser.stains * truth).sum(axis=1)
         assert (cosines > 0.98).all(), cosines
     train, test = synthetic_stores

@@ -17,8 +17,8 @@ from shared.c2l.progress import StepBar
 from shared.c2l.schedule import train_scheduler, training_target
 from shared.c2l.train import default_device, diffusion_loss
 from shared.errors import FedstError
-from shared.weights import load_state_strict
 from shared.store.format import PatchStore
+from shared.weights import load_state_strict
 
 
 def check_panel(central: CentralDiffusion, store: PatchStore) -> None:
@@ -113,9 +113,13 @@ def adapt(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 trainer, optimizer, loader = engine.make_private(
-                    module=model, optimizer=optimizer, data_loader=loader,
-                    noise_multiplier=dp_plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                    poisson_sampling=True, noise_generator=torch.Generator(device=dev).manual_seed(int(seed) + 1),
+                    module=model,
+                    optimizer=optimizer,
+                    data_loader=loader,
+                    noise_multiplier=dp_plan.noise_multiplier,
+                    max_grad_norm=dp.max_grad_norm,
+                    poisson_sampling=True,
+                    noise_generator=torch.Generator(device=dev).manual_seed(int(seed) + 1),
                     grad_sample_mode=dp.grad_sample_mode,
                 )
         except Exception as exc:  # Opacus rejects unsupported trainable layers here, before any step
@@ -180,15 +184,31 @@ def adapt(
     if dp_plan is not None:
         epsilon = float(engine.get_epsilon(dp_plan.delta))
         summary.update(
-            epsilon=epsilon, delta=dp_plan.delta,
-            dp={**dp.to_dict(), "noise_multiplier": dp_plan.noise_multiplier, "sample_rate": dp_plan.sample_rate,
-                "accountant": "rdp", "epsilon_spent": epsilon, "delta": dp_plan.delta},
+            epsilon=epsilon,
+            delta=dp_plan.delta,
+            dp={
+                **dp.to_dict(),
+                "noise_multiplier": dp_plan.noise_multiplier,
+                "sample_rate": dp_plan.sample_rate,
+                "accountant": "rdp",
+                "epsilon_spent": epsilon,
+                "delta": dp_plan.delta,
+            },
         )
     model.info = {
-        "store": str(store.path), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-        "cond_dropout": cond_dropout, "timestep_power": timestep_power, "lora_rank": lora_rank,
-        "epsilon": summary["epsilon"], "delta": summary["delta"], "dp": summary["dp"],
-        "trainable_params": summary["trainable_params"], "trainable_fraction": summary["trainable_fraction"],
+        "store": str(store.path),
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "cond_dropout": cond_dropout,
+        "timestep_power": timestep_power,
+        "lora_rank": lora_rank,
+        "epsilon": summary["epsilon"],
+        "delta": summary["delta"],
+        "dp": summary["dp"],
+        "trainable_params": summary["trainable_params"],
+        "trainable_fraction": summary["trainable_fraction"],
     }
     return model, summary
 

@@ -24,7 +24,7 @@ def image_features(patches: np.ndarray, px: int = 32, chunk: int = 512) -> np.nd
 
     out = []
     for lo in range(0, len(patches), chunk):
-        x = to_model_images(np.asarray(patches[lo:lo + chunk]), px)  # (B, 3, px, px) in [-1, 1]
+        x = to_model_images(np.asarray(patches[lo : lo + chunk]), px)  # (B, 3, px, px) in [-1, 1]
         flat = x.flatten(2)
         feats = [flat.mean(2), flat.std(2)]
         feats += [flat.quantile(q, dim=2) for q in (0.1, 0.5, 0.9)]
@@ -71,8 +71,9 @@ def clip_to_support(features: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.clip(features, reference.min(0), reference.max(0))
 
 
-def conditional_consistency(real: PatchStore, synthetic: PatchStore, px: int, seed: int = 0,
-                            genes: np.ndarray | None = None) -> dict[str, Any]:
+def conditional_consistency(
+    real: PatchStore, synthetic: PatchStore, px: int, seed: int = 0, genes: np.ndarray | None = None
+) -> dict[str, Any]:
     """PCC between what a real-trained probe reads off synthetic images and the vectors they were made from.
 
     `genes` (column indices into the panel) restricts probe and PCC to the genes a caller evaluates.
@@ -101,8 +102,9 @@ def conditional_consistency(real: PatchStore, synthetic: PatchStore, px: int, se
     }
 
 
-def kid(real_f: np.ndarray, syn_f: np.ndarray, *, subsets: int = 50, subset_size: int = 100,
-        seed: int = 0) -> tuple[float, float]:
+def kid(
+    real_f: np.ndarray, syn_f: np.ndarray, *, subsets: int = 50, subset_size: int = 100, seed: int = 0
+) -> tuple[float, float]:
     """Kernel Inception Distance formula (unbiased MMD^2, cubic polynomial kernel) in the given feature space."""
     mu, sd = real_f.mean(0), real_f.std(0) + 1e-8
     a, b = (real_f - mu) / sd, (syn_f - mu) / sd
@@ -116,8 +118,9 @@ def kid(real_f: np.ndarray, syn_f: np.ndarray, *, subsets: int = 50, subset_size
         x = a[rng.choice(len(a), m, replace=False)]
         y = b[rng.choice(len(b), m, replace=False)]
         kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
-        values.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                      - 2 * kxy.mean())
+        values.append(
+            (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+        )
     return float(np.mean(values)), float(np.std(values))
 
 
@@ -147,8 +150,15 @@ def memorisation(train: np.ndarray, syn: np.ndarray, px: int, threshold: float =
     }
 
 
-def audit(real: PatchStore, synthetic: PatchStore, *, px: int | None = None, seed: int = 0,
-          memorisation_threshold: float = 0.5, max_train: int = 4000) -> dict[str, Any]:
+def audit(
+    real: PatchStore,
+    synthetic: PatchStore,
+    *,
+    px: int | None = None,
+    seed: int = 0,
+    memorisation_threshold: float = 0.5,
+    max_train: int = 4000,
+) -> dict[str, Any]:
     """All three audits of `synthetic` against the real store whose spots conditioned (and trained) it."""
     if real.n_spots < 5:
         raise FedstError(f"{real.path}: audit needs a real store with paired spots (found {real.n_spots})")
@@ -169,8 +179,12 @@ def audit(real: PatchStore, synthetic: PatchStore, *, px: int | None = None, see
         "n_real": real.n_spots,
         "n_synthetic": synthetic.n_spots,
         "conditional_consistency": conditional_consistency(real, synthetic, px, seed),
-        "kid": {"value": kid_value, "std": kid_std, "real_half_vs_half": kid_rr,
-                "features": "colour/texture statistics (no downloaded weights)"},
+        "kid": {
+            "value": kid_value,
+            "std": kid_std,
+            "real_half_vs_half": kid_rr,
+            "features": "colour/texture statistics (no downloaded weights)",
+        },
         "memorisation": memorisation(real_patches, syn_patches, px, memorisation_threshold),
         "provenance": synthetic.manifest.get("provenance", {}),
     }

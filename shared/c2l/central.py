@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from shared.c2l import checkpoint
-from shared.weights import load_state_strict
 from shared.c2l.presets import preset_config
 from shared.errors import FedstError
+from shared.weights import load_state_strict
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -94,7 +94,7 @@ class CentralDiffusion(nn.Module):
         return checkpoint.save_weights(directory, self.state_dict(), {"kind": "c2l-central", **self.config})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "CentralDiffusion":
+    def from_pretrained(cls, directory: str | Path) -> CentralDiffusion:
         config = checkpoint.load_config(directory)
         if config.pop("kind", None) != "c2l-central":
             raise FedstError(f"{Path(directory) / checkpoint.CONFIG}: not a c2l central model config")

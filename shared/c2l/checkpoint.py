@@ -27,8 +27,14 @@ def weights_hash(state_dict: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def save_weights(directory: str | Path, state_dict: Mapping[str, Any], config: Mapping[str, Any], *,
-                 weights: str = WEIGHTS, config_name: str = CONFIG) -> Path:
+def save_weights(
+    directory: str | Path,
+    state_dict: Mapping[str, Any],
+    config: Mapping[str, Any],
+    *,
+    weights: str = WEIGHTS,
+    config_name: str = CONFIG,
+) -> Path:
     """Write `config_name` (JSON) and `weights` (safetensors) into `directory`; return the directory."""
     from safetensors.torch import save_file
 

@@ -70,8 +70,9 @@ def plan(dp: DPConfig, *, n_examples: int, batch_size: int, steps: int) -> DPPla
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            sigma = get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=sample_rate,
-                                         steps=steps, accountant="rdp")
+            sigma = get_noise_multiplier(
+                target_epsilon=eps, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
+            )
         except ValueError as exc:
             raise FedstError(
                 f"DP target epsilon={eps:g}, delta={delta:g} is infeasible for {steps} steps at sample rate "

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from shared.c2l import checkpoint
-from shared.weights import load_state_strict
 from shared.c2l.central import CentralDiffusion
 from shared.errors import FedstError
+from shared.weights import load_state_strict
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -79,19 +79,34 @@ class LoRA(nn.Module):
 class GeneModulation(nn.Module):
     """Gene encoder MLP + one zero-initialised FiLM projection per ResNet block (the only trained weights)."""
 
-    def __init__(self, panel: Sequence[str], channels: Sequence[int], hidden_dim: int = 64, embed_dim: int = 32,
-                 lora_rank: int = 0, lora_layers: Sequence[Sequence] | None = None, lora_alpha: float | None = None):
+    def __init__(
+        self,
+        panel: Sequence[str],
+        channels: Sequence[int],
+        hidden_dim: int = 64,
+        embed_dim: int = 32,
+        lora_rank: int = 0,
+        lora_layers: Sequence[Sequence] | None = None,
+        lora_alpha: float | None = None,
+    ):
         super().__init__()
         if lora_rank < 0 or (lora_rank > 0 and not lora_layers):
-            raise FedstError(f"gene modulation: lora_rank {lora_rank} needs >= 0 and, when > 0, the attention "
-                             "projections to adapt (lora_layers)")
+            raise FedstError(
+                f"gene modulation: lora_rank {lora_rank} needs >= 0 and, when > 0, the attention "
+                "projections to adapt (lora_layers)"
+            )
         self.config: dict[str, Any] = dict(
-            panel=[str(g) for g in panel], channels=[int(c) for c in channels],
-            hidden_dim=int(hidden_dim), embed_dim=int(embed_dim),
+            panel=[str(g) for g in panel],
+            channels=[int(c) for c in channels],
+            hidden_dim=int(hidden_dim),
+            embed_dim=int(embed_dim),
         )
         if lora_rank > 0:  # only then, so adapters without LoRA keep their config (and hashes) unchanged
-            self.config.update(lora_rank=int(lora_rank), lora_alpha=float(lora_alpha or lora_rank),
-                               lora_layers=[[str(n), int(i), int(o)] for n, i, o in lora_layers])
+            self.config.update(
+                lora_rank=int(lora_rank),
+                lora_alpha=float(lora_alpha or lora_rank),
+                lora_layers=[[str(n), int(i), int(o)] for n, i, o in lora_layers],
+            )
         n_genes = len(self.config["panel"])
         if n_genes == 0:
             raise FedstError("gene modulation: empty gene panel")
@@ -146,8 +161,10 @@ class ConditionedDiffusion(nn.Module):
             module.register_forward_hook(self._make_hook(i)) for i, (_, module) in enumerate(_resnet_blocks(central))
         ]
         if modulation.lora_rank:
-            self._handles += [module.register_forward_hook(self._make_lora_hook(i))
-                              for i, (_, module) in enumerate(_attention_projections(central))]
+            self._handles += [
+                module.register_forward_hook(self._make_lora_hook(i))
+                for i, (_, module) in enumerate(_attention_projections(central))
+            ]
         self.freeze_central()
 
     def _make_hook(self, index: int):
@@ -171,7 +188,7 @@ class ConditionedDiffusion(nn.Module):
         self.central.requires_grad_(False)
         self.central.eval()
 
-    def train(self, mode: bool = True) -> "ConditionedDiffusion":
+    def train(self, mode: bool = True) -> ConditionedDiffusion:
         super().train(mode)
         self.central.eval()  # frozen parts stay in eval mode whatever the wrapper's mode
         return self
@@ -199,23 +216,42 @@ class ConditionedDiffusion(nn.Module):
         return self.trainable_parameters() / self.central.num_parameters()
 
 
-def create_conditioned(central: CentralDiffusion, panel: Sequence[str], hidden_dim: int = 64,
-                       embed_dim: int = 32, lora_rank: int = 0, lora_alpha: float | None = None) -> ConditionedDiffusion:
+def create_conditioned(
+    central: CentralDiffusion,
+    panel: Sequence[str],
+    hidden_dim: int = 64,
+    embed_dim: int = 32,
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
+) -> ConditionedDiffusion:
     """Zero-initialised modulation for `central`; `lora_rank > 0` adds LoRA on every attention projection."""
     if lora_rank and not lora_layers(central):
         raise FedstError("lora_rank > 0 but the central UNet has no attention blocks to adapt")
-    modulation = GeneModulation(panel, film_channels(central), hidden_dim, embed_dim, lora_rank=lora_rank,
-                                lora_layers=lora_layers(central) if lora_rank else None, lora_alpha=lora_alpha)
+    modulation = GeneModulation(
+        panel,
+        film_channels(central),
+        hidden_dim,
+        embed_dim,
+        lora_rank=lora_rank,
+        lora_layers=lora_layers(central) if lora_rank else None,
+        lora_alpha=lora_alpha,
+    )
     return ConditionedDiffusion(central, modulation)
 
 
 def save_adapter(model: ConditionedDiffusion, directory: str | Path, **metadata: Any) -> Path:
     """Only the modulation weights + config + the hash of the central weights they belong to + metadata."""
     info = {k: v for k, v in model.info.items() if k != "adapter_hash"}
-    config = {"kind": "c2l-adapter", **info, **metadata, **model.modulation.config,
-              "central_hash": model.central.weights_hash()}
-    return checkpoint.save_weights(directory, model.modulation.state_dict(), config,
-                                   weights=ADAPTER_WEIGHTS, config_name=ADAPTER_CONFIG)
+    config = {
+        "kind": "c2l-adapter",
+        **info,
+        **metadata,
+        **model.modulation.config,
+        "central_hash": model.central.weights_hash(),
+    }
+    return checkpoint.save_weights(
+        directory, model.modulation.state_dict(), config, weights=ADAPTER_WEIGHTS, config_name=ADAPTER_CONFIG
+    )
 
 
 def load_adapter_config(directory: str | Path) -> dict[str, Any]:
@@ -231,14 +267,22 @@ def load_adapter(central: CentralDiffusion, directory: str | Path) -> Conditione
     central_hash = central.weights_hash()
     if config.get("central_hash") != central_hash:
         raise FedstError(
-            f"{Path(directory) / ADAPTER_CONFIG}: adapter belongs to central weights {str(config.get('central_hash'))[:12]}, "
+            f"{Path(directory) / ADAPTER_CONFIG}: adapter belongs to "
+            f"central weights {str(config.get('central_hash'))[:12]}, "
             f"not to the given central model {central_hash[:12]}"
         )
-    modulation = GeneModulation(config["panel"], config["channels"], config["hidden_dim"], config["embed_dim"],
-                                lora_rank=config.get("lora_rank", 0), lora_layers=config.get("lora_layers"),
-                                lora_alpha=config.get("lora_alpha"))
-    load_state_strict(modulation, checkpoint.load_weights(directory, ADAPTER_WEIGHTS),
-                                 Path(directory) / ADAPTER_WEIGHTS)
+    modulation = GeneModulation(
+        config["panel"],
+        config["channels"],
+        config["hidden_dim"],
+        config["embed_dim"],
+        lora_rank=config.get("lora_rank", 0),
+        lora_layers=config.get("lora_layers"),
+        lora_alpha=config.get("lora_alpha"),
+    )
+    load_state_strict(
+        modulation, checkpoint.load_weights(directory, ADAPTER_WEIGHTS), Path(directory) / ADAPTER_WEIGHTS
+    )
     model = ConditionedDiffusion(central, modulation)
     model.info = {k: v for k, v in config.items() if k not in modulation.config and k != "kind"}
     model.info["adapter_hash"] = checkpoint.weights_hash(modulation.state_dict())

@@ -12,13 +12,17 @@ class StepBar:
         self._task = None
         self.start = time.perf_counter()
 
-    def __enter__(self) -> "StepBar":
+    def __enter__(self) -> StepBar:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                transient=False,
             )
             self._progress.__enter__()
             self._task = self._progress.add_task(self.description, total=self.total, info="")

@@ -83,6 +83,6 @@ def sample(
     return x
 
 
-def to_uint8(images: torch.Tensor) -> "np.ndarray":  # noqa: F821
+def to_uint8(images: torch.Tensor) -> np.ndarray:  # noqa: F821
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -23,8 +23,9 @@ from shared.store.format import PatchStore, StoreWriter
 PERTURBATIONS = ("none", "mixup", "noise")
 
 
-def draw_conditions(store: PatchStore, n: int, *, perturb: str = "none", seed: int = 0,
-                    noise_scale: float = 0.1) -> dict[str, Any]:
+def draw_conditions(
+    store: PatchStore, n: int, *, perturb: str = "none", seed: int = 0, noise_scale: float = 0.1
+) -> dict[str, Any]:
     """n conditioning vectors from the store's real spots, optionally perturbed.
 
     mixup: convex combination of two spots of the same section (mask = both measured; position interpolated);
@@ -38,7 +39,11 @@ def draw_conditions(store: PatchStore, n: int, *, perturb: str = "none", seed: i
     expression, mask = expression_and_mask(store)
     spots = store.spots
     sections = spots.obs[keys.SECTION].astype(str).to_numpy()
-    coords = np.asarray(spots.obsm[keys.SPATIAL], dtype=np.float64) if keys.SPATIAL in spots.obsm else np.zeros((store.n_spots, 2))
+    coords = (
+        np.asarray(spots.obsm[keys.SPATIAL], dtype=np.float64)
+        if keys.SPATIAL in spots.obsm
+        else np.zeros((store.n_spots, 2))
+    )
     src = rng.integers(0, store.n_spots, n)
     e, m, xy = expression[src].copy(), mask[src].copy(), coords[src].copy()
     partner = src.copy()
@@ -54,8 +59,15 @@ def draw_conditions(store: PatchStore, n: int, *, perturb: str = "none", seed: i
     elif perturb == "noise":
         std = expression.std(0, keepdims=True)
         e = np.clip(e + rng.normal(size=e.shape) * noise_scale * std, 0, None) * m
-    return {"expression": e.astype(np.float32), "mask": m.astype(np.float32), "source": src, "partner": partner,
-            "lambda": lam, "section": sections[src], "spatial": xy}
+    return {
+        "expression": e.astype(np.float32),
+        "mask": m.astype(np.float32),
+        "source": src,
+        "partner": partner,
+        "lambda": lam,
+        "section": sections[src],
+        "spatial": xy,
+    }
 
 
 def synthesize(
@@ -99,26 +111,38 @@ def synthesize(
     with StepBar(n, f"synthesize ({sampler}, {steps} steps)", progress) as bar:
         for b, lo in enumerate(range(0, n, batch_size)):
             hi = min(n, lo + batch_size)
-            x = sample_conditioned(model, torch.from_numpy(cond["expression"][lo:hi]),
-                                   torch.from_numpy(cond["mask"][lo:hi]), sampler=sampler, steps=steps,
-                                   guidance=guidance, seed=seed * 100003 + b, device=dev)
+            x = sample_conditioned(
+                model,
+                torch.from_numpy(cond["expression"][lo:hi]),
+                torch.from_numpy(cond["mask"][lo:hi]),
+                sampler=sampler,
+                steps=steps,
+                guidance=guidance,
+                seed=seed * 100003 + b,
+                device=dev,
+            )
             images[lo:hi] = to_uint8(x)
             bar.advance(hi)
     model.to("cpu")
 
     source_ids = store.spots.obs_names.to_numpy()
-    obs = pd.DataFrame({
-        keys.SECTION: [f"{s}-synthetic" for s in cond["section"]],
-        keys.PATCH_INDEX: np.arange(n),
-        keys.SYNTHETIC: True,
-        "source_section": cond["section"],
-        "source_spot": source_ids[cond["source"]],
-        "partner_spot": source_ids[cond["partner"]],
-        "mix_lambda": cond["lambda"],
-    }, index=[f"syn{i}" for i in range(n)])
+    obs = pd.DataFrame(
+        {
+            keys.SECTION: [f"{s}-synthetic" for s in cond["section"]],
+            keys.PATCH_INDEX: np.arange(n),
+            keys.SYNTHETIC: True,
+            "source_section": cond["section"],
+            "source_spot": source_ids[cond["source"]],
+            "partner_spot": source_ids[cond["partner"]],
+            "mix_lambda": cond["lambda"],
+        },
+        index=[f"syn{i}" for i in range(n)],
+    )
     pseudo_counts = np.expm1(cond["expression"]).astype(np.float32)
     spots = anndata.AnnData(
-        X=cond["expression"], obs=obs, var=pd.DataFrame(index=store.panel),
+        X=cond["expression"],
+        obs=obs,
+        var=pd.DataFrame(index=store.panel),
         layers={keys.COUNTS: pseudo_counts, keys.MEASURED: cond["mask"]},
         obsm={keys.SPATIAL: cond["spatial"]},
     )
@@ -130,13 +154,19 @@ def synthesize(
         "central_hash": central.weights_hash(),
         "adapter_hash": checkpoint.weights_hash(model.modulation.state_dict()),
         "source_store": str(store.path),
-        "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance, "perturb": perturb,
-        "dp_epsilon": model.info.get("epsilon"), "dp_delta": model.info.get("delta"),
+        "seed": seed,
+        "sampler": sampler,
+        "steps": steps,
+        "guidance": guidance,
+        "perturb": perturb,
+        "dp_epsilon": model.info.get("epsilon"),
+        "dp_delta": model.info.get("delta"),
         "counts_layer": "expm1 of the conditioning expression (pseudo-counts per 10k), not measured counts",
     }
     with StoreWriter(out, patch_px=px) as writer:
         writer.allocate_patches(n)[:] = images
         writer.set_spots(spots)
-        writer.manifest.update(synthetic=True, provenance=provenance,
-                               params={"source_patch_px": store.patch_px, "n": n})
+        writer.manifest.update(
+            synthetic=True, provenance=provenance, params={"source_patch_px": store.patch_px, "n": n}
+        )
     return PatchStore(out)

@@ -27,8 +27,16 @@ def draw_patches(a: np.ndarray, b: np.ndarray, px: int, rng: np.random.Generator
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_toy_store(out: str | Path, *, n_spots: int = 256, n_tiles: int = 256, n_genes: int = 8, px: int = 32,
-                    seed: int = 0, missing_gene_in_section_b: bool = True) -> PatchStore:
+def write_toy_store(
+    out: str | Path,
+    *,
+    n_spots: int = 256,
+    n_tiles: int = 256,
+    n_genes: int = 8,
+    px: int = 32,
+    seed: int = 0,
+    missing_gene_in_section_b: bool = True,
+) -> PatchStore:
     import anndata
     import pandas as pd
 
@@ -47,9 +55,16 @@ def write_toy_store(out: str | Path, *, n_spots: int = 256, n_tiles: int = 256, 
     normalised *= measured
     spots = anndata.AnnData(
         X=normalised,
-        obs=pd.DataFrame({keys.SECTION: section, keys.PATCH_INDEX: np.arange(n_spots),
-                          keys.SYNTHETIC: False, "factor_a": a, "factor_b": b},
-                         index=[f"spot{i}" for i in range(n_spots)]),
+        obs=pd.DataFrame(
+            {
+                keys.SECTION: section,
+                keys.PATCH_INDEX: np.arange(n_spots),
+                keys.SYNTHETIC: False,
+                "factor_a": a,
+                "factor_b": b,
+            },
+            index=[f"spot{i}" for i in range(n_spots)],
+        ),
         var=pd.DataFrame(index=[f"GENE{g}" for g in range(n_genes)]),
         layers={keys.COUNTS: counts, keys.MEASURED: measured},
         obsm={keys.SPATIAL: rng.uniform(0, 1000, size=(n_spots, 2))},
@@ -59,8 +74,15 @@ def write_toy_store(out: str | Path, *, n_spots: int = 256, n_tiles: int = 256, 
         writer.allocate_patches(n_spots)[:] = draw_patches(a, b, px, rng)
         ta, tb = rng.uniform(size=n_tiles), rng.uniform(size=n_tiles)
         writer.allocate_tiles(n_tiles)[:] = draw_patches(ta, tb, px, rng)
-        writer.set_tile_table(pd.DataFrame({keys.SECTION: np.where(np.arange(n_tiles) % 2, "A", "B"),
-                                            "x": rng.uniform(0, 1000, n_tiles), "y": rng.uniform(0, 1000, n_tiles)}))
+        writer.set_tile_table(
+            pd.DataFrame(
+                {
+                    keys.SECTION: np.where(np.arange(n_tiles) % 2, "A", "B"),
+                    "x": rng.uniform(0, 1000, n_tiles),
+                    "y": rng.uniform(0, 1000, n_tiles),
+                }
+            )
+        )
         writer.set_spots(spots)
         writer.manifest.update(params={"source": "c2l toy"}, provenance={"generator": "shared.c2l.toy", "seed": seed})
     return PatchStore(out)
@@ -87,7 +109,7 @@ def mixture_denoiser(config: dict):
 
     alphas = train_scheduler({**config, "prediction_type": "epsilon"}).alphas_cumprod.double()
     means = torch.tensor(MIXTURE_MEANS, dtype=torch.float64)
-    var0 = MIXTURE_STD ** 2
+    var0 = MIXTURE_STD**2
 
     def fn(x, t):
         a = alphas[t.cpu()].to(x.device).view(-1, *([1] * (x.dim() - 1)))

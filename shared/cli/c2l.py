@@ -1,17 +1,15 @@
 """`fedst c2l ...`: central pretraining, gene-conditioned adaptation, synthesis and audit."""
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import typer
 
-app = typer.Typer(help="C2L-ST: central diffusion model, local gene-conditioned adaptation, synthesis.", no_args_is_help=True)
+from shared.io import write_json_atomic
 
-
-def _write_json(path: Path, payload: dict) -> None:
-    import json
-
-    path.write_text(json.dumps(payload, indent=2, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+app = typer.Typer(
+    help="C2L-ST: central diffusion model, local gene-conditioned adaptation, synthesis.", no_args_is_help=True
+)
 
 
 @app.command()
@@ -25,10 +23,10 @@ def pretrain(
     seed: int = typer.Option(0),
     ema_decay: float = typer.Option(0.0, help="> 0 saves EMA weights (e.g. 0.999)"),
     prediction: str = typer.Option("v_prediction", help="v_prediction | epsilon"),
-    init: Optional[Path] = typer.Option(None, help="continue from this central model directory"),
-    sample_size: Optional[int] = typer.Option(None, help="override the preset's resolution (px)"),
-    channels: Optional[str] = typer.Option(None, help="override block_out_channels, e.g. 16,32"),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
+    init: Path | None = typer.Option(None, help="continue from this central model directory"),
+    sample_size: int | None = typer.Option(None, help="override the preset's resolution (px)"),
+    channels: str | None = typer.Option(None, help="override block_out_channels, e.g. 16,32"),
+    device: str | None = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
 ) -> None:
     """Pretrain the central diffusion model on unlabeled H&E tiles."""
     import numpy as np
@@ -58,14 +56,22 @@ def pretrain(
     model.save_pretrained(out)
     samples = to_uint8(sample_central(model, 8, sampler="ddim", steps=25, seed=seed))
     real = opened[0].tiles[:8] if opened[0].n_tiles else opened[0].patches[:8]
-    image_grid([("real tiles", np.asarray(real)), ("central samples (DDIM 25)", samples)], out / "samples.png",
-               "central model")
+    image_grid(
+        [("real tiles", np.asarray(real)), ("central samples (DDIM 25)", samples)], out / "samples.png", "central model"
+    )
     loss_curve(summary["losses"], out / "loss.png", "central pretraining")
-    summary.update(preset=preset, stores=[str(s) for s in stores], params=model.num_parameters(),
-                   weights_hash=model.weights_hash(), ema_decay=ema_decay)
-    _write_json(out / "summary.json", summary)
-    typer.echo(f"central model -> {out} (loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}, "
-               f"{summary['steps_per_s']:.2f} steps/s on {summary['device']})")
+    summary.update(
+        preset=preset,
+        stores=[str(s) for s in stores],
+        params=model.num_parameters(),
+        weights_hash=model.weights_hash(),
+        ema_decay=ema_decay,
+    )
+    write_json_atomic(out / "summary.json", summary)
+    typer.echo(
+        f"central model -> {out} (loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}, "
+        f"{summary['steps_per_s']:.2f} steps/s on {summary['device']})"
+    )
 
 
 @app.command()
@@ -78,13 +84,15 @@ def adapt(
     lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0),
     cond_dropout: float = typer.Option(0.1, help="probability of the null condition (classifier-free guidance)"),
-    timestep_power: float = typer.Option(0.3, help="t = T u^power: < 1 favours the high-noise steps where the genes matter"),
+    timestep_power: float = typer.Option(
+        0.3, help="t = T u^power: < 1 favours the high-noise steps where the genes matter"
+    ),
     lora_rank: int = typer.Option(0, min=0, help="also train rank-r LoRA on the attention projections (0: FiLM only)"),
-    dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="train with DP-SGD to this epsilon"),
-    dp_delta: Optional[float] = typer.Option(None, "--dp-delta", help="default: min(1e-5, 0.1 / n_spots)"),
+    dp_epsilon: float | None = typer.Option(None, "--dp-epsilon", help="train with DP-SGD to this epsilon"),
+    dp_delta: float | None = typer.Option(None, "--dp-delta", help="default: min(1e-5, 0.1 / n_spots)"),
     dp_max_grad_norm: float = typer.Option(1.0, "--dp-max-grad-norm"),
     guidance: float = typer.Option(2.0, help="guidance of the preview samples"),
-    device: Optional[str] = typer.Option(None),
+    device: str | None = typer.Option(None),
 ) -> None:
     """Adapt the frozen central model to a site with gene-conditioned FiLM modulation."""
     import torch
@@ -101,22 +109,41 @@ def adapt(
 
     model_c = CentralDiffusion.from_pretrained(central)
     site = PatchStore(store)
-    dp = DPConfig(target_epsilon=dp_epsilon, target_delta=dp_delta, max_grad_norm=dp_max_grad_norm) if dp_epsilon else None
-    model, summary = run_adapt(model_c, site, steps=steps, batch_size=batch_size, lr=lr, seed=seed, dp=dp,
-                               cond_dropout=cond_dropout, device=device, timestep_power=timestep_power,
-                               lora_rank=lora_rank)
+    dp = (
+        DPConfig(target_epsilon=dp_epsilon, target_delta=dp_delta, max_grad_norm=dp_max_grad_norm)
+        if dp_epsilon
+        else None
+    )
+    model, summary = run_adapt(
+        model_c,
+        site,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        dp=dp,
+        cond_dropout=cond_dropout,
+        device=device,
+        timestep_power=timestep_power,
+        lora_rank=lora_rank,
+    )
     save_adapter(model, out, central_dir=str(central))
     loss_curve(summary["losses"], out / "loss.png", "adaptation" + (" (DP)" if dp else ""))
     pairs = PairedSpots(site, model_c.sample_size)
     idx = torch.arange(min(8, len(pairs)))
     real, expr, mask = pairs.batch(idx)
     synth = to_uint8(sample_conditioned(model, expr, mask, steps=25, guidance=guidance, seed=seed))
-    image_grid([("real spot patches", to_uint8(real)), (f"conditioned on their expression (g={guidance})", synth)],
-               out / "samples.png", "adapted site model")
-    _write_json(out / "summary.json", summary)
+    image_grid(
+        [("real spot patches", to_uint8(real)), (f"conditioned on their expression (g={guidance})", synth)],
+        out / "samples.png",
+        "adapted site model",
+    )
+    write_json_atomic(out / "summary.json", summary)
     eps = f", epsilon {summary['epsilon']:.3f} (delta {summary['delta']:.1e})" if dp else ""
-    typer.echo(f"adapter -> {out} (trainable {summary['trainable_params']} params = "
-               f"{100 * summary['trainable_fraction']:.2f}% of central{eps})")
+    typer.echo(
+        f"adapter -> {out} (trainable {summary['trainable_params']} params = "
+        f"{100 * summary['trainable_fraction']:.2f}% of central{eps})"
+    )
 
 
 @app.command()
@@ -125,13 +152,13 @@ def synthesize(
     adapter: Path = typer.Option(..., "--adapter"),
     n: int = typer.Option(..., "--n", help="number of image-gene pairs"),
     out: Path = typer.Option(..., "--out", help="synthetic patch store to write"),
-    store: Optional[Path] = typer.Option(None, "--store", help="conditions' source (default: the adapter's store)"),
+    store: Path | None = typer.Option(None, "--store", help="conditions' source (default: the adapter's store)"),
     sampler: str = typer.Option("ddim", help="ddim | dpm | ddpm"),
-    steps: Optional[int] = typer.Option(None, help="default: ddim 50, dpm 25, ddpm 1000"),
+    steps: int | None = typer.Option(None, help="default: ddim 50, dpm 25, ddpm 1000"),
     guidance: float = typer.Option(2.0),
     seed: int = typer.Option(0),
     perturb: str = typer.Option("none", help="none | mixup | noise"),
-    device: Optional[str] = typer.Option(None),
+    device: str | None = typer.Option(None),
 ) -> None:
     """Generate N synthetic image-gene pairs as a patch store flagged synthetic."""
     import time
@@ -152,18 +179,37 @@ def synthesize(
     site = PatchStore(source)
     model = load_adapter(model_c, adapter)
     start = time.perf_counter()
-    result = run_synthesize(model_c, model, site, n, out, sampler=sampler, steps=steps, guidance=guidance,
-                            seed=seed, perturb=perturb, device=device)
+    result = run_synthesize(
+        model_c,
+        model,
+        site,
+        n,
+        out,
+        sampler=sampler,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        perturb=perturb,
+        device=device,
+    )
     seconds = time.perf_counter() - start
     k = min(8, n)
     obs = result.spots.obs
     rows = site.spots.obs_names.get_indexer(obs["source_spot"].to_numpy()[:k])
     real = np.asarray(site.patches[site.spots.obs["patch_index"].to_numpy()[rows]])
-    image_grid([("real patch of the conditioning spot", real), (f"synthetic ({perturb})", np.asarray(result.patches[:k]))],
-               out.parent / f"{out.name}_samples.png", "real vs synthetic, per condition")
-    summary = {"store": str(out), "n": n, "seconds": seconds, "images_per_s": n / seconds,
-               "provenance": result.manifest["provenance"]}
-    _write_json(out.parent / f"{out.name}_summary.json", summary)
+    image_grid(
+        [("real patch of the conditioning spot", real), (f"synthetic ({perturb})", np.asarray(result.patches[:k]))],
+        out.parent / f"{out.name}_samples.png",
+        "real vs synthetic, per condition",
+    )
+    summary = {
+        "store": str(out),
+        "n": n,
+        "seconds": seconds,
+        "images_per_s": n / seconds,
+        "provenance": result.manifest["provenance"],
+    }
+    write_json_atomic(out.parent / f"{out.name}_summary.json", summary)
     typer.echo(f"synthetic store -> {out} ({n} pairs, {n / seconds:.2f} images/s)")
 
 
@@ -182,7 +228,8 @@ def audit(
 
     import numpy as np
 
-    from shared.c2l.audit import audit as run_audit, conditional_consistency
+    from shared.c2l.audit import audit as run_audit
+    from shared.c2l.audit import conditional_consistency
     from shared.c2l.central import CentralDiffusion
     from shared.c2l.checkpoint import weights_hash
     from shared.c2l.modulation import create_conditioned, load_adapter
@@ -201,17 +248,40 @@ def audit(
     report = run_audit(real_store, syn_store, seed=seed)
     if baseline:
         tmp = out / "unconditioned_store"
-        base = run_synthesize(model_c, create_conditioned(model_c, real_store.panel), real_store, syn_store.n_spots,
-                              tmp, sampler=prov.get("sampler", "ddim"), steps=prov.get("steps"), guidance=1.0,
-                              seed=prov.get("seed", seed), perturb=prov.get("perturb", "none"))
+        base = run_synthesize(
+            model_c,
+            create_conditioned(model_c, real_store.panel),
+            real_store,
+            syn_store.n_spots,
+            tmp,
+            sampler=prov.get("sampler", "ddim"),
+            steps=prov.get("steps"),
+            guidance=1.0,
+            seed=prov.get("seed", seed),
+            perturb=prov.get("perturb", "none"),
+        )
         report["unconditioned_baseline"] = conditional_consistency(real_store, base, syn_store.patch_px, seed)
-        image_grid([("real", np.asarray(real_store.patches[:8])), ("synthetic", np.asarray(syn_store.patches[:8])),
-                    ("unconditioned central", np.asarray(base.patches[:8]))], out / "samples.png", "audit")
+        image_grid(
+            [
+                ("real", np.asarray(real_store.patches[:8])),
+                ("synthetic", np.asarray(syn_store.patches[:8])),
+                ("unconditioned central", np.asarray(base.patches[:8])),
+            ],
+            out / "samples.png",
+            "audit",
+        )
         shutil.rmtree(tmp, ignore_errors=True)
-    _write_json(out / "audit.json", report)
+    write_json_atomic(out / "audit.json", report)
     cc = report["conditional_consistency"]
     line = f"conditional consistency PCC {cc['pcc_mean']:.3f} (real hold-out {cc['real_holdout_pcc_mean']:.3f}"
     if baseline:
         line += f", unconditioned {report['unconditioned_baseline']['pcc_mean']:.3f}"
-    typer.echo(line + f"); KID {report['kid']['value']:.4f}; near-copies {report['memorisation']['near_copies']}"
-               f" -> {out / 'audit.json'}")
+    typer.echo(
+        line + f"); KID {report['kid']['value']:.4f}; near-copies {report['memorisation']['near_copies']}"
+        f" -> {out / 'audit.json'}"
+    )
+
+
+def register(root: typer.Typer) -> None:
+    """Add `fedst c2l ...` to the top-level app."""
+    root.add_typer(app, name="c2l")

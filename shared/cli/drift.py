@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,9 +26,11 @@ def drift(
     t: float = typer.Option(2.0, "--t", help="Diffusion time."),
     k: int = typer.Option(3, "--k", help="Neighbour parameter (threshold: k*N-th distance; knn: k neighbours)."),
     graph: str = typer.Option("threshold", "--graph", help="threshold | knn | radius"),
-    radius: Optional[float] = typer.Option(None, "--radius", help="Radius of the radius graph (coordinate units)."),
+    radius: float | None = typer.Option(None, "--radius", help="Radius of the radius graph (coordinate units)."),
     laplacian: str = typer.Option("unnormalised", "--laplacian", help="unnormalised | normalised"),
-    embedding: Optional[str] = typer.Option(None, "--embedding", help="Diffuse obsm[KEY] into obsm[KEY_drift] instead of X."),
+    embedding: str | None = typer.Option(
+        None, "--embedding", help="Diffuse obsm[KEY] into obsm[KEY_drift] instead of X."
+    ),
     method: str = typer.Option("chebyshev", "--method", help="chebyshev | expm_multiply | dense (parity, small N)"),
 ) -> None:
     """Smooth expression (or an embedding) with DRIFT's heat kernel exp(-tL) over the spatial graph."""
@@ -38,10 +39,20 @@ def drift(
     from shared.errors import require
 
     require(graph in ("threshold", "knn", "radius"), f"--graph: expected threshold, knn or radius, got {graph!r}")
-    require(laplacian in ("unnormalised", "normalised"), f"--laplacian: expected unnormalised or normalised, got {laplacian!r}")
+    require(
+        laplacian in ("unnormalised", "normalised"),
+        f"--laplacian: expected unnormalised or normalised, got {laplacian!r}",
+    )
     adata = _read_h5ad(input, "input")
     result = drift_adata(
-        adata, t=t, k=k, graph=graph, radius=radius, laplacian_kind=laplacian, embedding=embedding, method=method  # type: ignore[arg-type]
+        adata,
+        t=t,
+        k=k,
+        graph=graph,
+        radius=radius,
+        laplacian_kind=laplacian,
+        embedding=embedding,
+        method=method,  # type: ignore[arg-type]
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     result.write_h5ad(out)
@@ -55,7 +66,7 @@ def drift(
 def evaluate(
     pred: Path = typer.Argument(..., help="Prediction .h5ad (layers['predicted'] if present, else X)."),
     truth: Path = typer.Argument(..., help="Truth .h5ad (X; obsm['spatial'] for SSC)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write all metrics (incl. per gene) as JSON."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write all metrics (incl. per gene) as JSON."),
     top_k: int = typer.Option(50, "--top-k", help="k of pcc_top_k."),
 ) -> None:
     """Compare a prediction with the truth (spots and genes paired by name) and print every metric."""

@@ -1,7 +1,6 @@
 """`fedst impute`: SpaDiT imputation of unmeasured spatial genes from a scRNA-seq reference."""
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -10,16 +9,17 @@ def impute(
     spatial: Path = typer.Option(..., "--spatial", help="ST .h5ad (spots x genes, raw counts, obsm['spatial'])."),
     reference: Path = typer.Option(..., "--reference", help="scRNA-seq reference .h5ad (cells x genes, counts)."),
     out: Path = typer.Option(..., "--out", help="Output .h5ad of the imputed genes (+ .metrics.json, .png)."),
-    genes: Optional[str] = typer.Option(None, "--genes", help="Comma-separated genes to impute (from the reference)."),
-    holdout_fraction: Optional[float] = typer.Option(
-        None, "--holdout-fraction", help="Instead of --genes: hold out this fraction of the shared genes."),
+    genes: str | None = typer.Option(None, "--genes", help="Comma-separated genes to impute (from the reference)."),
+    holdout_fraction: float | None = typer.Option(
+        None, "--holdout-fraction", help="Instead of --genes: hold out this fraction of the shared genes."
+    ),
     preset: str = typer.Option("tiny", "--preset", help="Model size: tiny (CPU) or base."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default: per preset)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs (default: per preset)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the gene split, training and sampling noise."),
     neighbors: int = typer.Option(10, "--neighbors", help="k of the kNN baseline (cells averaged per spot)."),
     steps: int = typer.Option(50, "--steps", help="DDIM sampling steps."),
     samples: int = typer.Option(4, "--samples", help="Independent draws averaged per gene."),
-    save_model: Optional[Path] = typer.Option(None, "--save-model", help="Directory for config.json + weights."),
+    save_model: Path | None = typer.Option(None, "--save-model", help="Directory for config.json + weights."),
 ) -> None:
     """Impute genes on the spatial spots with SpaDiT and the kNN baseline; score both where truth exists."""
     import logging
@@ -38,8 +38,18 @@ def impute(
 
     st = read_h5ad_checked(spatial, "spatial input", need_spatial=True)
     sc = read_h5ad_checked(reference, "reference input", need_spatial=False)
-    result = run_imputation(st, sc, genes=targets, holdout_fraction=holdout_fraction, preset=preset, epochs=epochs,
-                            seed=seed, k=neighbors, steps=steps, n_samples=samples)
+    result = run_imputation(
+        st,
+        sc,
+        genes=targets,
+        holdout_fraction=holdout_fraction,
+        preset=preset,
+        epochs=epochs,
+        seed=seed,
+        k=neighbors,
+        steps=steps,
+        n_samples=samples,
+    )
     written = write_result(result, st, out)
     if save_model is not None:
         result.model.save(save_model)

@@ -1,16 +1,23 @@
-"""Entry point of the `fedst` console script.
+"""Entry point of the `fedst` console script: the composition root above the layers.
 
-Every command module below imports only typer at module level, so `fedst --help` stays fast; the work each
-command does is imported inside the command. A FedstError becomes one `error: ...` line and exit code 2.
+The command groups are contributed by the packages through the ``fedst.commands`` entry-point group declared in
+pyproject.toml (``shared.cli.*`` for the library commands, ``server.cli`` and ``server.experiment.cli`` for the
+lead's commands), the way pytest or Flower discover plugins. So this module imports neither ``server`` nor
+``client``: the layers stay one-directional and a partner installing the client alone still gets a working CLI.
+Every command module imports only typer at module level, so `fedst --help` stays fast; the work each command does
+is imported inside the command. A FedstError becomes one `error: ...` line and exit code 2.
 """
 
 from __future__ import annotations
 
 import sys
+from importlib.metadata import entry_points
 
 import typer
 
 from shared.errors import FedstError
+
+COMMAND_GROUP = "fedst.commands"
 
 app = typer.Typer(
     name="fedst",
@@ -22,12 +29,11 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from shared.cli import c2l, data, drift, experiment, federation, impute, predict
-
-    app.add_typer(data.app, name="data")
-    app.add_typer(c2l.app, name="c2l")
-    for module in (drift, predict, impute, federation, experiment):
-        module.register(app)
+    found = sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name)
+    if not found:
+        raise SystemExit(f"fedst is not installed (no '{COMMAND_GROUP}' entry points): run pip install -e .")
+    for entry in found:
+        entry.load()(app)
 
 
 _register()

@@ -1,19 +1,22 @@
 """`fedst predict` (H&E -> expression for a section or store) and `fedst train-predictor`."""
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import typer
 
 
 def predict(
     model: Path = typer.Option(..., "--model", help="Predictor directory written by `fedst train-predictor`."),
-    section: Path = typer.Option(..., "--section", help="A SITE.toml (prepared on the fly with the model's patch "
-                                 "parameters) or a patch store directory."),
+    section: Path = typer.Option(
+        ...,
+        "--section",
+        help="A SITE.toml (prepared on the fly with the model's patch parameters) or a patch store directory.",
+    ),
     out: Path = typer.Option(..., "--out", help="Output .h5ad (PNG heatmaps are written beside it)."),
     top: int = typer.Option(4, "--top", help="Number of genes (most variable) in the heatmaps."),
-    sample_steps: Optional[int] = typer.Option(None, "--sample-steps", help="FLAG: Heun steps (default: the model's)."),
-    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="FLAG: samples averaged (default: the model's)."),
+    sample_steps: int | None = typer.Option(None, "--sample-steps", help="FLAG: Heun steps (default: the model's)."),
+    n_samples: int | None = typer.Option(None, "--n-samples", help="FLAG: samples averaged (default: the model's)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
 ) -> None:
     """Predict expression from H&E; writes AnnData (X = prediction, obsm spatial, truth in layers if measured)."""
@@ -31,13 +34,21 @@ def predict(
         if is_store(section):
             store = PatchStore(section)
         else:
-            require(section.is_file() and section.suffix == ".toml", f"--section {section}: expected a SITE.toml or a patch store directory")
+            require(
+                section.is_file() and section.suffix == ".toml",
+                f"--section {section}: expected a SITE.toml or a patch store directory",
+            )
             from shared.store.prepare import prepare_store
 
             params = predictor.patch_params
-            store = prepare_store(section, Path(tmp) / "store", panel=predictor.genes,
-                                  patch_px=int(params.get("patch_px", 64)), field_um=float(params.get("field_um", 112.0)),
-                                  progress=progress)  # fmt: skip
+            store = prepare_store(
+                section,
+                Path(tmp) / "store",
+                panel=predictor.genes,
+                patch_px=int(params.get("patch_px", 64)),
+                field_um=float(params.get("field_um", 112.0)),
+                progress=progress,
+            )
         adata = prediction_adata(predictor, store, **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
@@ -52,13 +63,13 @@ def train_predictor_cmd(
     out: Path = typer.Option(..., "--out", help="Directory to save the predictor in."),
     kind: str = typer.Option("ridge", "--kind", help="ridge | mlp | flag"),
     encoder: str = typer.Option("stats", "--encoder", help="'stats' or a timm architecture name."),
-    encoder_weights: Optional[Path] = typer.Option(None, "--encoder-weights", help="Local weights file for the encoder."),
+    encoder_weights: Path | None = typer.Option(None, "--encoder-weights", help="Local weights file for the encoder."),
     extra: List[Path] = typer.Option([], "--extra", help="Synthetic stores added to training (repeatable)."),
     preset: str = typer.Option("tiny", "--preset", help="FLAG: tiny | small | base."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="FLAG: training steps."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="MLP: training epochs."),
+    steps: int | None = typer.Option(None, "--steps", help="FLAG: training steps."),
+    epochs: int | None = typer.Option(None, "--epochs", help="MLP: training epochs."),
     seed: int = typer.Option(0, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (FLAG; default: CUDA when available)."),
+    device: str | None = typer.Option(None, "--device", help="cpu | cuda (FLAG; default: CUDA when available)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train an H&E -> expression predictor on patch stores and save it (config JSON + safetensors)."""
@@ -69,8 +80,9 @@ def train_predictor_cmd(
         kw.update(preset=preset, device=device, **({"steps": steps} if steps is not None else {}))
     if kind == "mlp" and epochs is not None:
         kw["epochs"] = epochs
-    predictor = train_predictor(stores, kind, encoder, extra_stores=extra, seed=seed, progress=progress,
-                                encoder_weights=encoder_weights, **kw)  # fmt: skip
+    predictor = train_predictor(
+        stores, kind, encoder, extra_stores=extra, seed=seed, progress=progress, encoder_weights=encoder_weights, **kw
+    )
     predictor.save(out)
     typer.echo(f"wrote {out} ({predictor!r})")
 

@@ -42,7 +42,7 @@ class RidgeBaseline:
         self.b: np.ndarray | None = None
         self.alpha_: float | None = None
 
-    def fit(self, features: np.ndarray, targets: np.ndarray) -> "RidgeBaseline":
+    def fit(self, features: np.ndarray, targets: np.ndarray) -> RidgeBaseline:
         from sklearn.decomposition import PCA
         from sklearn.linear_model import RidgeCV
         from sklearn.pipeline import Pipeline
@@ -70,7 +70,9 @@ class RidgeBaseline:
     def predict(self, features: np.ndarray) -> np.ndarray:
         require(self.W is not None, "ridge baseline: not fitted")
         X = np.asarray(features, dtype=np.float64)
-        require(X.ndim == 2 and X.shape[1] == self.W.shape[0], f"features: expected (N, {self.W.shape[0]}), got {X.shape}")
+        require(
+            X.ndim == 2 and X.shape[1] == self.W.shape[0], f"features: expected (N, {self.W.shape[0]}), got {X.shape}"
+        )
         return (X @ self.W + self.b).astype(np.float32)
 
     def save(self, out: Path) -> None:
@@ -80,10 +82,12 @@ class RidgeBaseline:
         (out / "config.json").write_text(
             json.dumps({"n_components": self.n_components, "alphas": list(self.alphas), "alpha_": self.alpha_})
         )
-        save_file({"W": np.ascontiguousarray(self.W), "b": np.ascontiguousarray(self.b)}, str(out / "weights.safetensors"))
+        save_file(
+            {"W": np.ascontiguousarray(self.W), "b": np.ascontiguousarray(self.b)}, str(out / "weights.safetensors")
+        )
 
     @classmethod
-    def load(cls, path: Path) -> "RidgeBaseline":
+    def load(cls, path: Path) -> RidgeBaseline:
         from safetensors.numpy import load_file
 
         cfg = json.loads((path / "config.json").read_text())
@@ -111,7 +115,13 @@ class MLPRegressor:
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, layers: int = 2, dropout: float = 0.1):
         import torch
 
-        self.config = {"in_dim": int(in_dim), "out_dim": int(out_dim), "hidden": int(hidden), "layers": int(layers), "dropout": float(dropout)}
+        self.config = {
+            "in_dim": int(in_dim),
+            "out_dim": int(out_dim),
+            "hidden": int(hidden),
+            "layers": int(layers),
+            "dropout": float(dropout),
+        }
         self.net = _mlp_module(in_dim, out_dim, hidden, layers, dropout)
         self.x_mean = torch.zeros(in_dim)
         self.x_std = torch.ones(in_dim)
@@ -133,7 +143,7 @@ class MLPRegressor:
         seed: int = 0,
         device: str = "cpu",
         on_epoch: Callable[[int, float, float], None] | None = None,
-    ) -> "MLPRegressor":
+    ) -> MLPRegressor:
         import torch
 
         X, Y = _check_xy(features, targets)
@@ -191,7 +201,10 @@ class MLPRegressor:
         import torch
 
         X = np.asarray(features, dtype=np.float32)
-        require(X.ndim == 2 and X.shape[1] == self.config["in_dim"], f"features: expected (N, {self.config['in_dim']}), got {X.shape}")
+        require(
+            X.ndim == 2 and X.shape[1] == self.config["in_dim"],
+            f"features: expected (N, {self.config['in_dim']}), got {X.shape}",
+        )
         self.net.eval()
         out = []
         with torch.no_grad():
@@ -212,7 +225,7 @@ class MLPRegressor:
         save_file(self.state_dict(), str(out / "weights.safetensors"))
 
     @classmethod
-    def load(cls, path: Path) -> "MLPRegressor":
+    def load(cls, path: Path) -> MLPRegressor:
         from safetensors.torch import load_file
 
         model = cls(**json.loads((path / "config.json").read_text()))

@@ -239,7 +239,9 @@ def drift_adata(
     """
     require(keys.SPATIAL in adata.obsm, f"AnnData: obsm['{keys.SPATIAL}'] (spot coordinates) is missing")
     coords = np.asarray(adata.obsm[keys.SPATIAL], dtype=np.float64)
-    require(coords.ndim == 2 and coords.shape[1] == 2, f"obsm['{keys.SPATIAL}']: expected (n_spots, 2), got {coords.shape}")
+    require(
+        coords.ndim == 2 and coords.shape[1] == 2, f"obsm['{keys.SPATIAL}']: expected (n_spots, 2), got {coords.shape}"
+    )
     sections = None
     if per_section and keys.SECTION in adata.obs:
         sections = adata.obs[keys.SECTION].astype(str).to_numpy()
@@ -256,8 +258,15 @@ def drift_adata(
         source = adata.X
         target = "X"
     result, params = drift_matrix(
-        source, coords, t=t, k=k, graph=graph, radius=radius, sections=sections,
-        laplacian_kind=laplacian_kind, method=method,
+        source,
+        coords,
+        t=t,
+        k=k,
+        graph=graph,
+        radius=radius,
+        sections=sections,
+        laplacian_kind=laplacian_kind,
+        method=method,
     )
     if not sp.issparse(result) and not sp.issparse(source) and np.asarray(source).dtype == np.float32:
         result = result.astype(np.float32)

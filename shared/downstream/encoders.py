@@ -49,7 +49,7 @@ class ImageEncoder:
         """Arguments that ``create_encoder`` needs to rebuild this encoder (weights saved separately)."""
         return {"name": self.name}
 
-    def state_dict(self) -> dict[str, "torch.Tensor"]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         """Learned weights (empty for non-learned encoders)."""
         return {}
 
@@ -91,9 +91,9 @@ class StatsEncoder(ImageEncoder):
     def __init__(self, device: str | None = None):
         self.device = _pick_device(device)
         self.dim = 3 * 2 * len(self.scales) + 3 * 2 + 3 + self.orientations * len(self.wavelengths) + 1
-        self._kernels: "torch.Tensor | None" = None
+        self._kernels: torch.Tensor | None = None
 
-    def _bank(self) -> "torch.Tensor":
+    def _bank(self) -> torch.Tensor:
         import torch
 
         if self._kernels is None:
@@ -201,7 +201,7 @@ class TimmEncoder(ImageEncoder):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "input_px": self.input_px, **self.model_kw}
 
-    def state_dict(self) -> dict[str, "torch.Tensor"]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
 
     def embed(self, patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -225,7 +225,7 @@ def _takes_img_size(name: str) -> bool:
     return any(token in name for token in ("vit", "deit", "beit", "eva", "swin", "cait", "xcit"))
 
 
-def read_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file (``weights_only``: never executes pickled code)."""
     import torch
 
@@ -249,7 +249,7 @@ def read_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
     return state
 
 
-def _load_weights(model: "torch.nn.Module", path: Path) -> None:
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
     state = read_state_dict(path)
     expected = set(model.state_dict())
     for prefix in _WRAPPER_PREFIXES:

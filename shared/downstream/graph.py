@@ -27,7 +27,9 @@ GraphKind = Literal["threshold", "knn", "radius"]
 
 def _check_coords(coords: np.ndarray) -> np.ndarray:
     coords = np.asarray(coords, dtype=np.float64)
-    require(coords.ndim == 2 and coords.shape[1] >= 1, f"coords: expected an (n_spots, 2) array, got shape {coords.shape}")
+    require(
+        coords.ndim == 2 and coords.shape[1] >= 1, f"coords: expected an (n_spots, 2) array, got shape {coords.shape}"
+    )
     require(bool(np.isfinite(coords).all()), "coords: contains NaN or infinite values")
     return coords
 

@@ -58,7 +58,9 @@ def _dense(a: Any, name: str) -> np.ndarray:
 
 def _pair(pred: Any, truth: Any) -> tuple[np.ndarray, np.ndarray]:
     p, t = _dense(pred, "pred"), _dense(truth, "truth")
-    require(p.shape == t.shape, f"pred has shape {p.shape} but truth has shape {t.shape}: expected the same (spots x genes)")
+    require(
+        p.shape == t.shape, f"pred has shape {p.shape} but truth has shape {t.shape}: expected the same (spots x genes)"
+    )
     require(p.shape[0] >= 2, f"pred/truth: need at least 2 spots, got {p.shape[0]}")
     return p, t
 
@@ -155,9 +157,11 @@ def _scaled(p: np.ndarray, t: np.ndarray, scale: str) -> tuple[np.ndarray, np.nd
     if scale == "minmax":
         return minmax(p), minmax(t)
     if scale == "zscore":
+
         def z(x: np.ndarray) -> np.ndarray:
             sd = x.std(axis=0)
             return np.divide(x - x.mean(axis=0), sd, out=np.zeros_like(x), where=sd > 0)
+
         return z(p), z(t)
     raise FedstError(f"scale: expected raw, minmax or zscore, got {scale!r}")
 
@@ -317,7 +321,10 @@ def ssc(pred: Any, truth: Any, weights: sp.spmatrix) -> float:
 # ------------------------------------------------------------------------------------------ ARI / NMI
 def _labels(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a), np.asarray(b)
-    require(a.ndim == 1 and a.shape == b.shape, f"labels: expected two 1-D label vectors of equal length, got {a.shape} and {b.shape}")
+    require(
+        a.ndim == 1 and a.shape == b.shape,
+        f"labels: expected two 1-D label vectors of equal length, got {a.shape} and {b.shape}",
+    )
     return a, b
 
 
@@ -357,9 +364,15 @@ def accuracy_score(
         require(len(methods) >= 1, f"accuracy_score: dataset {dataset!r} has no methods")
         if methods_all is None:
             methods_all = set(methods)
-        require(set(methods) == methods_all, f"accuracy_score: dataset {dataset!r} has methods {methods}, expected {sorted(methods_all)}")
+        require(
+            set(methods) == methods_all,
+            f"accuracy_score: dataset {dataset!r} has methods {methods}, expected {sorted(methods_all)}",
+        )
         for metric in metrics:
-            require(metric in HIGHER_IS_BETTER, f"accuracy_score: unknown metric {metric!r} (known: {sorted(HIGHER_IS_BETTER)})")
+            require(
+                metric in HIGHER_IS_BETTER,
+                f"accuracy_score: unknown metric {metric!r} (known: {sorted(HIGHER_IS_BETTER)})",
+            )
             try:
                 vals = np.array([float(by_method[m][metric]) for m in methods])
             except KeyError as exc:

@@ -25,7 +25,7 @@ import numpy as np
 
 from shared import keys
 from shared.errors import FedstError, require
-from shared.store.format import PatchStore, is_store
+from shared.store.format import PatchStore
 
 if TYPE_CHECKING:
     from shared.downstream.encoders import ImageEncoder
@@ -67,7 +67,10 @@ def _store_batch(
 ) -> tuple[SpotBatch, Any]:
     spots = store.spots
     rows = np.arange(spots.n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
-    require(rows.size == 0 or (rows.min() >= 0 and rows.max() < spots.n_obs), f"{store.path}: spot indices outside 0..{spots.n_obs - 1}")
+    require(
+        rows.size == 0 or (rows.min() >= 0 and rows.max() < spots.n_obs),
+        f"{store.path}: spot indices outside 0..{spots.n_obs - 1}",
+    )
     sub = spots[rows]
     sections = sub.obs[keys.SECTION].astype(str).to_numpy()
     mpp = _section_mpp(spots, store)
@@ -113,7 +116,7 @@ class Predictor:
         encoder_kw: dict[str, Any] | None = None,
         feature_key: str | None = None,
         patch_params: dict[str, Any] | None = None,
-        encoder_obj: "ImageEncoder | None" = None,
+        encoder_obj: ImageEncoder | None = None,
         info: dict[str, Any] | None = None,
     ):
         self.kind = kind
@@ -127,7 +130,7 @@ class Predictor:
         self.info = dict(info or {})
 
     # ---- features ----
-    def _get_encoder(self) -> "ImageEncoder":
+    def _get_encoder(self) -> ImageEncoder:
         if self._encoder is None:
             from shared.downstream.encoders import create_encoder
 
@@ -153,18 +156,23 @@ class Predictor:
                     f"genes; {len(missing)} of the predictor's missing, e.g. {missing[:3]})"
                 )
             key = self.feature_key if self.feature_key in store.spots.obsm else None
-            require(self.feature_key is None or key is not None, f"{store.path}: predictor was trained on obsm[{self.feature_key!r}], which this store lacks")
+            require(
+                self.feature_key is None or key is not None,
+                f"{store.path}: predictor was trained on obsm[{self.feature_key!r}], which this store lacks",
+            )
             return _store_batch(store, None, key)[0]
         if isinstance(data, tuple) and len(data) >= 2:
             patches, coords = np.asarray(data[0]), np.asarray(data[1], dtype=np.float64)
             sections = np.asarray(data[2]).astype(str) if len(data) > 2 else np.full(len(coords), "section")
             mpp = data[3] if len(data) > 3 else self.patch_params.get("mpp_default", 0.5)
             mpp_map = dict(mpp) if isinstance(mpp, Mapping) else {str(s): float(mpp) for s in np.unique(sections)}
-            require(len(patches) == len(coords) == len(sections), "predict: patches, coords and sections differ in length")
+            require(
+                len(patches) == len(coords) == len(sections), "predict: patches, coords and sections differ in length"
+            )
             return SpotBatch(patches, coords, sections, mpp_map)
         raise FedstError("predict: expected a PatchStore, a store path, or (patches, coords[, sections[, mpp]])")
 
-    def predict(self, data: "PatchStore | str | os.PathLike | tuple | SpotBatch", **kw: Any) -> np.ndarray:
+    def predict(self, data: PatchStore | str | os.PathLike | tuple | SpotBatch, **kw: Any) -> np.ndarray:
         """(spots x panel genes) float32 normalised expression, in the input's spot order."""
         batch = self._batch_of(data)
         feats = self.features(batch)
@@ -186,11 +194,17 @@ class Predictor:
                 save_file(state, str(out / "encoder.safetensors"))
                 has_weights = True
         meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind, "genes": self.genes,
-            "encoder": self.encoder, "encoder_kw": {k: v for k, v in self.encoder_kw.items() if k != "weights"},
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "genes": self.genes,
+            "encoder": self.encoder,
+            "encoder_kw": {k: v for k, v in self.encoder_kw.items() if k != "weights"},
             "encoder_weights": "encoder.safetensors" if has_weights else None,
-            "feature_key": self.feature_key, "patch_params": self.patch_params, "info": self.info,
-        }  # fmt: skip
+            "feature_key": self.feature_key,
+            "patch_params": self.patch_params,
+            "info": self.info,
+        }
         (out / "predictor.json").write_text(json.dumps(meta, indent=2, default=str))
         return out
 
@@ -208,7 +222,10 @@ def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predic
     except json.JSONDecodeError as exc:
         raise FedstError(f"{meta_path}: corrupt ({exc.msg})") from None
     require(meta.get("format") == FORMAT, f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
-    require(meta.get("format_version") == FORMAT_VERSION, f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
+    require(
+        meta.get("format_version") == FORMAT_VERSION,
+        f"{meta_path}: unsupported format_version {meta.get('format_version')!r}",
+    )
     kind = meta["kind"]
     model = _model_class(kind).load(path / "model", **({"device": device} if kind == "flag" else {}))
     encoder_kw = dict(meta.get("encoder_kw") or {})
@@ -218,8 +235,17 @@ def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predic
 
         weights = path / meta["encoder_weights"] if meta.get("encoder_weights") else None
         encoder_obj = create_encoder(meta["encoder"], weights=weights, **encoder_kw)
-    return Predictor(kind, model, meta["genes"], meta["encoder"], encoder_kw, meta.get("feature_key"),
-                     meta.get("patch_params"), encoder_obj, meta.get("info"))  # fmt: skip
+    return Predictor(
+        kind,
+        model,
+        meta["genes"],
+        meta["encoder"],
+        encoder_kw,
+        meta.get("feature_key"),
+        meta.get("patch_params"),
+        encoder_obj,
+        meta.get("info"),
+    )
 
 
 def _model_class(kind: str) -> Any:
@@ -249,7 +275,10 @@ def _rows_for(store: PatchStore, spot_indices: Mapping[Any, np.ndarray] | None) 
 def _targets(subs: list[Any], genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     Y = np.concatenate([_dense(s.X) for s in subs])
     M = np.concatenate(
-        [_dense(s.layers[keys.MEASURED]) if keys.MEASURED in s.layers else np.ones((s.n_obs, len(genes)), np.float32) for s in subs]
+        [
+            _dense(s.layers[keys.MEASURED]) if keys.MEASURED in s.layers else np.ones((s.n_obs, len(genes)), np.float32)
+            for s in subs
+        ]
     )
     require(np.isfinite(Y).all(), "training expression contains NaN or Inf")
     return Y, (M > 0).astype(np.float32)
@@ -284,7 +313,10 @@ def train_predictor(
     all_stores = stores + extras
     genes = all_stores[0].panel
     for store in all_stores[1:]:
-        require(store.panel == genes, f"{store.path}: gene panel differs from {all_stores[0].path}'s (stores must share one panel)")
+        require(
+            store.panel == genes,
+            f"{store.path}: gene panel differs from {all_stores[0].path}'s (stores must share one panel)",
+        )
     feature_key = f"X_{encoder}"
     if not (use_precomputed and all(feature_key in s.spots.obsm for s in all_stores)):
         feature_key = None
@@ -300,12 +332,21 @@ def train_predictor(
     require(len(data.coords) >= 3, f"train_predictor: only {len(data.coords)} training spots")
     Y, M = _targets(subs, genes)
     predictor = Predictor(
-        kind, None, genes, encoder, encoder_kw, feature_key,
+        kind,
+        None,
+        genes,
+        encoder,
+        encoder_kw,
+        feature_key,
         patch_params=_patch_params(stores[0] if stores else extras[0]),
-        info={"train_stores": [str(s.path) for s in stores], "extra_stores": [str(s.path) for s in extras],
-              "n_train_spots": int(len(Y)), "n_synthetic_spots": int(sum(s.n_obs for s in subs[len(stores):])),
-              "seed": seed},
-    )  # fmt: skip
+        info={
+            "train_stores": [str(s.path) for s in stores],
+            "extra_stores": [str(s.path) for s in extras],
+            "n_train_spots": int(len(Y)),
+            "n_synthetic_spots": int(sum(s.n_obs for s in subs[len(stores) :])),
+            "seed": seed,
+        },
+    )
     if feature_key is None:
         from shared.downstream.encoders import create_encoder
 
@@ -322,7 +363,17 @@ def _patch_params(store: PatchStore) -> dict[str, Any]:
     return {k: params[k] for k in ("patch_px", "field_um", "tile_px", "max_tiles_per_section") if k in params}
 
 
-def _fit(kind: str, feats: np.ndarray, Y: np.ndarray, M: np.ndarray, data: SpotBatch, genes: list[str], seed: int, log: "_Log", kw: dict[str, Any]) -> Any:
+def _fit(
+    kind: str,
+    feats: np.ndarray,
+    Y: np.ndarray,
+    M: np.ndarray,
+    data: SpotBatch,
+    genes: list[str],
+    seed: int,
+    log: _Log,
+    kw: dict[str, Any],
+) -> Any:
     if kind == "ridge":
         from shared.downstream.baselines import RidgeBaseline
 
@@ -337,9 +388,15 @@ def _fit(kind: str, feats: np.ndarray, Y: np.ndarray, M: np.ndarray, data: SpotB
         model = MLPRegressor(feats.shape[1], Y.shape[1], **arch)
         every = max(1, kw.get("epochs", 200) // 10)
         return model.fit(
-            feats, Y, M, seed=seed, **kw,
-            on_epoch=lambda e, tr, va: log(f"mlp epoch {e + 1}: train {tr:.4f} val {va:.4f}") if (e + 1) % every == 0 else None,
-        )  # fmt: skip
+            feats,
+            Y,
+            M,
+            seed=seed,
+            **kw,
+            on_epoch=lambda e, tr, va: (
+                log(f"mlp epoch {e + 1}: train {tr:.4f} val {va:.4f}") if (e + 1) % every == 0 else None
+            ),
+        )
     from shared.downstream.flag import FlagRegressor, FlagSettings
 
     device = kw.pop("device", None)
@@ -347,9 +404,17 @@ def _fit(kind: str, feats: np.ndarray, Y: np.ndarray, M: np.ndarray, data: SpotB
     every = max(1, settings.steps // 10)
     mask = None if M.all() else M
     return FlagRegressor(settings, device=device).fit(
-        feats, Y, data.coords, data.sections, genes, data.mpp, mask,
-        on_step=lambda s, loss: log(f"flag step {s + 1}/{settings.steps}: loss {loss:.4f}") if (s + 1) % every == 0 else None,
-    )  # fmt: skip
+        feats,
+        Y,
+        data.coords,
+        data.sections,
+        genes,
+        data.mpp,
+        mask,
+        on_step=lambda s, loss: (
+            log(f"flag step {s + 1}/{settings.steps}: loss {loss:.4f}") if (s + 1) % every == 0 else None
+        ),
+    )
 
 
 class _Log:
@@ -397,7 +462,9 @@ def prediction_adata(predictor: Predictor, store: PatchStore | str | os.PathLike
     store = _open(store)
     spots = store.spots
     pred = predictor.predict(store, **predict_kw)
-    out = ad.AnnData(X=pred, obs=spots.obs[[c for c in (keys.SECTION, keys.SITE) if c in spots.obs]].copy(), var=spots.var[[]].copy())
+    out = ad.AnnData(
+        X=pred, obs=spots.obs[[c for c in (keys.SECTION, keys.SITE) if c in spots.obs]].copy(), var=spots.var[[]].copy()
+    )
     out.obsm[keys.SPATIAL] = np.asarray(spots.obsm[keys.SPATIAL], dtype=np.float64)
     out.layers[keys.PREDICTED] = pred.copy()
     measured = _dense(spots.layers[keys.MEASURED]) if keys.MEASURED in spots.layers else np.zeros_like(pred)
@@ -407,9 +474,12 @@ def prediction_adata(predictor: Predictor, store: PatchStore | str | os.PathLike
     if keys.MPP in spots.uns:
         out.uns[keys.MPP] = spots.uns[keys.MPP]
     out.uns["fedst_prediction"] = {
-        "kind": predictor.kind, "encoder": predictor.encoder, "store": str(store.path),
-        "target": "log1p(counts / library size * 1e4) on the panel", **{k: v for k, v in predictor.info.items() if k != "seed"},
-    }  # fmt: skip
+        "kind": predictor.kind,
+        "encoder": predictor.encoder,
+        "store": str(store.path),
+        "target": "log1p(counts / library size * 1e4) on the panel",
+        **{k: v for k, v in predictor.info.items() if k != "seed"},
+    }
     return out
 
 

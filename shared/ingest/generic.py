@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import anndata
 
 
-def read_h5ad(path: Path) -> "anndata.AnnData":
+def read_h5ad(path: Path) -> anndata.AnnData:
     """An AnnData from disk, or a FedstError naming the file when it is not a readable h5ad."""
     import anndata
 
@@ -69,5 +69,10 @@ def load_h5ad_section(
     clean.var_names_make_unique()
     image_path, value, origin = resolve_mpp(image, mpp)
     sid = section_id or path.stem
-    provenance = {"format": fmt, "h5ad": path.resolve(), "counts": f"layers[{layer!r}]" if layer else "X", "mpp_source": origin}
+    provenance = {
+        "format": fmt,
+        "h5ad": path.resolve(),
+        "counts": f"layers[{layer!r}]" if layer else "X",
+        "mpp_source": origin,
+    }
     return finish_section(sid, clean, image_path, value, provenance, str(path), cache_dir)

@@ -28,7 +28,7 @@ ST_PITCH_UM = 200.0
 SPOT_COLUMNS = ("x", "y", "pixel_x", "pixel_y")
 
 
-def read_table(path: Path, what: str, **kwargs) -> "pd.DataFrame":
+def read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
     """A tab-separated table, or a FedstError naming the file when it cannot be parsed."""
     import pandas as pd
 
@@ -43,11 +43,11 @@ def _array_id(value: object) -> str:
     return str(int(number)) if number.is_integer() else str(value)
 
 
-def spot_ids(spots: "pd.DataFrame") -> list[str]:
+def spot_ids(spots: pd.DataFrame) -> list[str]:
     return [f"{_array_id(x)}x{_array_id(y)}" for x, y in zip(spots["x"], spots["y"])]
 
 
-def derive_mpp(spots: "pd.DataFrame") -> float | None:
+def derive_mpp(spots: pd.DataFrame) -> float | None:
     """200 um / (pixels per array unit), fitted on pixel_x ~ new_x and pixel_y ~ new_y; None if unfit."""
     slopes = []
     for array_col, pixel_col in (("new_x", "pixel_x"), ("new_y", "pixel_y")):
@@ -97,9 +97,7 @@ def load_legacy_st_section(
     common = validate.shared_ids(list(table.index), list(spot_table.index), str(counts_path), str(spots_path))
     non_numeric = [str(c) for c, dtype in table.dtypes.items() if dtype.kind not in "iufb"]
     if non_numeric:
-        raise FedstError(
-            f"{counts_path}: non-numeric values in gene column(s) {non_numeric[:3]} (expected raw counts)"
-        )
+        raise FedstError(f"{counts_path}: non-numeric values in gene column(s) {non_numeric[:3]} (expected raw counts)")
     values = table.loc[common].to_numpy(dtype=np.float32)
     validate.check_counts(values, str(counts_path))
     adata = anndata.AnnData(X=sp.csr_matrix(values))

@@ -18,7 +18,7 @@ def plausible_mpp(value: float | None) -> float | None:
     return float(value)
 
 
-def mpp_from_properties(props: "dict[str, str] | Any") -> float | None:
+def mpp_from_properties(props: dict[str, str] | Any) -> float | None:
     """Microns per pixel from openslide properties: openslide.mpp-x, then Aperio MPP, then TIFF resolution."""
     for key in ("openslide.mpp-x", "aperio.MPP"):
         try:

@@ -108,7 +108,9 @@ def ensure_pyramidal(
     if is_openslide_readable(source):
         return source
     if source.suffix.lower() in VENDOR_SUFFIXES:
-        raise FedstError(f"{source}: unreadable or corrupt slide (openslide does not recognise this {source.suffix} file)")
+        raise FedstError(
+            f"{source}: unreadable or corrupt slide (openslide does not recognise this {source.suffix} file)"
+        )
     if mpp is None:
         mpp = plain_image_mpp(source)
     if mpp is None:

@@ -26,11 +26,11 @@ class Section:
     image at ``slide_path`` (openslide-readable), uns[MPP] == ``mpp``, uns[PROVENANCE] says where it came from."""
 
     section_id: str
-    adata: "anndata.AnnData"
+    adata: anndata.AnnData
     slide_path: Path
     mpp: float
 
-    def open_slide(self) -> "Slide":
+    def open_slide(self) -> Slide:
         from shared.ingest.slide import open_slide
 
         return open_slide(self.slide_path, mpp=self.mpp)
@@ -76,7 +76,7 @@ class Site:
 
 def finish_section(
     section_id: str,
-    adata: "anndata.AnnData",
+    adata: anndata.AnnData,
     image: Path,
     mpp: float,
     provenance: dict[str, Any],

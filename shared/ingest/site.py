@@ -1,13 +1,13 @@
 """SITE.toml: the list of a site's sections (format, paths relative to the TOML, optional mpp) -> Site.
 
-    site = "site-0"              # optional, default: the TOML's file stem
-    panel = "../panel.txt"       # optional: consortium gene panel, one symbol per line
-    [[sections]]
-    id = "S1"
-    format = "hest"              # visium | hest | legacy-st | h5ad
-    h5ad = "S1.h5ad"
-    image = "S1.tif"
-    mpp = 0.5                    # optional when the image carries its mpp
+site = "site-0"              # optional, default: the TOML's file stem
+panel = "../panel.txt"       # optional: consortium gene panel, one symbol per line
+[[sections]]
+id = "S1"
+format = "hest"              # visium | hest | legacy-st | h5ad
+h5ad = "S1.h5ad"
+image = "S1.tif"
+mpp = 0.5                    # optional when the image carries its mpp
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def check_section_spec(spec: Any, index: int, toml_path: Path) -> dict[str, Any]
     unknown = set(spec) - COMMON_KEYS - set(required) - set(optional)
     if unknown:
         allowed = sorted(COMMON_KEYS | set(required) | set(optional))
-        raise FedstError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} (format {fmt!r} takes {', '.join(allowed)})")
+        raise FedstError(
+            f"{where}: unknown field(s) {', '.join(sorted(unknown))} (format {fmt!r} takes {', '.join(allowed)})"
+        )
     if "mpp" in spec:
         check_mpp(spec["mpp"], f"{where}.mpp")
     return spec
@@ -101,7 +103,9 @@ def parse_site(site_toml: str | os.PathLike) -> tuple[str, Path | None, list[dic
     doc = read_toml(path)
     unknown = set(doc) - TOP_KEYS
     if unknown:
-        raise FedstError(f"{path}: unknown top-level field(s) {', '.join(sorted(unknown))} (expected {', '.join(sorted(TOP_KEYS))})")
+        raise FedstError(
+            f"{path}: unknown top-level field(s) {', '.join(sorted(unknown))} (expected {', '.join(sorted(TOP_KEYS))})"
+        )
     name = doc.get("site", path.stem)
     if not isinstance(name, str) or not name:
         raise FedstError(f"{path}: field 'site' is {name!r} (expected a non-empty string)")
@@ -110,7 +114,9 @@ def parse_site(site_toml: str | os.PathLike) -> tuple[str, Path | None, list[dic
         raise FedstError(f"{path}: field 'panel' is {panel!r} (expected a path to a gene list)")
     panel_path = (path.parent / panel) if panel else None
     if panel_path is not None and not panel_path.is_file():
-        raise FedstError(f"{path}: field 'panel' names {panel_path}, which does not exist (expected one symbol per line)")
+        raise FedstError(
+            f"{path}: field 'panel' names {panel_path}, which does not exist (expected one symbol per line)"
+        )
     sections = doc.get("sections")
     if not isinstance(sections, list) or not sections:
         raise FedstError(f"{path}: no [[sections]] (expected at least one section table)")
@@ -124,7 +130,9 @@ def parse_site(site_toml: str | os.PathLike) -> tuple[str, Path | None, list[dic
     return name, panel_path, specs
 
 
-def load_site(site_toml: str | os.PathLike, mpp: float | None = None, cache_dir: str | os.PathLike | None = None) -> Site:
+def load_site(
+    site_toml: str | os.PathLike, mpp: float | None = None, cache_dir: str | os.PathLike | None = None
+) -> Site:
     """Read every section a SITE.toml lists. ``mpp`` (the CLI's --mpp) applies to sections that have no
     ``mpp`` field and whose image carries none; it beats the format's derived estimate (Visium spot size, ST
     pitch). Per-section ``mpp`` fields override everything."""

@@ -33,16 +33,32 @@ if TYPE_CHECKING:
     import openslide
 
 __all__ = [
-    "CACHE_ENV", "MPP_RANGE", "TILE_PX", "VENDOR_SUFFIXES", "Slide", "check_mpp", "default_cache_dir",
-    "ensure_pyramidal", "image_mpp", "image_size", "is_openslide_readable", "mpp_from_properties", "open_osr",
-    "open_slide", "plain_image_mpp", "read_plain_image", "require_file", "resolve_mpp", "write_pyramidal_tiff",
+    "CACHE_ENV",
+    "MPP_RANGE",
+    "TILE_PX",
+    "VENDOR_SUFFIXES",
+    "Slide",
+    "check_mpp",
+    "default_cache_dir",
+    "ensure_pyramidal",
+    "image_mpp",
+    "image_size",
+    "is_openslide_readable",
+    "mpp_from_properties",
+    "open_osr",
+    "open_slide",
+    "plain_image_mpp",
+    "read_plain_image",
+    "require_file",
+    "resolve_mpp",
+    "write_pyramidal_tiff",
 ]
 
 
 class Slide:
     """An openslide-backed slide with its microns per pixel; reads spot-centred patches at a physical size."""
 
-    def __init__(self, path: Path, osr: "openslide.OpenSlide", mpp: float, source: Path | None = None):
+    def __init__(self, path: Path, osr: openslide.OpenSlide, mpp: float, source: Path | None = None):
         self.path = path
         self.source = source or path
         self._osr = osr
@@ -118,7 +134,7 @@ class Slide:
     def close(self) -> None:
         self._osr.close()
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -128,7 +144,7 @@ class Slide:
         return f"Slide({str(self.source)!r}, {self.width}x{self.height}, levels={self.level_count}, mpp={self.mpp})"
 
 
-def open_osr(path: Path) -> "openslide.OpenSlide":
+def open_osr(path: Path) -> openslide.OpenSlide:
     import openslide
 
     try:
@@ -139,9 +155,7 @@ def open_osr(path: Path) -> "openslide.OpenSlide":
         raise FedstError(f"{path}: unreadable or corrupt slide ({exc})") from None
 
 
-def open_slide(
-    path: str | os.PathLike, mpp: float | None = None, cache_dir: str | os.PathLike | None = None
-) -> Slide:
+def open_slide(path: str | os.PathLike, mpp: float | None = None, cache_dir: str | os.PathLike | None = None) -> Slide:
     """Open any supported image as a Slide; a plain JPEG/PNG is first converted (once) by `ensure_pyramidal`.
 
     ``mpp`` overrides the image's own microns per pixel; without either, a FedstError says to pass one.
@@ -196,7 +210,9 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(source) as image:
             return int(image.width), int(image.height)
     except UnidentifiedImageError:
-        raise FedstError(f"{source}: not an image PIL or openslide can read (expected JPEG, PNG, TIFF or SVS)") from None
+        raise FedstError(
+            f"{source}: not an image PIL or openslide can read (expected JPEG, PNG, TIFF or SVS)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise FedstError(f"{source}: unreadable or corrupt image ({exc})") from None
 
@@ -221,6 +237,4 @@ def resolve_mpp(
         return source, carried, "image metadata"
     if fallback_mpp is not None and plausible_mpp(fallback_mpp) is not None:
         return source, float(fallback_mpp), fallback_reason
-    raise FedstError(
-        f"{source}: image carries no microns-per-pixel; give it with --mpp or `mpp = ...` in SITE.toml"
-    )
+    raise FedstError(f"{source}: image carries no microns-per-pixel; give it with --mpp or `mpp = ...` in SITE.toml")

@@ -57,7 +57,9 @@ def check_counts(matrix: Any, source: str) -> None:
         raise FedstError(f"{source}: counts contain {bad} NaN/infinite value(s) (expected finite raw counts >= 0)")
     if values.min() < 0:
         bad = int((values < 0).sum())
-        raise FedstError(f"{source}: counts contain {bad} negative value(s), min {values.min()} (expected raw counts >= 0)")
+        raise FedstError(
+            f"{source}: counts contain {bad} negative value(s), min {values.min()} (expected raw counts >= 0)"
+        )
 
 
 def shared_ids(counts_ids: Sequence[str], spot_ids: Sequence[str], counts_file: str, spots_file: str) -> list[str]:
@@ -107,7 +109,7 @@ def check_gene_overlap(
     return matched
 
 
-def check_section_adata(adata: "anndata.AnnData", source: str) -> None:
+def check_section_adata(adata: anndata.AnnData, source: str) -> None:
     """The data-model invariants of a section's AnnData (see shared/keys.py)."""
     if adata.n_obs == 0:
         raise FedstError(f"{source}: no spots (expected at least one spot with counts)")

@@ -37,7 +37,7 @@ def _strings(dataset) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[:]]
 
 
-def read_10x_h5(path: Path) -> "anndata.AnnData":
+def read_10x_h5(path: Path) -> anndata.AnnData:
     """Barcodes x genes counts from a Cell Ranger / Space Ranger HDF5 (v3 `matrix/` group, or the v2
     per-genome group); gene symbols as var_names, Ensembl ids in var[GENE_IDS]; Gene Expression features only."""
     import anndata
@@ -78,7 +78,7 @@ def read_10x_h5(path: Path) -> "anndata.AnnData":
     return adata
 
 
-def read_positions(spatial_dir: Path) -> tuple["pd.DataFrame", Path]:
+def read_positions(spatial_dir: Path) -> tuple[pd.DataFrame, Path]:
     """The tissue positions table (either Space Ranger version) indexed by barcode."""
     import pandas as pd
 
@@ -95,7 +95,8 @@ def read_positions(spatial_dir: Path) -> tuple["pd.DataFrame", Path]:
         if not has_header:
             if table.shape[1] != len(POSITION_COLUMNS):
                 raise FedstError(
-                    f"{path}: {table.shape[1]} columns (expected {len(POSITION_COLUMNS)}: {', '.join(POSITION_COLUMNS)})"
+                    f"{path}: {table.shape[1]} columns (expected "
+                    f"{len(POSITION_COLUMNS)}: {', '.join(POSITION_COLUMNS)})"
                 )
             table.columns = POSITION_COLUMNS
         missing = [c for c in POSITION_COLUMNS if c not in table.columns]

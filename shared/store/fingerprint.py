@@ -44,8 +44,11 @@ def input_files(specs: list[dict[str, Any]], base: Path, path_keys: dict[str, tu
 
 
 def input_fingerprint(
-    site_toml: Path, specs: list[dict[str, Any]], path_keys: dict[str, tuple[str, ...]],
-    panel: list[str] | None, params: dict[str, Any],
+    site_toml: Path,
+    specs: list[dict[str, Any]],
+    path_keys: dict[str, tuple[str, ...]],
+    panel: list[str] | None,
+    params: dict[str, Any],
 ) -> str:
     """SHA-256 (hex) of everything that determines a store's content."""
     site_toml = Path(site_toml).resolve()

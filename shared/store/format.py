@@ -97,7 +97,7 @@ class PatchStore:
         self.manifest = read_manifest(self.path)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "PatchStore":
+    def open(cls, path: str | os.PathLike) -> PatchStore:
         return cls(path)
 
     @cached_property
@@ -109,13 +109,13 @@ class PatchStore:
         return np.load(self.path / TILES, mmap_mode="r")
 
     @cached_property
-    def tile_table(self) -> "pd.DataFrame":
+    def tile_table(self) -> pd.DataFrame:
         import pandas as pd
 
         return pd.read_csv(self.path / TILE_TABLE, dtype={keys.SECTION: str})
 
     @cached_property
-    def spots(self) -> "anndata.AnnData":
+    def spots(self) -> anndata.AnnData:
         import anndata
 
         return anndata.read_h5ad(self.path / SPOTS)
@@ -193,10 +193,10 @@ class StoreWriter:
         self.manifest: dict[str, Any] = {"params": {}, "provenance": {}, "synthetic": False}
         self._patches: np.ndarray | None = None
         self._tiles: np.ndarray | None = None
-        self._tile_table: "pd.DataFrame | None" = None
-        self._spots: "anndata.AnnData | None" = None
+        self._tile_table: pd.DataFrame | None = None
+        self._spots: anndata.AnnData | None = None
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         if self.out.exists() and not self.overwrite:
             raise FedstError(f"{self.out}: already exists (pass overwrite to replace it)")
         if self.out.exists() and not is_store(self.out) and any(self.out.iterdir()):
@@ -218,10 +218,10 @@ class StoreWriter:
         self._tiles = self._allocate(TILES, n_tiles)
         return self._tiles
 
-    def set_tile_table(self, table: "pd.DataFrame") -> None:
+    def set_tile_table(self, table: pd.DataFrame) -> None:
         self._tile_table = table
 
-    def set_spots(self, spots: "anndata.AnnData") -> None:
+    def set_spots(self, spots: anndata.AnnData) -> None:
         self._spots = spots
 
     def _finish(self) -> None:

@@ -39,17 +39,25 @@ RESERVED_OBS = {keys.SECTION, keys.PATCH_INDEX, keys.SYNTHETIC, keys.SITE}
 
 
 def _check_params(patch_px: int, field_um: float, tile_px: int | None, max_tiles: int | None) -> None:
-    require(isinstance(patch_px, (int, np.integer)) and PATCH_PX_RANGE[0] <= patch_px <= PATCH_PX_RANGE[1],
-            f"patch_px must be an integer in {PATCH_PX_RANGE[0]}..{PATCH_PX_RANGE[1]}, got {patch_px!r}")
-    require(np.isfinite(field_um) and 10.0 <= field_um <= 2000.0,
-            f"field_um must be a physical field in 10..2000 microns, got {field_um!r}")
-    require(tile_px is None or tile_px == patch_px,
-            f"tile_px {tile_px} != patch_px {patch_px}: store format v{1} keeps tiles at the patch size")
-    require(max_tiles is None or (isinstance(max_tiles, (int, np.integer)) and max_tiles >= 0),
-            f"max_tiles_per_section must be an integer >= 0, got {max_tiles!r}")
+    require(
+        isinstance(patch_px, (int, np.integer)) and PATCH_PX_RANGE[0] <= patch_px <= PATCH_PX_RANGE[1],
+        f"patch_px must be an integer in {PATCH_PX_RANGE[0]}..{PATCH_PX_RANGE[1]}, got {patch_px!r}",
+    )
+    require(
+        np.isfinite(field_um) and 10.0 <= field_um <= 2000.0,
+        f"field_um must be a physical field in 10..2000 microns, got {field_um!r}",
+    )
+    require(
+        tile_px is None or tile_px == patch_px,
+        f"tile_px {tile_px} != patch_px {patch_px}: store format v{1} keeps tiles at the patch size",
+    )
+    require(
+        max_tiles is None or (isinstance(max_tiles, (int, np.integer)) and max_tiles >= 0),
+        f"max_tiles_per_section must be an integer >= 0, got {max_tiles!r}",
+    )
 
 
-def _resolve_panel(panel: "GenePanel | Sequence[str] | str | os.PathLike | None", site_panel: Path | None):
+def _resolve_panel(panel: GenePanel | Sequence[str] | str | os.PathLike | None, site_panel: Path | None):
     """(GenePanel or None for HVG, description of its source)."""
     from shared.genes import GenePanel
 
@@ -68,12 +76,14 @@ def _resolve_panel(panel: "GenePanel | Sequence[str] | str | os.PathLike | None"
 def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[], None]]]:
     """Yields task(description, total) -> advance(); a rich progress bar when enabled, silent otherwise."""
     if not enabled:
-        yield lambda description, total: (lambda: None)
+        yield lambda description, total: lambda: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=False) as bar:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
+    ) as bar:
+
         def task(description: str, total: int) -> Callable[[], None]:
             task_id = bar.add_task(description, total=total)
             return lambda: bar.advance(task_id)
@@ -81,7 +91,7 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[], None]
         yield task
 
 
-def section_expression(section: "Section", panel: "GenePanel") -> tuple["anndata.AnnData", int]:
+def section_expression(section: Section, panel: GenePanel) -> tuple[anndata.AnnData, int]:
     """The section's spots on the panel: X normalised, layers counts/measured; spots without counts dropped."""
     import anndata as ad
 
@@ -119,7 +129,7 @@ def prepare_store(
     site_toml: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    panel: "GenePanel | Sequence[str] | str | os.PathLike | None" = None,
+    panel: GenePanel | Sequence[str] | str | os.PathLike | None = None,
     patch_px: int = 64,
     field_um: float = 112.0,
     tile_px: int | None = None,
@@ -145,13 +155,18 @@ def prepare_store(
     site_name, site_panel, specs = parse_site(site_toml)
     chosen_panel, panel_source = _resolve_panel(panel, site_panel)
     params: dict[str, Any] = {
-        "field_um": float(field_um), "patch_px": int(patch_px), "tile_field_um": float(field_um),
-        "max_tiles_per_section": max_tiles, "mpp_override": mpp, "panel_source": panel_source,
+        "field_um": float(field_um),
+        "patch_px": int(patch_px),
+        "tile_field_um": float(field_um),
+        "max_tiles_per_section": max_tiles,
+        "mpp_override": mpp,
+        "panel_source": panel_source,
         "normalisation": f"log1p(counts / library_size * {keys.TARGET_SUM:g}), library size over all source genes",
     }
     path_keys = {fmt: required + optional for fmt, (required, optional) in FORMATS.items()}
-    fingerprint = input_fingerprint(site_toml, specs, path_keys,
-                                    list(chosen_panel) if chosen_panel is not None else None, params)
+    fingerprint = input_fingerprint(
+        site_toml, specs, path_keys, list(chosen_panel) if chosen_panel is not None else None, params
+    )
     if is_store(out):
         try:
             if read_manifest(out).get("input_fingerprint") == fingerprint:
@@ -168,8 +183,12 @@ def prepare_store(
     sections = [load_section(spec, site_toml.parent, mpp=mpp, cache_dir=cache_dir) for spec in specs]
     if chosen_panel is None:
         chosen_panel = select_hvg([s.adata for s in sections], n_top=HVG_TOP)
-        log.warning("%s names no panel: using the site's %d most variable genes. Sites of one consortium must "
-                    "share a panel: pass --panel or set `panel = ...` in SITE.toml", site_toml, len(chosen_panel))
+        log.warning(
+            "%s names no panel: using the site's %d most variable genes. Sites of one consortium must "
+            "share a panel: pass --panel or set `panel = ...` in SITE.toml",
+            site_toml,
+            len(chosen_panel),
+        )
     tables, dropped = [], {}
     for section in sections:
         spots, n_dropped = section_expression(section, chosen_panel)
@@ -179,8 +198,9 @@ def prepare_store(
     spots.obs[keys.PATCH_INDEX] = np.arange(spots.n_obs, dtype=np.int64)
     spots.obs[keys.SYNTHETIC] = False
     spots.obs[keys.SITE] = pd.Categorical([site_name] * spots.n_obs)
-    spots.obs[keys.SECTION] = pd.Categorical(spots.obs[keys.SECTION].astype(str),
-                                             categories=[s.section_id for s in sections])
+    spots.obs[keys.SECTION] = pd.Categorical(
+        spots.obs[keys.SECTION].astype(str), categories=[s.section_id for s in sections]
+    )
     spots.strings_to_categoricals()  # what write_h5ad would do anyway, without its log lines
     spots.uns[keys.MPP] = {s.section_id: float(s.mpp) for s in sections}
     spots.uns[keys.PROVENANCE] = {s.section_id: dict(s.adata.uns.get(keys.PROVENANCE, {})) for s in sections}
@@ -193,12 +213,15 @@ def prepare_store(
             thumb, scale = slide.thumbnail(THUMBNAIL_PX)
             tile_size = field_um / slide.mpp
             tile_centres[section.section_id] = tile_grid(
-                tissue_mask(thumb), scale, tile_size, slide.width, slide.height, max_tiles=max_tiles)
-        tile_table = pd.DataFrame({
-            keys.SECTION: [sid for sid, c in tile_centres.items() for _ in range(len(c))],
-            "x": np.concatenate([c[:, 0] for c in tile_centres.values()]) if tile_centres else [],
-            "y": np.concatenate([c[:, 1] for c in tile_centres.values()]) if tile_centres else [],
-        })
+                tissue_mask(thumb), scale, tile_size, slide.width, slide.height, max_tiles=max_tiles
+            )
+        tile_table = pd.DataFrame(
+            {
+                keys.SECTION: [sid for sid, c in tile_centres.items() for _ in range(len(c))],
+                "x": np.concatenate([c[:, 0] for c in tile_centres.values()]) if tile_centres else [],
+                "y": np.concatenate([c[:, 1] for c in tile_centres.values()]) if tile_centres else [],
+            }
+        )
         with StoreWriter(out, patch_px=patch_px) as writer, _progress(progress) as task:
             patches = writer.allocate_patches(spots.n_obs)
             row = 0
@@ -220,10 +243,15 @@ def prepare_store(
             writer.manifest.update(
                 params={**params, "mpp": {s.section_id: float(s.mpp) for s in sections}},
                 provenance={
-                    "site": site_name, "site_toml": str(site_toml.resolve()), "prepare": PREPARE_VERSION,
-                    "panel_source": panel_source, "spots_dropped_without_counts": dropped,
-                    "sections": {s.section_id: {"format": s.format, "slide": str(s.slide_path),
-                                                "spots": int(t.n_obs)} for s, t in zip(sections, tables)},
+                    "site": site_name,
+                    "site_toml": str(site_toml.resolve()),
+                    "prepare": PREPARE_VERSION,
+                    "panel_source": panel_source,
+                    "spots_dropped_without_counts": dropped,
+                    "sections": {
+                        s.section_id: {"format": s.format, "slide": str(s.slide_path), "spots": int(t.n_obs)}
+                        for s, t in zip(sections, tables)
+                    },
                 },
                 synthetic=False,
                 input_fingerprint=fingerprint,

@@ -34,8 +34,15 @@ class StainNormaliser:
     max_concentration: np.ndarray  # (2,) 99th percentiles of the source concentrations
 
     @classmethod
-    def fit(cls, images: np.ndarray, *, od_threshold: float = 0.15, alpha: float = 1.0,
-            max_pixels: int = 200_000, seed: int = 0) -> "StainNormaliser":
+    def fit(
+        cls,
+        images: np.ndarray,
+        *,
+        od_threshold: float = 0.15,
+        alpha: float = 1.0,
+        max_pixels: int = 200_000,
+        seed: int = 0,
+    ) -> StainNormaliser:
         """Estimate the source stains from (..., 3) uint8 pixels (e.g. all patches of a site)."""
         od = optical_density(np.asarray(images).reshape(-1, 3))
         od = od[(od > od_threshold).all(axis=1)]

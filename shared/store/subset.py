@@ -24,8 +24,13 @@ def subset_store(
     Reused when ``out`` is already a store made from the same rows (checked through the manifest).
     """
     rows = np.asarray(rows, dtype=np.int64)
-    tag = {"parent": str(store.path), "parent_files": store.manifest.get("files", {}), "n_rows": int(len(rows)),
-           "rows_sha": _hash_rows(rows), "tile_sections": None if tile_sections is None else list(tile_sections)}
+    tag = {
+        "parent": str(store.path),
+        "parent_files": store.manifest.get("files", {}),
+        "n_rows": int(len(rows)),
+        "rows_sha": _hash_rows(rows),
+        "tile_sections": None if tile_sections is None else list(tile_sections),
+    }
     if is_store(out):
         existing = PatchStore(out)
         if existing.manifest.get("provenance", {}).get("subset_of") == tag:

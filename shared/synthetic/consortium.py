@@ -41,7 +41,7 @@ def generate_section(
     n_rows: int,
     n_cols: int,
     mpp: float,
-) -> tuple["np.ndarray", "object"]:
+) -> tuple[np.ndarray, object]:
     """One section: its RGB image and its AnnData (raw counts in X, obsm spatial, uns mpp, ground truth)."""
     import anndata as ad
     import pandas as pd
@@ -68,15 +68,25 @@ def generate_section(
     adata.obsm[model.TYPE_MIXTURE] = mixtures.astype(np.float32)
     adata.uns[keys.MPP] = float(mpp)
     adata.uns[keys.PROVENANCE] = {"format": "synthetic", "generator": GENERATOR_VERSION, "section": section_id}
-    adata.uns[model.GROUND_TRUTH] = {"types": type_names, "nuclei": int(n_nuclei), "image_px": [layout.height, layout.width]}
+    adata.uns[model.GROUND_TRUTH] = {
+        "types": type_names,
+        "nuclei": int(n_nuclei),
+        "image_px": [layout.height, layout.width],
+    }
     return rgb, adata
 
 
 def _site_toml(site: str, sections: list[str]) -> str:
     lines = [f'site = "{site}"', f'panel = "../{PANEL_FILE}"', ""]
     for section in sections:
-        lines += ["[[sections]]", f'id = "{section}"', 'format = "hest"', f'h5ad = "{section}.h5ad"',
-                  f'image = "{section}.tif"', ""]
+        lines += [
+            "[[sections]]",
+            f'id = "{section}"',
+            'format = "hest"',
+            f'h5ad = "{section}.h5ad"',
+            f'image = "{section}.tif"',
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -118,8 +128,13 @@ def generate_consortium(
         sections = [f"S{i}{chr(ord('A') + j)}" if j < 26 else f"S{i}_{j}" for j in range(sections_per_site)]
         for section, section_seed in zip(sections, section_seeds):
             rgb, adata = generate_section(
-                np.random.default_rng(section_seed), section, signatures, effects,
-                n_rows=grid[0], n_cols=grid[1], mpp=mpp,
+                np.random.default_rng(section_seed),
+                section,
+                signatures,
+                effects,
+                n_rows=grid[0],
+                n_cols=grid[1],
+                mpp=mpp,
             )
             adata.uns[keys.PROVENANCE]["site"] = site
             adata.uns[keys.PROVENANCE]["seed"] = int(seed)

@@ -47,9 +47,30 @@ spindle nuclei on pink fibres; immune = very dense small round very dark nuclei;
 pale; muscle = elongated aligned nuclei on deep eosin."""
 
 BACKGROUND_GENES: tuple[str, ...] = (
-    "ACTB", "GAPDH", "B2M", "MALAT1", "EEF1A1", "TPT1", "FTL", "FTH1", "TMSB4X", "UBC",
-    "HSPA8", "PPIA", "MYL6", "SRGN", "VIM", "S100A6", "LGALS1", "CST3", "TIMP1", "SPARC",
-    "IGKC", "MGP", "CD24", "KRT19",
+    "ACTB",
+    "GAPDH",
+    "B2M",
+    "MALAT1",
+    "EEF1A1",
+    "TPT1",
+    "FTL",
+    "FTH1",
+    "TMSB4X",
+    "UBC",
+    "HSPA8",
+    "PPIA",
+    "MYL6",
+    "SRGN",
+    "VIM",
+    "S100A6",
+    "LGALS1",
+    "CST3",
+    "TIMP1",
+    "SPARC",
+    "IGKC",
+    "MGP",
+    "CD24",
+    "KRT19",
 )
 HOUSEKEEPING_GENES: tuple[str, ...] = ("MT-CO1", "MT-ND1", "RPL13", "RPS6")
 """Abundant mitochondrial/ribosomal genes (what `select_hvg(exclude_prefixes=...)` leaves out)."""
@@ -130,8 +151,10 @@ class SiteEffects:
     type_bias: np.ndarray  # (K,) logit shifts
 
     def as_dict(self) -> dict[str, list]:
-        return {name: np.asarray(getattr(self, name)).round(6).tolist() for name in
-                ("stain", "stain_scale", "gene_batch", "type_bias")}
+        return {
+            name: np.asarray(getattr(self, name)).round(6).tolist()
+            for name in ("stain", "stain_scale", "gene_batch", "type_bias")
+        }
 
 
 def _rotation(rng: np.random.Generator, max_angle: float) -> np.ndarray:

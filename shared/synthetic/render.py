@@ -38,13 +38,18 @@ def sample_nuclei(rng: np.random.Generator, layout: Layout) -> dict[str, np.ndar
     radius = np.array([t.radius_um for t in types])[kind] / layout.mpp * np.exp(rng.normal(0, 0.15, len(x)))
     elongation = np.array([t.elongation for t in types])[kind] * np.exp(rng.normal(0, 0.12, len(x)))
     aligned = np.array([t.aligned for t in types])[kind]
-    angle = np.where(aligned, layout.orientation[rows, cols] + rng.normal(0, 0.25, len(x)),
-                     rng.uniform(0, np.pi, len(x)))
+    angle = np.where(
+        aligned, layout.orientation[rows, cols] + rng.normal(0, 0.25, len(x)), rng.uniform(0, np.pi, len(x))
+    )
     hema = np.array([t.hematoxylin for t in types])[kind] * np.exp(rng.normal(0, 0.1, len(x)))
     return {
-        "x": x, "y": y, "kind": kind,
-        "a": radius * np.sqrt(elongation), "b": radius / np.sqrt(elongation),
-        "angle": angle, "hematoxylin": hema,
+        "x": x,
+        "y": y,
+        "kind": kind,
+        "a": radius * np.sqrt(elongation),
+        "b": radius / np.sqrt(elongation),
+        "angle": angle,
+        "hematoxylin": hema,
     }
 
 

@@ -70,9 +70,7 @@ def _mpp_of(mpp: dict[str, float] | float | None, section: str) -> float:
     return float(mpp)
 
 
-def edge_conditions(
-    coords: np.ndarray, features: np.ndarray, sigma_px: float, use: bool = True
-) -> np.ndarray:
+def edge_conditions(coords: np.ndarray, features: np.ndarray, sigma_px: float, use: bool = True) -> np.ndarray:
     """(n, n, 2) float32: [Gaussian distance kernel, feature cosine similarity]; zeros when ``use`` is off.
 
     Pass standardised features (the FLAG model z-scores them with training statistics): raw post-ReLU

@@ -101,18 +101,32 @@ class FlagModel(nn.Module):
     ):
         super().__init__()
         require(n_genes >= 1 and feat_dim >= 1, f"FlagModel: n_genes={n_genes}, feat_dim={feat_dim} must be >= 1")
-        require(graph_width % graph_heads == 0, f"FlagModel: graph_width {graph_width} not divisible by graph_heads {graph_heads}")
+        require(
+            graph_width % graph_heads == 0,
+            f"FlagModel: graph_width {graph_width} not divisible by graph_heads {graph_heads}",
+        )
         require(dit_width % dit_heads == 0, f"FlagModel: dit_width {dit_width} not divisible by dit_heads {dit_heads}")
         require(0 < sigma_min < sigma_max, f"FlagModel: need 0 < sigma_min ({sigma_min}) < sigma_max ({sigma_max})")
         if align_block is None:
             align_block = dit_depth // 2
         require(0 <= align_block < dit_depth, f"FlagModel: align_block {align_block} outside 0..{dit_depth - 1}")
         self.config = dict(
-            n_genes=n_genes, feat_dim=feat_dim, graph_width=graph_width, graph_depth=graph_depth,
-            graph_heads=graph_heads, dit_width=dit_width, dit_depth=dit_depth, dit_heads=dit_heads,
-            mlp_ratio=mlp_ratio, use_edge_conditions=use_edge_conditions, use_graph=use_graph,
-            sigma_min=sigma_min, sigma_max=sigma_max, gene_embed_dim=gene_embed_dim, align_block=align_block,
-        )  # fmt: skip
+            n_genes=n_genes,
+            feat_dim=feat_dim,
+            graph_width=graph_width,
+            graph_depth=graph_depth,
+            graph_heads=graph_heads,
+            dit_width=dit_width,
+            dit_depth=dit_depth,
+            dit_heads=dit_heads,
+            mlp_ratio=mlp_ratio,
+            use_edge_conditions=use_edge_conditions,
+            use_graph=use_graph,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            gene_embed_dim=gene_embed_dim,
+            align_block=align_block,
+        )
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.use_edge_conditions, self.use_graph = bool(use_edge_conditions), bool(use_graph)
         self.align_block = align_block
@@ -135,7 +149,7 @@ class FlagModel(nn.Module):
         self.register_buffer("gene_std", torch.ones(n_genes))
 
     @classmethod
-    def from_preset(cls, preset: str, **kw: Any) -> "FlagModel":
+    def from_preset(cls, preset: str, **kw: Any) -> FlagModel:
         require(preset in PRESETS, f"FLAG preset {preset!r}: expected one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[preset], **kw})
 

@@ -112,12 +112,17 @@ class FlagRegressor:
         mpp: dict[str, float] | float | None = None,
         mask: np.ndarray | None = None,
         on_step: Callable[[int, float], None] | None = None,
-    ) -> "FlagRegressor":
+    ) -> FlagRegressor:
         s = self.settings
         features = np.asarray(features, np.float32)
         expression = np.asarray(expression, np.float32)
-        require(len(features) == len(expression) == len(coords) == len(sections), "FLAG: features, expression, coords and sections differ in length")
-        require(expression.shape[1] == len(genes), f"FLAG: expression has {expression.shape[1]} genes, panel {len(genes)}")
+        require(
+            len(features) == len(expression) == len(coords) == len(sections),
+            "FLAG: features, expression, coords and sections differ in length",
+        )
+        require(
+            expression.shape[1] == len(genes), f"FLAG: expression has {expression.shape[1]} genes, panel {len(genes)}"
+        )
         torch.manual_seed(s.seed)
         gen = torch.Generator().manual_seed(s.seed)
         rng = np.random.default_rng(s.seed)
@@ -147,11 +152,13 @@ class FlagRegressor:
             tokens: list[torch.Tensor] = []
 
             def eps_model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-                eps, aligned = m(x, sigma, cond, return_tokens=True)
-                tokens.append(aligned)
+                eps, aligned = m(x, sigma, cond, return_tokens=True)  # noqa: B023 (called within this iteration)
+                tokens.append(aligned)  # noqa: B023
                 return eps
 
-            loss = dsm_loss(eps_model, x0, m.sigma_min, m.sigma_max, None if msk is None else msk[idx].to(self.device), gen)
+            loss = dsm_loss(
+                eps_model, x0, m.sigma_min, m.sigma_max, None if msk is None else msk[idx].to(self.device), gen
+            )
             if emb is not None and m.align_head is not None:
                 cos = F.cosine_similarity(m.align_head(tokens[0]), emb[None], dim=-1)  # (S, G)
                 loss = loss + s.align_weight * (-(cos * present).sum() / (present.sum() * len(cos)))
@@ -194,9 +201,14 @@ class FlagRegressor:
             cond = m.condition(feats, edges, pad)[~pad].repeat(n_samp, 1)
             n = len(crop.index)
             z = heun_sample(
-                lambda x, sig: m.denoise(x, sig, cond), (n * n_samp, m.config["n_genes"]),
-                steps, m.sigma_min, m.sigma_max, gen, self.device,
-            )  # fmt: skip
+                lambda x, sig: m.denoise(x, sig, cond),  # noqa: B023 (sampled within this iteration)
+                (n * n_samp, m.config["n_genes"]),
+                steps,
+                m.sigma_min,
+                m.sigma_max,
+                gen,
+                self.device,
+            )
             z = z.view(n_samp, n, -1).mean(0)
             out[crop.index] = (z * m.gene_std + m.gene_mean).cpu().numpy()
         return np.clip(out, 0.0, None)
@@ -214,7 +226,7 @@ class FlagRegressor:
         save_file(state, str(out / "weights.safetensors"))
 
     @classmethod
-    def load(cls, path: Path, device: str | None = None) -> "FlagRegressor":
+    def load(cls, path: Path, device: str | None = None) -> FlagRegressor:
         from safetensors.torch import load_file
 
         reg = cls(FlagSettings(**json.loads((path / "settings.json").read_text())), device=device)

@@ -18,10 +18,12 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 
-def dense_counts(adata: "AnnData", what: str) -> np.ndarray:
+def dense_counts(adata: AnnData, what: str) -> np.ndarray:
     """X as a dense float64 (obs x var) array, validated: non-empty, finite, non-negative."""
-    require(adata.n_obs > 0 and adata.n_vars > 0,
-            f"{what}: empty input ({adata.n_obs} observations x {adata.n_vars} genes); expected both > 0")
+    require(
+        adata.n_obs > 0 and adata.n_vars > 0,
+        f"{what}: empty input ({adata.n_obs} observations x {adata.n_vars} genes); expected both > 0",
+    )
     x = adata.X
     x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
     x = x.astype(np.float64, copy=False)
@@ -30,14 +32,15 @@ def dense_counts(adata: "AnnData", what: str) -> np.ndarray:
     return x
 
 
-def gene_index(names: "list[str] | np.ndarray", what: str) -> dict[str, int]:
+def gene_index(names: list[str] | np.ndarray, what: str) -> dict[str, int]:
     """Case-insensitive symbol -> column; duplicate symbols are an error (pairing would be ambiguous)."""
     index: dict[str, int] = {}
     for i, name in enumerate(names):
         key = str(name).strip().lower()
         if key in index:
-            raise FedstError(f"{what}: gene symbol {name!r} occurs twice (case-insensitive); "
-                             "expected unique gene names")
+            raise FedstError(
+                f"{what}: gene symbol {name!r} occurs twice (case-insensitive); expected unique gene names"
+            )
         index[key] = i
     return index
 
@@ -66,11 +69,11 @@ class PairedGenes:
     ``st_counts`` rows of genes the spatial side lacks (imputation targets without truth) are NaN.
     """
 
-    genes: list[str]            # symbols as spelled in the reference
-    st_counts: np.ndarray       # (genes, spots) raw counts, NaN where the spatial side lacks the gene
-    sc_counts: np.ndarray       # (genes, cells) raw counts of the reference
-    sc_library: np.ndarray      # (cells,) reference library sizes over ALL its genes
-    in_spatial: np.ndarray      # (genes,) bool: measured on the spatial side
+    genes: list[str]  # symbols as spelled in the reference
+    st_counts: np.ndarray  # (genes, spots) raw counts, NaN where the spatial side lacks the gene
+    sc_counts: np.ndarray  # (genes, cells) raw counts of the reference
+    sc_library: np.ndarray  # (cells,) reference library sizes over ALL its genes
+    in_spatial: np.ndarray  # (genes,) bool: measured on the spatial side
 
     @property
     def n_spots(self) -> int:
@@ -81,8 +84,13 @@ class PairedGenes:
         return self.sc_counts.shape[1]
 
 
-def pair_genes(st: "AnnData", sc: "AnnData", targets: list[str] | None = None,
-               st_name: str = "spatial input", sc_name: str = "reference input") -> PairedGenes:
+def pair_genes(
+    st: AnnData,
+    sc: AnnData,
+    targets: list[str] | None = None,
+    st_name: str = "spatial input",
+    sc_name: str = "reference input",
+) -> PairedGenes:
     """Align ST and scRNA genes by symbol (case-insensitive).
 
     Rows, in the reference's gene order, are the genes both sides share plus any requested ``targets`` the
@@ -93,16 +101,21 @@ def pair_genes(st: "AnnData", sc: "AnnData", targets: list[str] | None = None,
     sc_x = dense_counts(sc, sc_name)
     st_idx = gene_index(list(st.var_names), st_name)
     sc_idx = gene_index(list(sc.var_names), sc_name)
-    require(any(k in st_idx for k in sc_idx),
-            f"{st_name} and {sc_name} share no gene symbol (case-insensitive); e.g. {list(st.var_names[:3])} "
-            f"vs {list(sc.var_names[:3])}")
+    require(
+        any(k in st_idx for k in sc_idx),
+        f"{st_name} and {sc_name} share no gene symbol (case-insensitive); e.g. {list(st.var_names[:3])} "
+        f"vs {list(sc.var_names[:3])}",
+    )
     wanted = set()
     for gene in targets or []:
         key = gene.strip().lower()
-        require(key in sc_idx, f"requested gene {gene!r} is absent from the {sc_name} "
-                               f"({sc.n_vars} genes); a gene can only be imputed from reference cells that measure it")
+        require(
+            key in sc_idx,
+            f"requested gene {gene!r} is absent from the {sc_name} "
+            f"({sc.n_vars} genes); a gene can only be imputed from reference cells that measure it",
+        )
         wanted.add(key)
-    rows = [k for k in sc_idx if k in st_idx or k in wanted]     # reference order: independent of the ST's
+    rows = [k for k in sc_idx if k in st_idx or k in wanted]  # reference order: independent of the ST's
     st_counts = np.full((len(rows), st.n_obs), np.nan)
     in_spatial = np.array([k in st_idx for k in rows])
     for r, key in enumerate(rows):
@@ -110,8 +123,9 @@ def pair_genes(st: "AnnData", sc: "AnnData", targets: list[str] | None = None,
             st_counts[r] = st_x[:, st_idx[key]]
     sc_counts = np.stack([sc_x[:, sc_idx[k]] for k in rows])
     names = [str(sc.var_names[sc_idx[k]]) for k in rows]
-    return PairedGenes(genes=names, st_counts=st_counts, sc_counts=sc_counts,
-                       sc_library=sc_x.sum(axis=1), in_spatial=in_spatial)
+    return PairedGenes(
+        genes=names, st_counts=st_counts, sc_counts=sc_counts, sc_library=sc_x.sum(axis=1), in_spatial=in_spatial
+    )
 
 
 @dataclass
@@ -128,8 +142,14 @@ class GeneSplit:
         return np.concatenate([self.train, self.val])
 
 
-def split_genes(paired: PairedGenes, *, targets: list[str] | None = None, holdout_fraction: float | None = None,
-                val_fraction: float = 0.1, seed: int = 0) -> GeneSplit:
+def split_genes(
+    paired: PairedGenes,
+    *,
+    targets: list[str] | None = None,
+    holdout_fraction: float | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> GeneSplit:
     """Test = the named targets, or a seeded random fraction of the spatially measured genes.
 
     Genes the ST lacks can only be test genes. At least 2 measured genes must remain for training.
@@ -140,13 +160,18 @@ def split_genes(paired: PairedGenes, *, targets: list[str] | None = None, holdou
         wanted = {t.strip().lower() for t in targets}
         test = np.array([i for i, g in enumerate(paired.genes) if g.lower() in wanted], dtype=int)
     else:
-        require(holdout_fraction is not None and 0 < holdout_fraction < 1,
-                f"holdout fraction must be in (0, 1); got {holdout_fraction}")
+        require(
+            holdout_fraction is not None and 0 < holdout_fraction < 1,
+            f"holdout fraction must be in (0, 1); got {holdout_fraction}",
+        )
         n_test = max(1, int(round(holdout_fraction * len(measured))))
         test = np.sort(rng.choice(measured, size=n_test, replace=False))
     rest = np.setdiff1d(measured, test)
-    require(len(rest) >= 2, f"only {len(rest)} measured gene(s) left for training after holding out {len(test)}; "
-                            "expected at least 2 shared genes outside the imputed set")
+    require(
+        len(rest) >= 2,
+        f"only {len(rest)} measured gene(s) left for training after holding out {len(test)}; "
+        "expected at least 2 shared genes outside the imputed set",
+    )
     rest = rng.permutation(rest)
     n_val = int(round(val_fraction * len(rest))) if len(rest) >= 10 else 0
     return GeneSplit(train=np.sort(rest[n_val:]), val=np.sort(rest[:n_val]), test=test)
@@ -159,11 +184,11 @@ class GeneFrame:
     The ST library size is taken over the measured (non-test) genes only, so held-out genes leak nothing.
     """
 
-    st_log: np.ndarray      # (genes, spots) log-normalised ST; NaN for genes the ST lacks
-    st_z: np.ndarray        # (genes, spots) per-gene z-scores (NaN rows stay NaN)
+    st_log: np.ndarray  # (genes, spots) log-normalised ST; NaN for genes the ST lacks
+    st_z: np.ndarray  # (genes, spots) per-gene z-scores (NaN rows stay NaN)
     st_mean: np.ndarray
     st_std: np.ndarray
-    sc_log: np.ndarray      # (genes, cells)
+    sc_log: np.ndarray  # (genes, cells)
     sc_z: np.ndarray
     sc_mean: np.ndarray
     sc_std: np.ndarray
@@ -177,8 +202,16 @@ def frame_genes(paired: PairedGenes, split: GeneSplit) -> GeneFrame:
     st_z, st_mean, st_std = zscore_rows(st_log)
     sc_log = log_normalise(paired.sc_counts.T, paired.sc_library).T
     sc_z, sc_mean, sc_std = zscore_rows(sc_log)
-    return GeneFrame(st_log=st_log, st_z=st_z, st_mean=st_mean, st_std=st_std,
-                     sc_log=sc_log, sc_z=sc_z, sc_mean=sc_mean, sc_std=sc_std)
+    return GeneFrame(
+        st_log=st_log,
+        st_z=st_z,
+        st_mean=st_mean,
+        st_std=st_std,
+        sc_log=sc_log,
+        sc_z=sc_z,
+        sc_mean=sc_mean,
+        sc_std=sc_std,
+    )
 
 
 def fit_scale(frame: GeneFrame, genes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +219,7 @@ def fit_scale(frame: GeneFrame, genes: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
     SpaDiT generates per-gene z-scores; this puts them back on the ST's log-normalised scale for output.
     """
+
     def line(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         a = np.stack([np.ones_like(x), x], axis=1)
         return np.linalg.lstsq(a, y, rcond=None)[0]

@@ -21,7 +21,7 @@ CELL_TYPE = "cell_type"
 """obs column of the reference cell types (scanpy convention)."""
 
 
-def _read_genes_by_obs(path: Path) -> "AnnData":
+def _read_genes_by_obs(path: Path) -> AnnData:
     """CSV genes x observations (symbol first column, observation ids in the header) -> AnnData obs x genes."""
     import anndata as ad
     import pandas as pd
@@ -42,7 +42,7 @@ def _read_genes_by_obs(path: Path) -> "AnnData":
     return adata
 
 
-def _read_named_column(path: Path, ids: "list[str]", what: str) -> "np.ndarray":
+def _read_named_column(path: Path, ids: list[str], what: str) -> np.ndarray:
     import pandas as pd
 
     table = pd.read_csv(path, index_col=0)
@@ -52,13 +52,15 @@ def _read_named_column(path: Path, ids: "list[str]", what: str) -> "np.ndarray":
     return table.loc[ids]
 
 
-def load_sc_spatial(folder: str | Path) -> tuple["AnnData", "AnnData"]:
+def load_sc_spatial(folder: str | Path) -> tuple[AnnData, AnnData]:
     """A spacexr-style folder (``spatial/{counts,coords}.csv``, ``reference/{counts,cell_types}.csv``)."""
     root = Path(folder)
     st = _read_genes_by_obs(root / "spatial" / "counts.csv")
     coords = _read_named_column(root / "spatial" / "coords.csv", list(st.obs_names), "spots")
-    require({"x", "y"} <= set(coords.columns), f"{root / 'spatial' / 'coords.csv'}: expected columns x, y; "
-                                                 f"got {list(coords.columns)}")
+    require(
+        {"x", "y"} <= set(coords.columns),
+        f"{root / 'spatial' / 'coords.csv'}: expected columns x, y; got {list(coords.columns)}",
+    )
     st.obsm[keys.SPATIAL] = coords[["x", "y"]].to_numpy(dtype=np.float64)
     st.uns[keys.PROVENANCE] = {"format": "sc-spatial-csv", "source": str(root / "spatial")}
     sc = _read_genes_by_obs(root / "reference" / "counts.csv")
@@ -69,7 +71,7 @@ def load_sc_spatial(folder: str | Path) -> tuple["AnnData", "AnnData"]:
     return st, sc
 
 
-def load_bdtnp(folder: str | Path) -> "AnnData":
+def load_bdtnp(folder: str | Path) -> AnnData:
     """The BDTNP Drosophila atlas: ``dge.txt`` (positions x genes) + ``geometry.txt`` (x y z, first rows).
 
     A spatial side only (it ships no scRNA reference); obsm[SPATIAL] holds (x, y), obsm['spatial_3d'] all three.
@@ -80,8 +82,10 @@ def load_bdtnp(folder: str | Path) -> "AnnData":
     root = Path(folder)
     dge = pd.read_csv(root / "dge.txt", sep="\t")
     geometry = pd.read_csv(root / "geometry.txt", sep=" ")
-    require(len(geometry) >= len(dge), f"{root / 'geometry.txt'}: {len(geometry)} rows, fewer than the "
-                                       f"{len(dge)} positions of dge.txt")
+    require(
+        len(geometry) >= len(dge),
+        f"{root / 'geometry.txt'}: {len(geometry)} rows, fewer than the {len(dge)} positions of dge.txt",
+    )
     adata = ad.AnnData(X=dge.to_numpy(dtype=np.float32))
     adata.var_names = [str(g) for g in dge.columns]
     xyz = geometry.iloc[: len(dge)][["xcoord", "ycoord", "zcoord"]].to_numpy(dtype=np.float64)
@@ -91,7 +95,7 @@ def load_bdtnp(folder: str | Path) -> "AnnData":
     return adata
 
 
-def read_h5ad_checked(path: str | Path, what: str, need_spatial: bool) -> "AnnData":
+def read_h5ad_checked(path: str | Path, what: str, need_spatial: bool) -> AnnData:
     """Read an .h5ad with errors that name the file; X must be raw (non-negative) expression."""
     import anndata as ad
 
@@ -101,8 +105,10 @@ def read_h5ad_checked(path: str | Path, what: str, need_spatial: bool) -> "AnnDa
         adata = ad.read_h5ad(p)
     except Exception as exc:  # h5py/anndata raise many types for a bad file
         raise FedstError(f"{p}: not a readable .h5ad ({type(exc).__name__}: {exc})") from exc
-    require(adata.n_obs > 0 and adata.n_vars > 0,
-            f"{p}: {what} is empty ({adata.n_obs} observations x {adata.n_vars} genes)")
+    require(
+        adata.n_obs > 0 and adata.n_vars > 0,
+        f"{p}: {what} is empty ({adata.n_obs} observations x {adata.n_vars} genes)",
+    )
     if need_spatial:
         require(keys.SPATIAL in adata.obsm, f"{p}: {what} lacks obsm['{keys.SPATIAL}'] (spot coordinates)")
     return adata

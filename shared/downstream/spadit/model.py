@@ -42,16 +42,27 @@ class SpaDiTConfig:
     num_train_timesteps: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("n_spots", "n_cells", "n_ref_genes", "width", "depth", "heads", "spot_patch", "cell_patch",
-                     "cond_rank"):
+        for name in (
+            "n_spots",
+            "n_cells",
+            "n_ref_genes",
+            "width",
+            "depth",
+            "heads",
+            "spot_patch",
+            "cell_patch",
+            "cond_rank",
+        ):
             require(getattr(self, name) >= 1, f"SpaDiT config: {name} must be >= 1, got {getattr(self, name)}")
-        require(self.width % self.heads == 0,
-                f"SpaDiT config: width ({self.width}) must be divisible by heads ({self.heads})")
+        require(
+            self.width % self.heads == 0,
+            f"SpaDiT config: width ({self.width}) must be divisible by heads ({self.heads})",
+        )
 
 
 PRESETS: dict[str, dict] = {
-    "tiny": dict(width=32, depth=2, heads=2, spot_patch=16, cell_patch=32, cond_rank=8),    # CPU, seconds
-    "base": dict(width=128, depth=4, heads=4, spot_patch=8, cell_patch=16, cond_rank=32),   # GPU or patient CPU
+    "tiny": dict(width=32, depth=2, heads=2, spot_patch=16, cell_patch=32, cond_rank=8),  # CPU, seconds
+    "base": dict(width=128, depth=4, heads=4, spot_patch=8, cell_patch=16, cond_rank=32),  # GPU or patient CPU
 }
 
 
@@ -74,14 +85,14 @@ class LowRankReferenceEncoder(nn.Module):
 
     def forward(self, reference: torch.Tensor) -> torch.Tensor:
         """(n_ref_genes, n_cells) -> (width,)."""
-        tokens = self.embed(reference)                                   # (G, d)
+        tokens = self.embed(reference)  # (G, d)
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
-        k = self.reduce_k(k.T).T                                         # (rank, d)
+        k = self.reduce_k(k.T).T  # (rank, d)
         v = self.reduce_v(v.T).T
         g, d = q.shape
         hd = d // self.heads
-        q = q.view(g, self.heads, hd).transpose(0, 1)                    # (H, G, hd)
-        k = k.view(-1, self.heads, hd).transpose(0, 1)                   # (H, rank, hd)
+        q = q.view(g, self.heads, hd).transpose(0, 1)  # (H, G, hd)
+        k = k.view(-1, self.heads, hd).transpose(0, 1)  # (H, rank, hd)
         v = v.view(-1, self.heads, hd).transpose(0, 1)
         attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(hd), dim=-1)
         pooled = (attn @ v).transpose(0, 1).reshape(g, d).mean(dim=0)
@@ -106,15 +117,38 @@ class SpaDiT(nn.Module):
     The condition of every block is time + the gene's reference embedding + the reference summary.
     """
 
-    def __init__(self, n_spots: int, n_cells: int, n_ref_genes: int, width: int = 32, depth: int = 2,
-                 heads: int = 2, spot_patch: int = 16, cell_patch: int = 32, cond_rank: int = 8,
-                 spot_prior: bool = True, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 num_train_timesteps: int = 1000) -> None:
+    def __init__(
+        self,
+        n_spots: int,
+        n_cells: int,
+        n_ref_genes: int,
+        width: int = 32,
+        depth: int = 2,
+        heads: int = 2,
+        spot_patch: int = 16,
+        cell_patch: int = 32,
+        cond_rank: int = 8,
+        spot_prior: bool = True,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        num_train_timesteps: int = 1000,
+    ) -> None:
         super().__init__()
-        self.config = SpaDiTConfig(n_spots=n_spots, n_cells=n_cells, n_ref_genes=n_ref_genes, width=width,
-                                   depth=depth, heads=heads, spot_patch=spot_patch, cell_patch=cell_patch,
-                                   cond_rank=cond_rank, spot_prior=spot_prior, mlp_ratio=mlp_ratio,
-                                   dropout=dropout, num_train_timesteps=num_train_timesteps)
+        self.config = SpaDiTConfig(
+            n_spots=n_spots,
+            n_cells=n_cells,
+            n_ref_genes=n_ref_genes,
+            width=width,
+            depth=depth,
+            heads=heads,
+            spot_patch=spot_patch,
+            cell_patch=cell_patch,
+            cond_rank=cond_rank,
+            spot_prior=spot_prior,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            num_train_timesteps=num_train_timesteps,
+        )
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
         self.n_st_tokens = -(-n_spots // spot_patch)
@@ -136,19 +170,29 @@ class SpaDiT(nn.Module):
 
     def encode_reference(self, reference: torch.Tensor) -> torch.Tensor:
         """(n_ref_genes, n_cells) reference z-scores -> (width,) condition; call once, reuse for all genes."""
-        require(tuple(reference.shape) == (self.config.n_ref_genes, self.config.n_cells),
-                f"reference matrix has shape {tuple(reference.shape)}; this SpaDiT expects "
-                f"({self.config.n_ref_genes}, {self.config.n_cells})")
+        require(
+            tuple(reference.shape) == (self.config.n_ref_genes, self.config.n_cells),
+            f"reference matrix has shape {tuple(reference.shape)}; this SpaDiT expects "
+            f"({self.config.n_ref_genes}, {self.config.n_cells})",
+        )
         return self.reference_encoder(reference)
 
-    def forward(self, noisy_st: torch.Tensor, timesteps: torch.Tensor, sc_genes: torch.Tensor,
-                reference_condition: torch.Tensor, spot_prior: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        noisy_st: torch.Tensor,
+        timesteps: torch.Tensor,
+        sc_genes: torch.Tensor,
+        reference_condition: torch.Tensor,
+        spot_prior: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """noisy_st (B, n_spots), timesteps (B,), sc_genes (B, n_cells), condition (width,),
         spot_prior (B, n_spots) when configured -> predicted noise (B, n_spots)."""
         cfg = self.config
-        require((spot_prior is not None) == cfg.spot_prior,
-                f"this SpaDiT was built with spot_prior={cfg.spot_prior}; forward got "
-                f"{'a' if spot_prior is not None else 'no'} spot prior")
+        require(
+            (spot_prior is not None) == cfg.spot_prior,
+            f"this SpaDiT was built with spot_prior={cfg.spot_prior}; forward got "
+            f"{'a' if spot_prior is not None else 'no'} spot prior",
+        )
         st = _patchify(noisy_st, cfg.spot_patch)
         if spot_prior is not None:
             st = torch.cat([st, _patchify(spot_prior, cfg.spot_patch)], dim=-1)
@@ -173,14 +217,15 @@ class SpaDiT(nn.Module):
         return out
 
     @classmethod
-    def load(cls, directory: str | Path) -> "SpaDiT":
+    def load(cls, directory: str | Path) -> SpaDiT:
         from safetensors.torch import load_file
 
         src = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (src / name).is_file():
-                raise FedstError(f"{src / name}: missing; expected a SpaDiT saved by SpaDiT.save "
-                                 f"({CONFIG_NAME} + {WEIGHTS_NAME})")
+                raise FedstError(
+                    f"{src / name}: missing; expected a SpaDiT saved by SpaDiT.save ({CONFIG_NAME} + {WEIGHTS_NAME})"
+                )
         model = cls(**json.loads((src / CONFIG_NAME).read_text()))
         model.load_state_dict(load_file(str(src / WEIGHTS_NAME)))
         return model

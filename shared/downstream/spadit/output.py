@@ -27,7 +27,7 @@ def _jsonable(obj):
     return obj
 
 
-def result_adata(result: "ImputationResult", st: "AnnData") -> "AnnData":
+def result_adata(result: ImputationResult, st: AnnData) -> AnnData:
     """Imputed genes as AnnData: X = layers[PREDICTED] = SpaDiT, layers[keys.PREDICTED_BASELINE] = kNN,
     layers[NORMALISED] = measured truth (0 where not measured) with layers[MEASURED] as its mask."""
     import anndata as ad
@@ -35,8 +35,11 @@ def result_adata(result: "ImputationResult", st: "AnnData") -> "AnnData":
 
     spadit = result.predictions["spadit"].astype(np.float32)
     mask = np.broadcast_to(result.has_truth[None, :], spadit.shape).astype(np.float32)
-    out = ad.AnnData(X=spadit.copy(), obs=st.obs.copy(),
-                     var=pd.DataFrame({"measured_on_spatial": result.has_truth}, index=result.genes))
+    out = ad.AnnData(
+        X=spadit.copy(),
+        obs=st.obs.copy(),
+        var=pd.DataFrame({"measured_on_spatial": result.has_truth}, index=result.genes),
+    )
     out.layers[keys.PREDICTED] = spadit
     out.layers[keys.PREDICTED_BASELINE] = result.predictions["knn"].astype(np.float32)
     out.layers[keys.NORMALISED] = np.nan_to_num(result.truth, nan=0.0).astype(np.float32)
@@ -46,12 +49,18 @@ def result_adata(result: "ImputationResult", st: "AnnData") -> "AnnData":
     for key in (keys.MPP, keys.PROVENANCE):
         if key in st.uns:
             out.uns[key] = st.uns[key]
-    out.uns[keys.SPADIT] = _jsonable({"params": result.params, "metrics": result.metrics, "timings": result.timings,
-                                  "train_genes": result.train_genes})
+    out.uns[keys.SPADIT] = _jsonable(
+        {
+            "params": result.params,
+            "metrics": result.metrics,
+            "timings": result.timings,
+            "train_genes": result.train_genes,
+        }
+    )
     return out
 
 
-def write_result(result: "ImputationResult", st: "AnnData", out: str | Path) -> dict[str, Path]:
+def write_result(result: ImputationResult, st: AnnData, out: str | Path) -> dict[str, Path]:
     """OUT.h5ad plus OUT.metrics.json, OUT.maps.png (truth | SpaDiT | kNN) and OUT.loss.png beside it."""
     from shared.downstream.spadit.plots import spatial_maps, training_curve
 
@@ -61,17 +70,29 @@ def write_result(result: "ImputationResult", st: "AnnData", out: str | Path) -> 
     adata.write_h5ad(path)
     stem = path.with_suffix("")
     written = {"h5ad": path}
-    report = {"genes": result.genes, "measured_on_spatial": [bool(v) for v in result.has_truth],
-              "metrics": result.metrics, "per_gene": result.per_gene, "timings": result.timings,
-              "params": result.params}
+    report = {
+        "genes": result.genes,
+        "measured_on_spatial": [bool(v) for v in result.has_truth],
+        "metrics": result.metrics,
+        "per_gene": result.per_gene,
+        "timings": result.timings,
+        "params": result.params,
+    }
     written["metrics"] = Path(f"{stem}.metrics.json")
     written["metrics"].write_text(json.dumps(_jsonable(report), indent=2))
     if keys.SPATIAL in st.obsm:
-        order = np.argsort(~result.has_truth, kind="stable")       # genes with truth first
-        panels = {"truth": result.truth[:, order], "SpaDiT": result.predictions["spadit"][:, order],
-                  "kNN baseline": result.predictions["knn"][:, order]}
-        written["maps"] = spatial_maps(f"{stem}.maps.png", st.obsm[keys.SPATIAL],
-                                       [result.genes[i] for i in order], panels,
-                                       title="held-out genes: measured vs imputed (each panel on its own colour range)")
+        order = np.argsort(~result.has_truth, kind="stable")  # genes with truth first
+        panels = {
+            "truth": result.truth[:, order],
+            "SpaDiT": result.predictions["spadit"][:, order],
+            "kNN baseline": result.predictions["knn"][:, order],
+        }
+        written["maps"] = spatial_maps(
+            f"{stem}.maps.png",
+            st.obsm[keys.SPATIAL],
+            [result.genes[i] for i in order],
+            panels,
+            title="held-out genes: measured vs imputed (each panel on its own colour range)",
+        )
     written["loss"] = training_curve(f"{stem}.loss.png", result.history.train_loss, result.history.val_loss)
     return written

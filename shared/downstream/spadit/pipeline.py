@@ -12,8 +12,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shared import keys
-from shared.downstream.spadit.data import (GeneSplit, frame_genes, log_normalise, pair_genes, split_genes,
-                                           unscale, zscore_rows, dense_counts)
+from shared.downstream.spadit.data import (
+    GeneSplit,
+    dense_counts,
+    frame_genes,
+    log_normalise,
+    pair_genes,
+    split_genes,
+    unscale,
+    zscore_rows,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -32,20 +40,20 @@ class ImputationResult:
     """Imputed genes on the ST spots, log-normalised (log1p per 10k over the measured genes)."""
 
     genes: list[str]
-    has_truth: np.ndarray                      # (genes,) bool
-    predictions: dict[str, np.ndarray]         # method -> (spots, genes)
-    truth: np.ndarray                          # (spots, genes), NaN columns where the ST lacks the gene
-    metrics: dict[str, dict[str, float]]       # method -> metric -> value (over genes with truth)
+    has_truth: np.ndarray  # (genes,) bool
+    predictions: dict[str, np.ndarray]  # method -> (spots, genes)
+    truth: np.ndarray  # (spots, genes), NaN columns where the ST lacks the gene
+    metrics: dict[str, dict[str, float]]  # method -> metric -> value (over genes with truth)
     timings: dict[str, float]
     params: dict
     split: GeneSplit
     train_genes: list[str]
-    model: "SpaDiT"
-    history: "TrainHistory"
+    model: SpaDiT
+    history: TrainHistory
     per_gene: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
 
 
-def reference_matrix(sc: "AnnData", max_genes: int = 2000) -> np.ndarray:
+def reference_matrix(sc: AnnData, max_genes: int = 2000) -> np.ndarray:
     """The whole reference as (genes, cells) per-gene z-scores of log-normalised counts, top-variance capped."""
     log_norm = log_normalise(dense_counts(sc, "reference input")).T
     if log_norm.shape[0] > max_genes:
@@ -68,7 +76,7 @@ def spatial_order(coords: np.ndarray | None, n: int) -> np.ndarray:
     return np.argsort(code, kind="stable")
 
 
-def cell_order(sc: "AnnData") -> np.ndarray:
+def cell_order(sc: AnnData) -> np.ndarray:
     """Reference cells grouped by type (when annotated), so one token holds cells of one type."""
     from shared.downstream.spadit.loaders import CELL_TYPE
 
@@ -95,16 +103,36 @@ def evaluate(pred: np.ndarray, truth: np.ndarray) -> tuple[dict[str, float], dic
     return {k: float(v) for k, v in summary.items()}, per_gene
 
 
-def run_imputation(st: "AnnData", sc: "AnnData", *, genes: list[str] | None = None,
-                   holdout_fraction: float | None = None, preset: str = "tiny", epochs: int | None = None,
-                   seed: int = 0, val_fraction: float = 0.1, k: int = 10, steps: int = 50, n_samples: int = 4,
-                   batch_size: int = 32, lr: float = 1e-3, device: str = "cpu", max_ref_genes: int = 2000,
-                   model_overrides: dict | None = None, progress: bool = True) -> ImputationResult:
+def run_imputation(
+    st: AnnData,
+    sc: AnnData,
+    *,
+    genes: list[str] | None = None,
+    holdout_fraction: float | None = None,
+    preset: str = "tiny",
+    epochs: int | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    k: int = 10,
+    steps: int = 50,
+    n_samples: int = 4,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    device: str = "cpu",
+    max_ref_genes: int = 2000,
+    model_overrides: dict | None = None,
+    progress: bool = True,
+) -> ImputationResult:
     """Impute ``genes`` (or a seeded ``holdout_fraction`` of the shared genes) with SpaDiT and kNN."""
     timings: dict[str, float] = {}
     paired = pair_genes(st, sc, targets=genes)
-    split = split_genes(paired, targets=genes, holdout_fraction=None if genes else holdout_fraction,
-                        val_fraction=val_fraction, seed=seed)
+    split = split_genes(
+        paired,
+        targets=genes,
+        holdout_fraction=None if genes else holdout_fraction,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
     import torch
 
     from shared.downstream.spadit.baseline import knn_impute
@@ -120,28 +148,61 @@ def run_imputation(st: "AnnData", sc: "AnnData", *, genes: list[str] | None = No
     st_z = frame.st_z[:, spot_perm]
     t0 = time.perf_counter()
     knn_all = knn_impute(frame.st_log[split.measured], frame.sc_log[split.measured], frame.sc_log, k=k)
-    timings["knn_s"] = time.perf_counter() - t0          # all genes: test genes + spot priors of the rest
-    prior = zscore_rows(knn_all[:, spot_perm])[0]         # reference values carried to spots (no ST truth)
+    timings["knn_s"] = time.perf_counter() - t0  # all genes: test genes + spot priors of the rest
+    prior = zscore_rows(knn_all[:, spot_perm])[0]  # reference values carried to spots (no ST truth)
     epochs = DEFAULT_EPOCHS.get(preset, 300) if epochs is None else epochs
-    torch.manual_seed(seed)                                 # the initial weights are part of the run's seed
-    model = create_spadit(preset, n_spots=paired.n_spots, n_cells=paired.n_cells,
-                          n_ref_genes=reference.shape[0], **(model_overrides or {}))
+    torch.manual_seed(seed)  # the initial weights are part of the run's seed
+    model = create_spadit(
+        preset,
+        n_spots=paired.n_spots,
+        n_cells=paired.n_cells,
+        n_ref_genes=reference.shape[0],
+        **(model_overrides or {}),
+    )
     if progress:
-        log.info("spadit: %d spots, %d cells, %d train / %d val / %d test genes, preset %s, %d epochs",
-                 paired.n_spots, paired.n_cells, len(split.train), len(split.val), len(split.test), preset, epochs)
+        log.info(
+            "spadit: %d spots, %d cells, %d train / %d val / %d test genes, preset %s, %d epochs",
+            paired.n_spots,
+            paired.n_cells,
+            len(split.train),
+            len(split.val),
+            len(split.test),
+            preset,
+            epochs,
+        )
 
     t0 = time.perf_counter()
     use_prior = model.config.spot_prior
-    history = train_spadit(model, st_z[split.train], sc_z[split.train], reference,
-                           prior=prior[split.train] if use_prior else None, val_st=st_z[split.val],
-                           val_sc=sc_z[split.val], val_prior=prior[split.val] if use_prior else None, epochs=epochs,
-                           batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
+    history = train_spadit(
+        model,
+        st_z[split.train],
+        sc_z[split.train],
+        reference,
+        prior=prior[split.train] if use_prior else None,
+        val_st=st_z[split.val],
+        val_sc=sc_z[split.val],
+        val_prior=prior[split.val] if use_prior else None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
     timings["spadit_train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    z = sample_genes(model, sc_z[split.test], reference, spot_prior=prior[split.test] if use_prior else None,
-                     steps=steps, n_samples=n_samples, seed=seed, device=device)
+    z = sample_genes(
+        model,
+        sc_z[split.test],
+        reference,
+        spot_prior=prior[split.test] if use_prior else None,
+        steps=steps,
+        n_samples=n_samples,
+        seed=seed,
+        device=device,
+    )
     z_spots = np.empty_like(z)
-    z_spots[:, spot_perm] = z                               # back to the input's spot order
+    z_spots[:, spot_perm] = z  # back to the input's spot order
     spadit = unscale(z_spots, frame, split.test, split.measured)
     timings["spadit_sample_s"] = time.perf_counter() - t0
     knn = knn_all[split.test]
@@ -154,10 +215,31 @@ def run_imputation(st: "AnnData", sc: "AnnData", *, genes: list[str] | None = No
     if has_truth.any():
         for name, pred in predictions.items():
             metrics[name], per_gene[name] = evaluate(pred[:, has_truth], truth[:, has_truth])
-    params = dict(preset=preset, epochs=epochs, seed=seed, val_fraction=val_fraction, k=k, steps=steps,
-                  n_samples=n_samples, batch_size=batch_size, lr=lr, holdout_fraction=holdout_fraction,
-                  best_epoch=history.best_epoch, model=dict(vars(model.config)))
-    return ImputationResult(genes=[paired.genes[i] for i in split.test], has_truth=has_truth,
-                            predictions=predictions, truth=truth, metrics=metrics, timings=timings,
-                            params=params, split=split, train_genes=[paired.genes[i] for i in split.train],
-                            model=model, history=history, per_gene=per_gene)
+    params = dict(
+        preset=preset,
+        epochs=epochs,
+        seed=seed,
+        val_fraction=val_fraction,
+        k=k,
+        steps=steps,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        lr=lr,
+        holdout_fraction=holdout_fraction,
+        best_epoch=history.best_epoch,
+        model=dict(vars(model.config)),
+    )
+    return ImputationResult(
+        genes=[paired.genes[i] for i in split.test],
+        has_truth=has_truth,
+        predictions=predictions,
+        truth=truth,
+        metrics=metrics,
+        timings=timings,
+        params=params,
+        split=split,
+        train_genes=[paired.genes[i] for i in split.train],
+        model=model,
+        history=history,
+        per_gene=per_gene,
+    )

@@ -7,8 +7,14 @@ from pathlib import Path
 import numpy as np
 
 
-def spatial_maps(path: str | Path, coords: np.ndarray, genes: list[str], panels: dict[str, np.ndarray],
-                 max_genes: int = 4, title: str = "") -> Path:
+def spatial_maps(
+    path: str | Path,
+    coords: np.ndarray,
+    genes: list[str],
+    panels: dict[str, np.ndarray],
+    max_genes: int = 4,
+    title: str = "",
+) -> Path:
     """One row per gene, one column per panel (e.g. truth, spadit, knn); panels are (spots, genes).
 
     Each panel has its own colour range (1st-99th percentile): the methods' outputs differ in scale and the

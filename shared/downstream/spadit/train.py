@@ -22,16 +22,24 @@ def make_scheduler(num_train_timesteps: int = 1000):
     """The training noise schedule: diffusers DDPM with the cosine ("squaredcos_cap_v2") betas."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="epsilon", clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
 
 
 def make_sampler(kind: str, num_train_timesteps: int = 1000):
     """DDIM (deterministic, few steps) or DDPM (ancestral) over the same cosine schedule."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    common = dict(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2",
-                  prediction_type="epsilon", clip_sample=False)
+    common = dict(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
     if kind == "ddim":
         return DDIMScheduler(**common)
     if kind == "ddpm":
@@ -54,8 +62,15 @@ def _as_tensor(a: np.ndarray, device: str) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
 
 
-def _val_loss(model: SpaDiT, scheduler, st: torch.Tensor, sc: torch.Tensor, prior: torch.Tensor | None,
-              reference: torch.Tensor, draws: int = 4) -> float:
+def _val_loss(
+    model: SpaDiT,
+    scheduler,
+    st: torch.Tensor,
+    sc: torch.Tensor,
+    prior: torch.Tensor | None,
+    reference: torch.Tensor,
+    draws: int = 4,
+) -> float:
     """Denoising loss on validation genes with noise and timesteps fixed by a seed (comparable across epochs)."""
     g = torch.Generator().manual_seed(1234)
     model.eval()
@@ -71,11 +86,24 @@ def _val_loss(model: SpaDiT, scheduler, st: torch.Tensor, sc: torch.Tensor, prio
     return float(np.mean(losses))
 
 
-def train_spadit(model: SpaDiT, st_genes: np.ndarray, sc_genes: np.ndarray, reference: np.ndarray, *,
-                 prior: np.ndarray | None = None, val_st: np.ndarray | None = None,
-                 val_sc: np.ndarray | None = None, val_prior: np.ndarray | None = None, epochs: int = 200,
-                 batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
-                 device: str = "cpu", progress: bool = True) -> TrainHistory:
+def train_spadit(
+    model: SpaDiT,
+    st_genes: np.ndarray,
+    sc_genes: np.ndarray,
+    reference: np.ndarray,
+    *,
+    prior: np.ndarray | None = None,
+    val_st: np.ndarray | None = None,
+    val_sc: np.ndarray | None = None,
+    val_prior: np.ndarray | None = None,
+    epochs: int = 200,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> TrainHistory:
     """Fit epsilon-prediction on (gene ST z-scores | gene reference z-scores); keeps the best-val weights.
 
     ``reference`` is the whole (genes x cells) reference matrix; its condition is recomputed once per
@@ -104,12 +132,17 @@ def train_spadit(model: SpaDiT, st_genes: np.ndarray, sc_genes: np.ndarray, refe
         order = torch.as_tensor(rng.permutation(n), device=device)
         total = 0.0
         for start in range(0, n, bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             x0, cond_genes = st[idx], sc[idx]
             noise = torch.randn_like(x0)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
-            pred = model(scheduler.add_noise(x0, noise, t), t, cond_genes, model.encode_reference(ref),
-                         None if pr is None else pr[idx])
+            pred = model(
+                scheduler.add_noise(x0, noise, t),
+                t,
+                cond_genes,
+                model.encode_reference(ref),
+                None if pr is None else pr[idx],
+            )
             loss = torch.mean((pred - noise) ** 2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -133,9 +166,18 @@ def train_spadit(model: SpaDiT, st_genes: np.ndarray, sc_genes: np.ndarray, refe
 
 
 @torch.no_grad()
-def sample_genes(model: SpaDiT, sc_genes: np.ndarray, reference: np.ndarray, *,
-                 spot_prior: np.ndarray | None = None, steps: int = 50,
-                 n_samples: int = 1, sampler: str = "ddim", seed: int = 0, device: str = "cpu") -> np.ndarray:
+def sample_genes(
+    model: SpaDiT,
+    sc_genes: np.ndarray,
+    reference: np.ndarray,
+    *,
+    spot_prior: np.ndarray | None = None,
+    steps: int = 50,
+    n_samples: int = 1,
+    sampler: str = "ddim",
+    seed: int = 0,
+    device: str = "cpu",
+) -> np.ndarray:
     """Generate ST z-score vectors (genes, spots) for genes given only their reference vectors.
 
     Starts from pure Gaussian noise (seeded); averages ``n_samples`` independent draws. ``spot_prior`` is
@@ -146,7 +188,7 @@ def sample_genes(model: SpaDiT, sc_genes: np.ndarray, reference: np.ndarray, *,
     scheduler.set_timesteps(steps)
     sc = _as_tensor(sc_genes, device)
     pr = None if spot_prior is None else _as_tensor(spot_prior, device)
-    cond = model.encode_reference(_as_tensor(reference, device))      # once for all genes and draws
+    cond = model.encode_reference(_as_tensor(reference, device))  # once for all genes and draws
     g = torch.Generator().manual_seed(seed)
     draws = []
     for _ in range(n_samples):
@@ -154,7 +196,10 @@ def sample_genes(model: SpaDiT, sc_genes: np.ndarray, reference: np.ndarray, *,
         for t in scheduler.timesteps:
             tt = torch.full((sc.shape[0],), int(t), device=device, dtype=torch.long)
             eps = model(x, tt, sc, cond, pr)
-            x = scheduler.step(eps, t, x, generator=g).prev_sample if sampler == "ddpm" \
+            x = (
+                scheduler.step(eps, t, x, generator=g).prev_sample
+                if sampler == "ddpm"
                 else scheduler.step(eps, t, x).prev_sample
+            )
         draws.append(x.float().cpu().numpy())
     return np.mean(draws, axis=0)

@@ -7,19 +7,13 @@ Layout: ``<run>/checkpoints/<phase>/round-<k>/{model.safetensors, strategy.safet
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from shared.errors import FedstError
-
-
-def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+from shared.io import write_json_atomic
 
 
 def save_checkpoint(
@@ -37,12 +31,14 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / "model.safetensors"))
     save_file({k: np.ascontiguousarray(v) for k, v in strategy_state.items()}, str(folder / "strategy.safetensors"))
-    _atomic_json(folder / "state.json", {"phase": phase, "round": server_round, **dict(meta)})
-    _atomic_json(folder.parent / "latest.json", {"round": server_round, "path": folder.name})
+    write_json_atomic(folder / "state.json", {"phase": phase, "round": server_round, **dict(meta)}, sort_keys=True)
+    write_json_atomic(folder.parent / "latest.json", {"round": server_round, "path": folder.name}, sort_keys=True)
     return folder
 
 
-def load_checkpoint(root: Path, phase: str) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]] | None:
+def load_checkpoint(
+    root: Path, phase: str
+) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]] | None:
     """(round, arrays, strategy state, meta) of the newest checkpoint of ``phase``, or None when there is none."""
     from safetensors.numpy import load_file
 

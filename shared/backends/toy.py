@@ -77,7 +77,14 @@ def _export(module) -> dict[str, np.ndarray]:
 
 
 def pretrain(
-    state: dict[str, np.ndarray], store: PatchStore, *, steps: int, batch_size: int, lr: float, seed: int, prox_mu: float = 0.0
+    state: dict[str, np.ndarray],
+    store: PatchStore,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    prox_mu: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Local denoising steps from ``state``; with ``prox_mu`` > 0 a FedProx term pulls toward ``state``."""
     torch = _torch()
@@ -112,7 +119,13 @@ def _conditioned(central, film, x, genes):
 
 
 def adapt(
-    central_state: dict[str, np.ndarray], store: PatchStore, *, steps: int, batch_size: int, lr: float, seed: int,
+    central_state: dict[str, np.ndarray],
+    store: PatchStore,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
     adapter_state: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Train only the FiLM adapter on the site's paired spots; the central weights stay frozen."""
@@ -148,7 +161,13 @@ def _expression(store: PatchStore) -> np.ndarray:
 
 
 def synthesize(
-    central_state: dict[str, np.ndarray], adapter_state: dict[str, np.ndarray], store: PatchStore, out: Path, *, n: int, seed: int
+    central_state: dict[str, np.ndarray],
+    adapter_state: dict[str, np.ndarray],
+    store: PatchStore,
+    out: Path,
+    *,
+    n: int,
+    seed: int,
 ) -> PatchStore:
     """Write ``n`` synthetic pairs (conditions drawn from real spots) as a store flagged synthetic."""
     torch = _torch()
@@ -164,6 +183,7 @@ def synthesize(
     _load(film, adapter_state)
     idx = np.sort(rng.integers(0, store.n_spots, size=n))
     import warnings
+
     mean = _images(np.asarray(store.patches)).mean(0, keepdim=True)
     with torch.no_grad():
         x = mean.repeat(n, 1, 1, 1) + NOISE * torch.randn(n, *mean.shape[1:])
@@ -192,7 +212,6 @@ def features(store: PatchStore, rows: np.ndarray | None = None) -> np.ndarray:
 def downstream(store: PatchStore, synthetic: PatchStore | None, *, seed: int) -> dict[str, float]:
     """Ridge predictor on real-only vs real+synthetic training spots, scored on a held-out section."""
     from shared import keys
-
     from shared.splits import downstream_held_out
 
     sections = store.spots.obs[keys.SECTION].astype(str).to_numpy()
@@ -206,7 +225,10 @@ def downstream(store: PatchStore, synthetic: PatchStore | None, *, seed: int) ->
     out: dict[str, float] = {"num-examples": float(test.sum())}
     arms = {"real": (x[~test], y[~test])}
     if synthetic is not None:
-        arms["augmented"] = (np.concatenate([x[~test], features(synthetic)]), np.concatenate([y[~test], _expression(synthetic)]))
+        arms["augmented"] = (
+            np.concatenate([x[~test], features(synthetic)]),
+            np.concatenate([y[~test], _expression(synthetic)]),
+        )
     for arm, (xt, yt) in arms.items():
         pred = _ridge(xt, yt, x[test])
         out[f"{arm}-pcc"] = _mean_pcc(pred, y[test])
@@ -232,8 +254,16 @@ def describe() -> dict[str, Any]:
     return {"backend": "toy", "parameters": int(sum(v.size for v in initial_state(0).values()))}
 
 
-def write_toy_store(out: Path, *, n_spots: int = 24, n_tiles: int = 16, panel: list[str] | None = None,
-                    sections: int = 2, patch_px: int = 16, seed: int = 0) -> PatchStore:
+def write_toy_store(
+    out: Path,
+    *,
+    n_spots: int = 24,
+    n_tiles: int = 16,
+    panel: list[str] | None = None,
+    sections: int = 2,
+    patch_px: int = 16,
+    seed: int = 0,
+) -> PatchStore:
     """A small valid patch store whose pixels carry the expression signal (for tests and benchmarks)."""
     import anndata
     import pandas as pd
@@ -246,12 +276,16 @@ def write_toy_store(out: Path, *, n_spots: int = 24, n_tiles: int = 16, panel: l
     expr = rng.gamma(2.0, 1.0, size=(n_spots, len(panel))).astype(np.float32)
     section = np.array([f"S{i % sections}" for i in range(n_spots)])
     base = rng.integers(60, 200, size=(1, 1, 1, 3))
-    spots_img = np.clip(base + 20 * expr[:, None, None, :3] + rng.normal(0, 10, (n_spots, patch_px, patch_px, 3)), 0, 255)
+    spots_img = np.clip(
+        base + 20 * expr[:, None, None, :3] + rng.normal(0, 10, (n_spots, patch_px, patch_px, 3)), 0, 255
+    )
     tiles_img = np.clip(base + rng.normal(0, 25, (n_tiles, patch_px, patch_px, 3)), 0, 255)
     adata = anndata.AnnData(
         X=np.log1p(expr),
-        obs=pd.DataFrame({keys.SECTION: section, keys.PATCH_INDEX: np.arange(n_spots), keys.SYNTHETIC: False},
-                         index=[f"spot-{i}" for i in range(n_spots)]),
+        obs=pd.DataFrame(
+            {keys.SECTION: section, keys.PATCH_INDEX: np.arange(n_spots), keys.SYNTHETIC: False},
+            index=[f"spot-{i}" for i in range(n_spots)],
+        ),
         var=pd.DataFrame(index=panel),
     )
     adata.layers[keys.COUNTS] = expr.round()
@@ -260,8 +294,15 @@ def write_toy_store(out: Path, *, n_spots: int = 24, n_tiles: int = 16, panel: l
     with StoreWriter(out, patch_px=patch_px) as writer:
         writer.allocate_patches(n_spots)[:] = spots_img.astype(np.uint8)
         writer.allocate_tiles(n_tiles)[:] = tiles_img.astype(np.uint8)
-        writer.set_tile_table(pd.DataFrame({keys.SECTION: [f"S{i % sections}" for i in range(n_tiles)],
-                                            "x": np.arange(n_tiles, dtype=float), "y": np.zeros(n_tiles)}))
+        writer.set_tile_table(
+            pd.DataFrame(
+                {
+                    keys.SECTION: [f"S{i % sections}" for i in range(n_tiles)],
+                    "x": np.arange(n_tiles, dtype=float),
+                    "y": np.zeros(n_tiles),
+                }
+            )
+        )
         writer.set_spots(adata)
         writer.manifest.update(provenance={"generator": "fedst toy store", "seed": seed})
     return PatchStore(out)

@@ -14,10 +14,10 @@ import numpy as np
 from shared import keys
 from shared.errors import FedstError
 from shared.ingest.slide import (
-    open_osr,
     check_mpp,
     is_openslide_readable,
     mpp_from_properties,
+    open_osr,
     plain_image_mpp,
     require_file,
 )
@@ -58,7 +58,9 @@ def describe_slide(path: Path, mpp: float | None = None) -> dict[str, Any]:
             width, height = image.size
             image.verify()
     except UnidentifiedImageError:
-        raise FedstError(f"{source}: not an image PIL or openslide can read (expected JPEG, PNG, TIFF or SVS)") from None
+        raise FedstError(
+            f"{source}: not an image PIL or openslide can read (expected JPEG, PNG, TIFF or SVS)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise FedstError(f"{source}: unreadable or corrupt image ({exc})") from None
     return {
@@ -82,8 +84,10 @@ def describe_h5ad(path: Path) -> dict[str, Any]:
     extent = None
     if spatial is not None and len(spatial):
         coords = np.asarray(spatial, dtype=np.float64)[:, :2]
-        extent = {"x": [float(coords[:, 0].min()), float(coords[:, 0].max())],
-                  "y": [float(coords[:, 1].min()), float(coords[:, 1].max())]}
+        extent = {
+            "x": [float(coords[:, 0].min()), float(coords[:, 0].max())],
+            "y": [float(coords[:, 1].min()), float(coords[:, 1].max())],
+        }
     mpp = adata.uns.get(keys.MPP)
     return {
         "kind": "section",

@@ -1,16 +1,16 @@
-"""Reports: the server's run directory (results.json, plots, summary.md) and each site's local report.
+"""The server's run report: results.json, plots and summary.md in the run directory.
 
-The server only ever sees per-site scalar metrics; images appear only in a site's own report.
+The server only ever sees per-site scalar metrics; images appear only in a site's own report (client/report.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from shared.io import write_json_atomic
 
 
 def _plt():
@@ -20,12 +20,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=float))
-    os.replace(tmp, path)
 
 
 def weighted(sites: dict[str, dict[str, float]], weight_key: str = "num-examples") -> dict[str, float]:
@@ -90,8 +84,11 @@ def plot_downstream(results: dict[str, Any], out: Path) -> Path | None:
 def summary_markdown(results: dict[str, Any]) -> str:
     lines = [f"# fedst run `{results.get('run', '')}`", "", f"status: **{results.get('status', '?')}**", ""]
     cfg = results.get("config", {})
-    lines += [f"backend `{cfg.get('backend')}`, preset `{cfg.get('preset')}`, strategy `{cfg.get('strategy')}`, "
-              f"patch {cfg.get('patch-px')} px, seed {cfg.get('seed')}", ""]
+    lines += [
+        f"backend `{cfg.get('backend')}`, preset `{cfg.get('preset')}`, strategy `{cfg.get('strategy')}`, "
+        f"patch {cfg.get('patch-px')} px, seed {cfg.get('seed')}",
+        "",
+    ]
     if results.get("sites"):
         lines += ["sites (declared names): " + ", ".join(f"`{name}`" for name in sorted(results["sites"])), ""]
     for phase, block in results["phases"].items():
@@ -102,12 +99,17 @@ def summary_markdown(results: dict[str, Any]) -> str:
             for site, why in {**row.get("failed", {}), **row.get("rejected", {})}.items():
                 lines.append(f"  - {site} excluded: {why}")
         if block.get("sites") and not block.get("rounds"):
-            lines += ["", "| site | " + " | ".join(_keys(block["sites"])) + " |",
-                      "|---" * (1 + len(_keys(block["sites"]))) + "|"]
+            lines += [
+                "",
+                "| site | " + " | ".join(_keys(block["sites"])) + " |",
+                "|---" * (1 + len(_keys(block["sites"]))) + "|",
+            ]
             for site, metrics in sorted(block["sites"].items()):
                 lines.append(f"| {site} | " + " | ".join(_fmt(metrics.get(k)) for k in _keys(block["sites"])) + " |")
             if block.get("weighted"):
-                lines.append("| weighted | " + " | ".join(_fmt(block["weighted"].get(k)) for k in _keys(block["sites"])) + " |")
+                lines.append(
+                    "| weighted | " + " | ".join(_fmt(block["weighted"].get(k)) for k in _keys(block["sites"])) + " |"
+                )
         for site, why in block.get("failed", {}).items():
             lines.append(f"- {site} failed: {why}")
         lines.append("")
@@ -135,33 +137,6 @@ def write_run_report(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     plots = [p for p in (plot_losses(results, run_dir), plot_downstream(results, run_dir)) if p is not None]
     results["plots"] = [str(p) for p in plots]
-    write_json(run_dir / "results.json", results)
+    write_json_atomic(run_dir / "results.json", results)
     (run_dir / "summary.md").write_text(summary_markdown(results))
     return results
-
-
-def site_report(work: Path, store, site: str, n: int = 8) -> Path:
-    """``work/report/``: sample grid real vs synthetic, the site's metrics and epsilon (stays on site)."""
-    from shared.store.format import PatchStore, is_store
-
-    out = work / "report"
-    out.mkdir(exist_ok=True)
-    history = json.loads((work / "metrics.json").read_text()) if (work / "metrics.json").is_file() else []
-    from shared.c2l.plots import image_grid
-
-    rows = [("real", np.asarray(store.patches[: min(n, store.n_spots)]))]
-    if is_store(work / "synthetic-store"):
-        syn = PatchStore(work / "synthetic-store")
-        rows.append(("synthetic", np.asarray(syn.patches[: min(n, syn.n_spots)])))
-    image_grid(rows, out / "samples_real_vs_synthetic.png", f"site {site}: real vs synthetic patches")
-    eps = [h["epsilon"] for h in history if "epsilon" in h]
-    lines = [f"# site {site}: local report (never leaves the site)", "",
-             f"store: `{store.path}` ({store.n_spots} spots, {store.n_tiles} tiles, {len(store.panel)} genes)", "",
-             f"DP epsilon spent in adaptation: {eps[-1]:.3g}" if eps else "DP: not used in adaptation", "",
-             "| phase | round | metrics |", "|---|---|---|"]
-    for h in history:
-        lines.append(f"| {h['phase']} | {h['round']} | " +
-                     ", ".join(f"{k}={v:.4g}" for k, v in h.items() if k not in ("phase", "round")) + " |")
-    lines += ["", "![samples](samples_real_vs_synthetic.png)"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return out

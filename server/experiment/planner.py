@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.experiment.config import ExperimentConfig
+from server.experiment.config import ExperimentConfig
 
 
 @dataclass(frozen=True, order=True)

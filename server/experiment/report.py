@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from shared.experiment.config import ExperimentConfig
-from shared.experiment.planner import Cell
-from shared.experiment.arms import AUDIT_PASS_RATIO
-from shared.experiment.runner import write_json_atomic
+from server.experiment.arms import AUDIT_PASS_RATIO
+from server.experiment.config import ExperimentConfig
+from server.experiment.planner import Cell
+from shared.io import write_json_atomic
 
 METRICS = ("PCC", "MSE", "GSC", "SSC")
 HIGHER_IS_BETTER = {"PCC": True, "MSE": False, "GSC": True, "SSC": True}
@@ -30,27 +30,27 @@ def protocol(config: ExperimentConfig) -> dict[str, str]:
     p = config.predictor
     return {
         "splits": "each site is evaluated on its own held-out sections (whole sections, never seen in training, "
-                  "adaptation, synthesis or gene selection); real-spot fractions are nested random subsets of "
-                  "the site's training spots (the 10% subset lies inside the 25% one, ...), drawn per seed",
+        "adaptation, synthesis or gene selection); real-spot fractions are nested random subsets of "
+        "the site's training spots (the 10% subset lies inside the 25% one, ...), drawn per seed",
         "gene_selection": f"top {p.top_k} genes per site chosen on that site's training sections only "
-                          "(highly variable genes of the normalised expression); the same genes for every arm, "
-                          "DP variant and fraction of the site",
+        "(highly variable genes of the normalised expression); the same genes for every arm, "
+        "DP variant and fraction of the site",
         "normalisation": "library size to 1e4 counts per spot, then log1p (the store's X); predictors are "
-                         "trained and evaluated on this scale",
+        "trained and evaluated on this scale",
         "PCC": "Pearson correlation per gene across the spots of one held-out slide, averaged over genes, "
-               "then averaged over the site's held-out slides (zero-variance genes are handled by "
-               "shared.downstream.metrics' stated rule)",
+        "then averaged over the site's held-out slides (zero-variance genes are handled by "
+        "shared.downstream.metrics' stated rule)",
         "MSE": "mean squared error on the normalised scale, per slide then averaged",
         "GSC": "Pearson correlation of the upper triangles of the gene-gene correlation matrices of "
-               "prediction and truth, per held-out slide, averaged over slides",
+        "prediction and truth, per held-out slide, averaged over slides",
         "SSC": "Pearson correlation across genes of Moran's I of prediction and of truth (one fixed 6-NN "
-               "row-standardised spatial weight matrix per slide), averaged over slides",
+        "row-standardised spatial weight matrix per slide), averaged over slides",
         "metric_code": "shared.downstream.metrics.evaluate_predictions (PCC = pcc_per_slide_mean)",
         "arms": "local = the site's own real spots at the fraction; federated = Flower-pretrained central "
-                "diffusion model (once per seed, on every site's unlabeled training tiles), local "
-                "gene-conditioned adaptation on the fraction's spots (with/without DP-SGD), synthetic "
-                "image-gene pairs added to the fraction's real spots; pooled = every site's real spots at the "
-                "fraction in one place (an upper bound no consortium may build)",
+        "diffusion model (once per seed, on every site's unlabeled training tiles), local "
+        "gene-conditioned adaptation on the fraction's spots (with/without DP-SGD), synthetic "
+        "image-gene pairs added to the fraction's real spots; pooled = every site's real spots at the "
+        "fraction in one place (an upper bound no consortium may build)",
         "predictor": f"{p.kind} on {p.encoder} features, identical settings in every arm",
     }
 
@@ -101,8 +101,10 @@ def aggregate(config: ExperimentConfig, cells: list[Cell], results: dict[str, di
             by_site.setdefault(site, {}).setdefault(arm, {}).setdefault(dp_key, {})[fk] = entry
         variant = group[0].variant
         overall.setdefault(variant, {})[fk] = {
-            m: {**_stats([float(np.mean(v)) for v in seed_means[m].values()]),
-                "per_seed": {str(s): float(np.mean(v)) for s, v in seed_means[m].items()}}
+            m: {
+                **_stats([float(np.mean(v)) for v in seed_means[m].values()]),
+                "per_seed": {str(s): float(np.mean(v)) for s, v in seed_means[m].items()},
+            }
             for m in METRICS
         }
     return {
@@ -135,7 +137,7 @@ def write_report(
     payload = aggregate(config, cells, results)
     extra = context.report_extras() if context is not None and hasattr(context, "report_extras") else {}
     payload.update(extra)
-    write_json_atomic(out / "results.json", payload)
+    write_json_atomic(out / "results.json", payload, sort_keys=True)
     figdir = out / REPORT_DIR
     figdir.mkdir(parents=True, exist_ok=True)
     pngs: list[Path] = []
@@ -241,15 +243,20 @@ def _pick(cells: list[Cell], results: dict[str, Any], arm: str, dp: bool | None 
     return min(chosen, key=lambda c: (c.fraction, c.seed, c.dp)) if chosen else None
 
 
-def plot_heatmaps(config: ExperimentConfig, out: Path, cells: list[Cell], results: dict[str, Any], figdir: Path) -> list[Path]:
+def plot_heatmaps(
+    config: ExperimentConfig, out: Path, cells: list[Cell], results: dict[str, Any], figdir: Path
+) -> list[Path]:
     """Truth vs local vs federated on one held-out section, for the first genes of the site's top-k."""
     plt = _plt()
     paths = []
-    local, fed = _pick(cells, results, "local"), _pick(cells, results, "federated", dp=False) or _pick(cells, results, "federated")
+    local, fed = (
+        _pick(cells, results, "local"),
+        _pick(cells, results, "federated", dp=False) or _pick(cells, results, "federated"),
+    )
     sites = sorted({s for r in results.values() for s in r.get("artifacts", {})})
     for site in sites:
         columns: list[tuple[str, Path]] = []
-        for label, cell in (("local", local), ("federated", fed)):
+        for cell in (local, fed):
             if cell is not None and cell.fraction == (local or fed).fraction:  # type: ignore[union-attr]
                 path = _artifact(out, results, cell, site, "predictions")
                 if path is not None:
@@ -281,7 +288,9 @@ def plot_heatmaps(config: ExperimentConfig, out: Path, cells: list[Cell], result
     return paths
 
 
-def plot_patch_grids(config: ExperimentConfig, out: Path, cells: list[Cell], results: dict[str, Any], figdir: Path) -> list[Path]:
+def plot_patch_grids(
+    config: ExperimentConfig, out: Path, cells: list[Cell], results: dict[str, Any], figdir: Path
+) -> list[Path]:
     """Real training patches (top row) next to synthetic ones (bottom row) of the federated arm."""
     from shared.c2l.plots import image_grid
 
@@ -299,7 +308,8 @@ def plot_patch_grids(config: ExperimentConfig, out: Path, cells: list[Cell], res
         if n == 0:
             continue
         out_path = image_grid(
-            [("real", real[:n]), ("synthetic", synth[:n])], figdir / f"patches_{site}.png",
+            [("real", real[:n]), ("synthetic", synth[:n])],
+            figdir / f"patches_{site}.png",
             f"{site}: real vs synthetic patches ({cell.variant}, fraction {cell.fraction:g}, seed {cell.seed})",
         )
         paths.append(out_path)
@@ -343,36 +353,55 @@ def _fmt(stat: dict[str, Any] | None) -> str:
 def render_markdown(config: ExperimentConfig, payload: dict[str, Any], figures: list[Path]) -> str:
     lines = [f"# Experiment `{config.name}`", ""]
     status = "complete" if payload["complete"] else "INCOMPLETE (resume to finish)"
-    lines += [f"Cells finished: {payload['cells_finished']} / {payload['cells_total']} ({status}); "
-              f"compute time of the cells: {payload['runtime_s']:.0f} s. Values are mean ± sd over seeds "
-              f"{list(config.seeds)}.", ""]
+    lines += [
+        f"Cells finished: {payload['cells_finished']} / {payload['cells_total']} ({status}); "
+        f"compute time of the cells: {payload['runtime_s']:.0f} s. Values are mean ± sd over seeds "
+        f"{list(config.seeds)}.",
+        "",
+    ]
     lines += ["## Protocol", ""]
     for key, text in payload["protocol"].items():
         lines.append(f"- **{key}**: {text}")
     lines.append("")
     if payload.get("sites_detail"):
-        lines += ["## Sites", "", "| site | training sections | held-out sections | training spots | genes evaluated |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "## Sites",
+            "",
+            "| site | training sections | held-out sections | training spots | genes evaluated |",
+            "|---|---|---|---|---|",
+        ]
         for site, info in payload["sites_detail"].items():
-            lines.append(f"| {site} | {', '.join(info['train_sections'])} | {', '.join(info['held_out'])} | "
-                         f"{info.get('train_spots', '-')} | {info.get('n_genes', '-')} |")
+            lines.append(
+                f"| {site} | {', '.join(info['train_sections'])} | {', '.join(info['held_out'])} | "
+                f"{info.get('train_spots', '-')} | {info.get('n_genes', '-')} |"
+            )
         lines.append("")
     fracs = sorted({fk for v in payload["overall"].values() for fk in v}, key=float)
     lines += ["## Headline (sites averaged)", ""]
     for metric in METRICS:
-        lines += [f"**{metric}** ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better)", "",
-                  "| arm | " + " | ".join(f"fraction {f}" for f in fracs) + " |",
-                  "|---|" + "---|" * len(fracs)]
+        lines += [
+            f"**{metric}** ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better)",
+            "",
+            "| arm | " + " | ".join(f"fraction {f}" for f in fracs) + " |",
+            "|---|" + "---|" * len(fracs),
+        ]
         for variant in _variant_order(list(payload["overall"])):
             row = [_fmt(payload["overall"][variant].get(f, {}).get(metric)) for f in fracs]
             lines.append(f"| {variant} | " + " | ".join(row) + " |")
         lines.append("")
     lines += ["## Per site", ""]
     for site in sorted(payload["sites"]):
-        lines += [f"### {site}", "", "| arm | fraction | " + " | ".join(METRICS) + " | epsilon |",
-                  "|---|---|" + "---|" * (len(METRICS) + 1)]
-        series = {f"{arm}+dp" if dp_key == "dp" else arm: by_frac
-                  for arm, by_dp in payload["sites"][site].items() for dp_key, by_frac in by_dp.items()}
+        lines += [
+            f"### {site}",
+            "",
+            "| arm | fraction | " + " | ".join(METRICS) + " | epsilon |",
+            "|---|---|" + "---|" * (len(METRICS) + 1),
+        ]
+        series = {
+            f"{arm}+dp" if dp_key == "dp" else arm: by_frac
+            for arm, by_dp in payload["sites"][site].items()
+            for dp_key, by_frac in by_dp.items()
+        }
         for label in _variant_order(list(series)):
             for fk in sorted(series[label], key=float):
                 entry = series[label][fk]
@@ -406,20 +435,25 @@ def render_audit(payload: dict[str, Any]) -> list[str]:
                 share = "-" if passed.get("mean") is None else f"{round(passed['mean'] * passed['n'])}/{passed['n']}"
                 fed, loc = entry["PCC"].get("mean"), local.get(fk, {}).get("PCC", {}).get("mean")
                 delta = "-" if fed is None or loc is None else f"{fed - loc:+.3f}"
-                rows.append(f"| {site} | {variant} | {fk} | {_fmt(entry.get('audit_real_pcc'))} | "
-                            f"{_fmt(entry['audit_synthetic_pcc'])} | {share} | {delta} |")
+                rows.append(
+                    f"| {site} | {variant} | {fk} | {_fmt(entry.get('audit_real_pcc'))} | "
+                    f"{_fmt(entry['audit_synthetic_pcc'])} | {share} | {delta} |"
+                )
     if not rows:
         return []
     return [
-        "## Synthesis audit: why federated does or does not beat local", "",
+        "## Synthesis audit: why federated does or does not beat local",
+        "",
         "Conditional consistency (the probe of shared.c2l.audit) on each site's evaluated genes: a ridge probe on "
         "colour/texture features is fitted on the real spots the synthesis was conditioned on. *real probe PCC* is "
         "its PCC on held-out real spots (how much expression the image features carry at all), *synthetic probe "
         "PCC* the PCC between what it reads off the synthetic images and the expression they were generated for. "
         f"A cell passes when the synthetic PCC is at least {AUDIT_PASS_RATIO:g} x the real one (and the real one "
         "is positive). Synthetic pairs that fail cannot teach the predictor the image->expression map, so "
-        "federated can then at best match local. Delta PCC = federated - local on the held-out sections.", "",
+        "federated can then at best match local. Delta PCC = federated - local on the held-out sections.",
+        "",
         "| site | arm | fraction | real probe PCC | synthetic probe PCC | passed (seeds) | delta PCC vs local |",
         "|---|---|---|---|---|---|---|",
-        *rows, "",
+        *rows,
+        "",
     ]

@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from server.experiment.config import ExperimentConfig
+from server.experiment.data import CACHE, SiteData, prepare_sites
+from server.experiment.planner import Cell
 from shared import keys
 from shared.errors import FedstError, require
-from shared.experiment.config import ExperimentConfig
-from shared.experiment.data import CACHE, SiteData, prepare_sites
-from shared.experiment.planner import Cell
 from shared.store.format import PatchStore
 from shared.store.subset import subset_store
 
@@ -75,12 +75,19 @@ class ArmRunner:
                 _ = self.sites
             except FedstError:
                 return {}
-        return {"sites_detail": {
-            s.name: {"train_sections": s.site.train_sections, "held_out": list(s.site.held_out),
-                     "train_spots": s.train.n_spots, "test_spots": s.test.n_spots, "n_genes": len(s.genes),
-                     "genes": s.genes}
-            for s in self.sites
-        }}
+        return {
+            "sites_detail": {
+                s.name: {
+                    "train_sections": s.site.train_sections,
+                    "held_out": list(s.site.held_out),
+                    "train_spots": s.train.n_spots,
+                    "test_spots": s.test.n_spots,
+                    "n_genes": len(s.genes),
+                    "genes": s.genes,
+                }
+                for s in self.sites
+            }
+        }
 
     # -- cells --------------------------------------------------------------------------------------------
     def __call__(self, cell: Cell, workdir: Path) -> dict[str, Any]:
@@ -93,21 +100,34 @@ class ArmRunner:
             return self.run_federated(cell, workdir)
         raise FedstError(f"unknown arm {cell.arm!r}")
 
-    def _train(self, stores: list[PatchStore], rows: list[np.ndarray], seed: int, extra: list[PatchStore] | None = None):
+    def _train(
+        self, stores: list[PatchStore], rows: list[np.ndarray], seed: int, extra: list[PatchStore] | None = None
+    ):
         from shared.downstream.predictor import train_predictor
 
         p = self.config.predictor
-        return train_predictor(stores, kind=p.kind, encoder=p.encoder, extra_stores=extra or [],
-                               spot_indices={store: r for store, r in zip(stores, rows)}, seed=seed, progress=False,
-                               **p.options)
+        return train_predictor(
+            stores,
+            kind=p.kind,
+            encoder=p.encoder,
+            extra_stores=extra or [],
+            spot_indices={store: r for store, r in zip(stores, rows)},
+            seed=seed,
+            progress=False,
+            **p.options,
+        )
 
-    def _score(self, site: SiteData, predictor: Any, workdir: Path, cell: Cell) -> tuple[dict[str, Any], dict[str, str]]:
+    def _score(
+        self, site: SiteData, predictor: Any, workdir: Path, cell: Cell
+    ) -> tuple[dict[str, Any], dict[str, str]]:
         """Metrics of ``predictor`` on the site's held-out sections, plus the prediction artifact for figures."""
         from shared.downstream.metrics import evaluate_predictions
 
         pred = np.asarray(predictor.predict(site.test), dtype=np.float32)
-        require(pred.shape == (site.test.n_spots, len(site.test.panel)),
-                f"predictor returned {pred.shape}, expected {(site.test.n_spots, len(site.test.panel))}")
+        require(
+            pred.shape == (site.test.n_spots, len(site.test.panel)),
+            f"predictor returned {pred.shape}, expected {(site.test.n_spots, len(site.test.panel))}",
+        )
         spots = site.test.spots
         truth = _dense(spots.X)[:, site.gene_index]
         pred = pred[:, site.gene_index]
@@ -117,8 +137,14 @@ class ArmRunner:
         metrics = {name: _metric(scores, name) for name in ("PCC", "MSE", "GSC", "SSC")}
         first = sections == sections[0]
         path = workdir / f"pred_{site.name}.npz"
-        np.savez_compressed(path, pred=pred[first], truth=truth[first], coords=coords[first],
-                            genes=np.array(site.genes), section=np.array(sections[0]))
+        np.savez_compressed(
+            path,
+            pred=pred[first],
+            truth=truth[first],
+            coords=coords[first],
+            genes=np.array(site.genes),
+            section=np.array(sections[0]),
+        )
         return metrics, {"predictions": str(path.relative_to(self.out))}
 
     def run_local(self, cell: Cell, workdir: Path) -> dict[str, Any]:
@@ -149,19 +175,38 @@ class ArmRunner:
         sites, artifacts = {}, {}
         for site in self.sites:
             rows = fraction_rows(site, cell.fraction, cell.seed)
-            real = subset_store(site.train, rows, workdir / site.name / "real", tile_sections=[],
-                                note=f"fraction {cell.fraction:g}, seed {cell.seed}")
+            real = subset_store(
+                site.train,
+                rows,
+                workdir / site.name / "real",
+                tile_sections=[],
+                note=f"fraction {cell.fraction:g}, seed {cell.seed}",
+            )
             batch = min(m.batch_size, max(1, real.n_spots - 1))
             dp = None
             if cell.dp:
                 dp = DPConfig(target_epsilon=m.dp_epsilon, target_delta=m.dp_delta, max_grad_norm=m.dp_max_grad_norm)
             started = time.perf_counter()
-            adapted, summary = adapt(central, real, steps=m.adapt_steps, batch_size=batch, lr=m.lr,
-                                     seed=site_seed(cell.seed, site.name, "adapt"),
-                                     dp=dp, progress=False, **m.overrides.get("adapt", {}))
+            adapted, summary = adapt(
+                central,
+                real,
+                steps=m.adapt_steps,
+                batch_size=batch,
+                lr=m.lr,
+                seed=site_seed(cell.seed, site.name, "adapt"),
+                dp=dp,
+                progress=False,
+                **m.overrides.get("adapt", {}),
+            )
             n_synth = max(m.min_synthetic, int(round(m.synthetic_per_spot * real.n_spots)))
-            synthetic = self._synthesize(central, adapted, real, n_synth, workdir / site.name / "synthetic",
-                                         site_seed(cell.seed, site.name, "synthesize"))
+            synthetic = self._synthesize(
+                central,
+                adapted,
+                real,
+                n_synth,
+                workdir / site.name / "synthetic",
+                site_seed(cell.seed, site.name, "synthesize"),
+            )
             gen_seconds = time.perf_counter() - started
             check = synthesis_audit(real, synthetic, site.gene_index, seed=site_seed(cell.seed, site.name, "audit"))
             predictor = self._train([site.train], [rows], cell.seed, extra=[synthetic])
@@ -170,13 +215,19 @@ class ArmRunner:
             k = self.config.report.grid_patches
             real_rows = real.spots.obs[keys.PATCH_INDEX].to_numpy()[:k]
             synth_rows = synthetic.spots.obs[keys.PATCH_INDEX].to_numpy()[:k]
-            np.savez_compressed(grid, real=np.asarray(real.patches[real_rows]), synthetic=np.asarray(synthetic.patches[synth_rows]))
+            np.savez_compressed(
+                grid, real=np.asarray(real.patches[real_rows]), synthetic=np.asarray(synthetic.patches[synth_rows])
+            )
             artifacts[site.name]["patches"] = str(grid.relative_to(self.out))
             sites[site.name] = {
-                **metrics, "n_train_spots": int(len(rows)), "n_synthetic": int(synthetic.n_spots),
-                "epsilon": summary.get("epsilon"), "delta": summary.get("delta"),
+                **metrics,
+                "n_train_spots": int(len(rows)),
+                "n_synthetic": int(synthetic.n_spots),
+                "epsilon": summary.get("epsilon"),
+                "delta": summary.get("delta"),
                 "adapt_final_loss": _last_finite(summary.get("losses", [])),
-                "trainable_fraction": summary.get("trainable_fraction"), "generation_s": round(gen_seconds, 2),
+                "trainable_fraction": summary.get("trainable_fraction"),
+                "generation_s": round(gen_seconds, 2),
                 **check,
                 "adapt_seed": site_seed(cell.seed, site.name, "adapt"),
                 "synthesis_seed": site_seed(cell.seed, site.name, "synthesize"),
@@ -187,8 +238,20 @@ class ArmRunner:
         from shared.c2l.synthesize import synthesize
 
         m = self.config.model
-        return synthesize(central, adapted, real, n, out, sampler=m.sampler, steps=m.sample_steps, guidance=m.guidance,
-                          seed=seed, perturb=m.perturb, progress=False, **m.overrides.get("synthesize", {}))
+        return synthesize(
+            central,
+            adapted,
+            real,
+            n,
+            out,
+            sampler=m.sampler,
+            steps=m.sample_steps,
+            guidance=m.guidance,
+            seed=seed,
+            perturb=m.perturb,
+            progress=False,
+            **m.overrides.get("synthesize", {}),
+        )
 
     # -- central model (federated pretraining, once per seed) ---------------------------------------------
     def central(self, seed: int):
@@ -208,43 +271,66 @@ class ArmRunner:
         return CentralDiffusion.from_pretrained(root / "model"), info
 
     def _pretrain(self, seed: int, root: Path):
-        from shared.c2l.central import create_central
-
         import torch
+
+        from shared.c2l.central import create_central
 
         m = self.config.model
         panel = self.sites[0].train.panel
-        model = create_central(m.preset, sample_size=self.config.store.patch_px, panel=panel,
-                               **m.overrides.get("central", {}))
+        model = create_central(
+            m.preset, sample_size=self.config.store.patch_px, panel=panel, **m.overrides.get("central", {})
+        )
         state = federated_pretrain(self.config, self.sites, seed, root, log=self.log)
         model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}, strict=True)
-        return model, {"route": "flower (server.workflow.Workflow over server.localgrid.LocalGrid, client.app)",
-                       "rounds": m.pretrain_rounds, "local_steps": m.pretrain_steps, "strategy": m.strategy}
+        return model, {
+            "route": "flower (server.workflow.Workflow over server.localgrid.LocalGrid, client.app)",
+            "rounds": m.pretrain_rounds,
+            "local_steps": m.pretrain_steps,
+            "strategy": m.strategy,
+        }
 
 
-def federated_pretrain(config: ExperimentConfig, sites: list[SiteData], seed: int, root: Path, *,
-                       log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
+def federated_pretrain(
+    config: ExperimentConfig, sites: list[SiteData], seed: int, root: Path, *, log: Callable[[str], None] = print
+) -> dict[str, np.ndarray]:
     """Run the federation's pretrain phase (its Workflow, strategies and ClientApp) over the sites' TRAINING
     stores in this process; return the final central state dict (numpy)."""
-    from client.app import app as client_app
+    from server.checkpoint import load_checkpoint
+    from server.components import load_client_app
     from server.localgrid import LocalGrid
     from server.workflow import Workflow
     from shared.config import RunConfig
-    from shared.federation.checkpoint import load_checkpoint
 
     m = config.model
-    run = RunConfig.from_mapping({
-        "backend": "c2l", "preset": m.preset, "phases": "pretrain", "strategy": m.strategy,
-        "rounds-pretrain": m.pretrain_rounds, "local-steps": m.pretrain_steps, "batch-size": m.batch_size,
-        "patch-px": config.store.patch_px, "seed": seed, "min-sites": len(sites), "failure-tolerance": 0,
-        "out-dir": str(root), "run-name": "flower-run", "sites-root": str(root / "sites"),
-        **{k: v for k, v in m.overrides.get("federation", {}).items()},
-    })
-    nodes = {i + 1: {"data-path": str(s.train.path), "work-dir": str(root / "sites" / s.name), "site": s.name}
-             for i, s in enumerate(sites)}
-    grid = LocalGrid(client_app, nodes, run.to_dict(), run_id=seed + 1)
+    run = RunConfig.from_mapping(
+        {
+            "backend": "c2l",
+            "preset": m.preset,
+            "phases": "pretrain",
+            "strategy": m.strategy,
+            "rounds-pretrain": m.pretrain_rounds,
+            "local-steps": m.pretrain_steps,
+            "batch-size": m.batch_size,
+            "patch-px": config.store.patch_px,
+            "seed": seed,
+            "min-sites": len(sites),
+            "failure-tolerance": 0,
+            "out-dir": str(root),
+            "run-name": "flower-run",
+            "sites-root": str(root / "sites"),
+            **{k: v for k, v in m.overrides.get("federation", {}).items()},
+        }
+    )
+    nodes = {
+        i + 1: {"data-path": str(s.train.path), "work-dir": str(root / "sites" / s.name), "site": s.name}
+        for i, s in enumerate(sites)
+    }
+    grid = LocalGrid(load_client_app(), nodes, run.to_dict(), run_id=seed + 1)
     run_dir = root / "flower-run"
-    log(f"federated pretraining (seed {seed}): {len(sites)} sites, {m.pretrain_rounds} rounds x {m.pretrain_steps} steps, {m.strategy}")
+    log(
+        f"federated pretraining (seed {seed}): {len(sites)} sites, "
+        f"{m.pretrain_rounds} rounds x {m.pretrain_steps} steps, {m.strategy}"
+    )
     Workflow(grid, run, run_dir, run_id=seed + 1).run_all()
     found = load_checkpoint(run_dir, "pretrain")
     if found is None:
@@ -269,8 +355,9 @@ def synthesis_audit(real: PatchStore, synthetic: PatchStore, gene_index: np.ndar
     from shared.c2l.audit import conditional_consistency
 
     found = conditional_consistency(real, synthetic, real.patch_px, seed=seed, genes=gene_index)
-    real_pcc, syn_pcc = (float(found[k]) if np.isfinite(found[k]) else None
-                         for k in ("real_holdout_pcc_mean", "pcc_mean"))
+    real_pcc, syn_pcc = (
+        float(found[k]) if np.isfinite(found[k]) else None for k in ("real_holdout_pcc_mean", "pcc_mean")
+    )
     passed = None
     if real_pcc is not None and syn_pcc is not None:
         passed = bool(real_pcc > 0 and syn_pcc >= AUDIT_PASS_RATIO * real_pcc)

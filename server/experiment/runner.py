@@ -10,16 +10,15 @@ gives the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from server.experiment.config import ExperimentConfig
+from server.experiment.planner import Cell, plan
 from shared.errors import FedstError
-from shared.experiment.config import ExperimentConfig
-from shared.experiment.planner import Cell, plan
+from shared.io import write_json_atomic
 
 CELLS = "cells"
 STATE = "experiment.json"
@@ -28,29 +27,6 @@ STATE = "experiment.json"
 class CellFunction(Protocol):
     def __call__(self, cell: Cell, workdir: Path) -> dict[str, Any]:
         """Run one cell; return ``{"sites": {site: {metric: value, ...}}, ...}`` (JSON-serialisable)."""
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON so that readers see the old file or the complete new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=_json_default)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def cell_result_path(out: Path, cell: Cell) -> Path:
@@ -87,7 +63,7 @@ def init_output(out: Path, config: ExperimentConfig, *, resume: bool) -> None:
             )
     elif (out / CELLS).exists() and any((out / CELLS).iterdir()):
         raise FedstError(f"{out}: has a {CELLS}/ folder but no {STATE}; refusing to mix results")
-    write_json_atomic(state_path, {"fingerprint": fingerprint, "config": config.to_dict()})
+    write_json_atomic(state_path, {"fingerprint": fingerprint, "config": config.to_dict()}, sort_keys=True)
 
 
 def run_cells(
@@ -121,9 +97,12 @@ def run_cells(
         started = time.perf_counter()
         payload = cell_fn(cell, workdir)
         elapsed = time.perf_counter() - started
-        record = {"cell": {"arm": cell.arm, "dp": cell.dp, "fraction": cell.fraction, "seed": cell.seed,
-                           "key": cell.key}, "elapsed_s": round(elapsed, 3), **payload}
-        write_json_atomic(cell_result_path(out, cell), record)
+        record = {
+            "cell": {"arm": cell.arm, "dp": cell.dp, "fraction": cell.fraction, "seed": cell.seed, "key": cell.key},
+            "elapsed_s": round(elapsed, 3),
+            **payload,
+        }
+        write_json_atomic(cell_result_path(out, cell), record, sort_keys=True)
         results[cell.key] = json.loads(cell_result_path(out, cell).read_text())
         ran += 1
         log(f"{tag}  done in {elapsed:.1f} s  {_summary(record)}")
@@ -150,17 +129,17 @@ def run_experiment(
 ) -> Path:
     """Run (or continue) the experiment into ``out``; return the path of the report (``report.md``).
 
-    ``cell_fn`` defaults to the real arms (``shared.experiment.arms.ArmRunner``); tests pass their own.
+    ``cell_fn`` defaults to the real arms (``server.experiment.arms.ArmRunner``); tests pass their own.
     ``limit`` stops after that many newly run cells (the rest run on the next resume).
     """
-    from shared.experiment.report import write_report
+    from server.experiment.report import write_report
 
     out = Path(out).absolute()
     init_output(out, config, resume=resume)
     cells = plan(config)
     context = None
     if cell_fn is None:
-        from shared.experiment.arms import ArmRunner
+        from server.experiment.arms import ArmRunner
 
         context = ArmRunner(config, out, log=log)
         cell_fn = context

@@ -33,12 +33,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+def start(
+    cmd: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
     """Start ``cmd`` in a new session (its own process group), stdout+stderr to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     handle = open(log, "ab")
     try:
-        return subprocess.Popen(list(cmd), stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        return subprocess.Popen(
+            list(cmd), stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
     finally:
         handle.close()
 

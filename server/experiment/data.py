@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from server.experiment.config import ExperimentConfig, ResolvedSite, resolve_sites
+from server.superlink import toml_value
 from shared import keys
 from shared.errors import FedstError, require
-from shared.experiment.config import ExperimentConfig, ResolvedSite, resolve_sites
-from shared.federation.runner import toml_value
 from shared.store.format import PatchStore
 from shared.store.subset import subset_store
 
@@ -125,20 +125,36 @@ def prepare_sites(config: ExperimentConfig, out: Path, log: Callable[[str], None
         root = out / CACHE / "sites" / site.name
         toml = write_site_toml(site, root / "site.toml", panel)
         log(f"preparing store of {site.name} ({len(site.sections)} sections)")
-        full = prepare_store(toml, root / "store", panel=panel, patch_px=config.store.patch_px,
-                             field_um=config.store.field_um, max_tiles_per_section=config.store.max_tiles_per_section,
-                             progress=False)
+        full = prepare_store(
+            toml,
+            root / "store",
+            panel=panel,
+            patch_px=config.store.patch_px,
+            field_um=config.store.field_um,
+            max_tiles_per_section=config.store.max_tiles_per_section,
+            progress=False,
+        )
         missing = [s for s in site.section_ids if s not in full.sections]
         require(not missing, f"site {site.name!r}: prepared store {full.path} lacks sections {missing}")
         train_rows = section_indices(full, site.train_sections)
         test_rows = section_indices(full, list(site.held_out))
-        require(len(train_rows) >= 2, f"site {site.name!r}: training sections {site.train_sections} hold {len(train_rows)} spots")
-        require(len(test_rows) >= 3, f"site {site.name!r}: held-out sections {list(site.held_out)} hold {len(test_rows)} spots")
-        train = subset_store(full, train_rows, root / "train", tile_sections=site.train_sections, note="training sections")
+        require(
+            len(train_rows) >= 2,
+            f"site {site.name!r}: training sections {site.train_sections} hold {len(train_rows)} spots",
+        )
+        require(
+            len(test_rows) >= 3,
+            f"site {site.name!r}: held-out sections {list(site.held_out)} hold {len(test_rows)} spots",
+        )
+        train = subset_store(
+            full, train_rows, root / "train", tile_sections=site.train_sections, note="training sections"
+        )
         test = subset_store(full, test_rows, root / "test", tile_sections=[], note="held-out sections")
         genes, gene_index = select_genes(train, test, config.predictor.top_k)
         result.append(SiteData(site, full, train, test, genes, gene_index))
     panels = {tuple(s.full.panel) for s in result}
     if len(panels) > 1:
-        raise FedstError("the sites' stores have different gene panels; give the consortium panel with 'panel' in the config")
+        raise FedstError(
+            "the sites' stores have different gene panels; give the consortium panel with 'panel' in the config"
+        )
     return result

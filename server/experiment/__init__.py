@@ -2,5 +2,6 @@
 
 Modules: ``config`` (typed CONFIG.toml), ``planner`` (the cell grid), ``runner`` (resumable execution),
 ``data`` (stores split by section), ``arms`` (the three arms), ``report`` (results.json, report.md, PNGs).
-Import the submodules directly; this package imports nothing heavy.
+It lives on the server side because the federated arm drives the server's Workflow; the sites' ClientApp is
+loaded by its component reference (``server.components``), never imported. This package imports nothing heavy.
 """

@@ -12,16 +12,22 @@ federation_app = typer.Typer(help="Inspect federated runs.", no_args_is_help=Tru
 def demo(
     sites: int = typer.Option(3, "--sites", help="number of simulated sites"),
     out: Path = typer.Option(Path("fedst-demo"), "--out", help="folder for the consortium, runs and site work dirs"),
-    preset: str = typer.Option("synthetic", "--preset", help="synthetic (generated consortium) | her2st (../shared/data)"),
+    preset: str = typer.Option(
+        "synthetic", "--preset", help="synthetic (generated consortium) | her2st (../shared/data)"
+    ),
     backend: str = typer.Option("c2l", "--backend", help="c2l (the real workflow) | toy (tiny CNN, seconds)"),
     rounds: int = typer.Option(0, "--rounds", help="pretraining rounds (0: run config default)"),
     strategy: str = typer.Option("", "--strategy", help="fedavg | fedprox | fedadam (empty: run config default)"),
-    dp_epsilon: float = typer.Option(0.0, "--dp-epsilon", min=0.0, help="DP-SGD target epsilon of each site's "
-                                     "adaptation (0: DP off; the epsilon spent is reported per site)"),
+    dp_epsilon: float = typer.Option(
+        0.0,
+        "--dp-epsilon",
+        min=0.0,
+        help="DP-SGD target epsilon of each site's adaptation (0: DP off; the epsilon spent is reported per site)",
+    ),
     timeout: float = typer.Option(3600.0, "--timeout", help="seconds before the run is stopped"),
 ) -> None:
     """Run the whole consortium workflow (pretrain, adapt, synthesize, downstream) as a Flower simulation."""
-    from shared.federation.demo import run_demo
+    from server.demo import run_demo
 
     overrides: dict = {"backend": backend}
     if rounds:
@@ -46,7 +52,10 @@ def status(run_dir: Path = typer.Argument(..., help="a run directory (holds resu
     if not path.is_file():
         raise FedstError(f"{path}: no results.json (expected a fedst run directory)")
     results = json.loads(path.read_text())
-    typer.echo(f"run {results.get('run')}: {results.get('status')}" + (f" ({results['error']})" if results.get("error") else ""))
+    typer.echo(
+        f"run {results.get('run')}: {results.get('status')}"
+        + (f" ({results['error']})" if results.get("error") else "")
+    )
     for phase, block in results.get("phases", {}).items():
         rounds = block.get("rounds", [])
         typer.echo(f"  {phase}: {len(rounds)} rounds" if rounds else f"  {phase}")

@@ -1,5 +1,5 @@
 """The real workflow backend: C2L-ST (shared/c2l) for pretrain/adapt/synthesize, shared/downstream for the
-predictor. Same function shapes as shared/federation/toy.py; state crosses as plain numpy state dicts."""
+predictor. Same function shapes as shared/backends/toy.py; state crosses as plain numpy state dicts."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ class C2LBackend:
         if state is not None:
             missing = set(model.state_dict()) ^ set(state)
             if missing:
-                raise FedstError(f"central weights do not match the {self.preset} preset (e.g. tensor {sorted(missing)[0]!r})")
+                raise FedstError(
+                    f"central weights do not match the {self.preset} preset (e.g. tensor {sorted(missing)[0]!r})"
+                )
             model.load_state_dict(_to_torch(state))
         return model
 
@@ -54,7 +56,9 @@ class C2LBackend:
         from shared.c2l.modulation import create_conditioned
 
         torch.manual_seed(0)
-        return _to_numpy(create_conditioned(self.central(central), panel, self.hidden_dim, self.embed_dim).modulation.state_dict())
+        return _to_numpy(
+            create_conditioned(self.central(central), panel, self.hidden_dim, self.embed_dim).modulation.state_dict()
+        )
 
     def pretrain(self, state, store, *, steps: int, batch_size: int, lr: float, seed: int, prox_mu: float = 0.0):
         import torch
@@ -64,12 +68,37 @@ class C2LBackend:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         model = self.central(state)
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        summary = train_central(model, [store], steps=steps, batch_size=batch_size, lr=lr, seed=seed, prox_mu=prox_mu,
-                                prox_reference=reference, progress=False)
-        return _to_numpy(model.state_dict()), {"loss": float(summary["mean_loss"]), "num-examples": float(summary["n_examples"])}
+        summary = train_central(
+            model,
+            [store],
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            prox_mu=prox_mu,
+            prox_reference=reference,
+            progress=False,
+        )
+        return _to_numpy(model.state_dict()), {
+            "loss": float(summary["mean_loss"]),
+            "num-examples": float(summary["n_examples"]),
+        }
 
-    def adapt(self, central, store, *, adapter_state=None, steps: int, batch_size: int, lr: float, seed: int,
-              dp_epsilon: float = 0.0, dp_delta: float = 1e-5, max_grad_norm: float = 1.0, work_dir: Path | None = None):
+    def adapt(
+        self,
+        central,
+        store,
+        *,
+        adapter_state=None,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        dp_epsilon: float = 0.0,
+        dp_delta: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        work_dir: Path | None = None,
+    ):
         from shared.c2l.adapt import adapt
         from shared.c2l.dp import DPConfig
         from shared.c2l.modulation import save_adapter
@@ -77,14 +106,31 @@ class C2LBackend:
         kwargs: dict[str, Any] = {}
         if adapter_state is not None:  # federated adaptation: start from the round's averaged modulation
             kwargs["initial_modulation"] = _to_torch(adapter_state)
-        dp = DPConfig(target_epsilon=dp_epsilon, target_delta=dp_delta, max_grad_norm=max_grad_norm) if dp_epsilon > 0 else None
-        model, summary = adapt(self.central(central), store, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                         dp=dp, hidden_dim=self.hidden_dim, embed_dim=self.embed_dim, progress=False, **kwargs)
+        dp = (
+            DPConfig(target_epsilon=dp_epsilon, target_delta=dp_delta, max_grad_norm=max_grad_norm)
+            if dp_epsilon > 0
+            else None
+        )
+        model, summary = adapt(
+            self.central(central),
+            store,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            dp=dp,
+            hidden_dim=self.hidden_dim,
+            embed_dim=self.embed_dim,
+            progress=False,
+            **kwargs,
+        )
         if work_dir is not None:
             save_adapter(model, Path(work_dir) / "adapter")  # the c2l-format adapter, for `fedst c2l synthesize`
-        metrics = {"loss": float(np.mean(summary.get("losses") or [summary.get("mean_loss", 0.0)])),
-                   "num-examples": float(summary["n_spots"]),
-                   "trainable-fraction": float(summary["trainable_fraction"])}
+        metrics = {
+            "loss": float(np.mean(summary.get("losses") or [summary.get("mean_loss", 0.0)])),
+            "num-examples": float(summary["n_spots"]),
+            "trainable-fraction": float(summary["trainable_fraction"]),
+        }
         if summary.get("epsilon") is not None:
             metrics.update(epsilon=float(summary["epsilon"]), delta=float(summary["delta"]))
         return _to_numpy(model.modulation.state_dict()), metrics
@@ -100,7 +146,9 @@ class C2LBackend:
         from shared.c2l.synthesize import synthesize
 
         model = self.conditioned(central, adapter_state, store.panel)
-        return synthesize(model.central, model, store, n, out, steps=steps or self.sample_steps, seed=seed, progress=False)
+        return synthesize(
+            model.central, model, store, n, out, steps=steps or self.sample_steps, seed=seed, progress=False
+        )
 
     def downstream(self, store, synthetic, *, seed: int, predictor: str = "ridge") -> dict[str, float]:
         from shared import keys
@@ -110,14 +158,17 @@ class C2LBackend:
         sections = store.spots.obs[keys.SECTION].astype(str).to_numpy()
         held_out = downstream_held_out(sections)
         if held_out is None:
-            raise FedstError(f"{store.path}: the downstream phase needs >= 2 sections (one is held out), "
-                             f"found {sorted(set(sections))}")
+            raise FedstError(
+                f"{store.path}: the downstream phase needs >= 2 sections (one is held out), "
+                f"found {sorted(set(sections))}"
+            )
         train_rows = np.flatnonzero(sections != held_out)
         out: dict[str, float] = {"num-examples": float((sections == held_out).sum())}
         arms = {"real": []} if synthetic is None else {"real": [], "augmented": [synthetic]}
         for arm, extra in arms.items():
-            model = train_predictor([store], kind=predictor, extra_stores=extra, seed=seed, progress=False,
-                                    spot_indices={store: train_rows})
+            model = train_predictor(
+                [store], kind=predictor, extra_stores=extra, seed=seed, progress=False, spot_indices={store: train_rows}
+            )
             metrics = evaluate_predictor(model, store, sections=[held_out])
             for key, value in _scalars(metrics).items():
                 if not key.startswith("per_gene"):  # per-gene scores stay on the site
@@ -132,12 +183,14 @@ def _scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(_scalars(value, f"{name}-"))
-        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and np.isfinite(value):
+        elif (
+            isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool)
+            and np.isfinite(value)
+        ):
             flat[name] = float(value)
     return flat
 
 
 def for_run(run: RunConfig) -> C2LBackend:
     return C2LBackend(preset=run.preset, patch_px=run.patch_px, sample_steps=run.sample_steps)
-
-

@@ -2,7 +2,7 @@
 
 Imports no Flower module (the CLI runs in subprocesses), so `fedst demo`, the tests and the benchmark share
 one careful path: private FLWR_HOME, free loopback ports, runtime dependency installation disabled,
-telemetry off, and every process started here stopped by id (shared/federation/procs.py).
+telemetry off, and every process started here stopped by id (server/procs.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from server.procs import FLWR_IN_MEMORY_STATE, free_port, start, stop_tree
 from shared.errors import FedstError
-from shared.federation.procs import FLWR_IN_MEMORY_STATE, free_port, start, stop_tree
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 FINISHED = "finished:"
 
 
@@ -26,8 +26,11 @@ def flwr_env(home: Path, http_port: int | None = None, control_port: int | None 
     """Environment for every Flower command: private home, offline-safe switches, private local ports."""
     env = dict(os.environ)
     env.update(
-        FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1",
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PYTHONUNBUFFERED="1",
     )
     if http_port:
         env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
@@ -65,8 +68,17 @@ def add_connection(home: Path, name: str, address: str, root_certificates: Path 
 class SuperLink:
     """A SuperLink on 127.0.0.1 for the lifetime of a ``with`` block (simulation or deployment runtime)."""
 
-    def __init__(self, home: Path, *, simulation: bool, tls: dict[str, Path] | None = None, auth: bool = False,
-                 name: str = "fedst", log: Path | None = None, database: str = FLWR_IN_MEMORY_STATE):
+    def __init__(
+        self,
+        home: Path,
+        *,
+        simulation: bool,
+        tls: dict[str, Path] | None = None,
+        auth: bool = False,
+        name: str = "fedst",
+        log: Path | None = None,
+        database: str = FLWR_IN_MEMORY_STATE,
+    ):
         """`database`: Flower's in-memory state by default (see procs.FLWR_IN_MEMORY_STATE); a file path for SQLite."""
         self.home, self.simulation, self.tls, self.auth, self.name = home, simulation, tls, auth, name
         self.database = database
@@ -81,21 +93,36 @@ class SuperLink:
         return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
-               "--control-api-address", f"127.0.0.1:{self.control_port}",
-               "--disable-runtime-dependency-installation", "--database", self.database]
+        cmd = [
+            "flower-superlink",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--control-api-address",
+            f"127.0.0.1:{self.control_port}",
+            "--disable-runtime-dependency-installation",
+            "--database",
+            self.database,
+        ]
         if self.simulation:
             cmd += ["--simulation", "--isolation", "subprocess"]
         if self.tls:
-            cmd += ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]),
-                    "--ssl-keyfile", str(self.tls["key"])]
+            cmd += [
+                "--ssl-ca-certfile",
+                str(self.tls["ca"]),
+                "--ssl-certfile",
+                str(self.tls["cert"]),
+                "--ssl-keyfile",
+                str(self.tls["key"]),
+            ]
         else:
             cmd += ["--insecure"]
         if self.auth:
             cmd += ["--enable-supernode-auth"]
         return cmd
 
-    def __enter__(self) -> "SuperLink":
+    def __enter__(self) -> SuperLink:
         self.home.mkdir(parents=True, exist_ok=True)
         add_connection(self.home, self.name, self.address, self.tls["ca"] if self.tls else None)
         self.proc = start(self.command(), self.log, env=self.env)
@@ -124,28 +151,43 @@ class SuperLink:
     def flwr(self, *args: str, timeout: float = 300.0, check: bool = True) -> subprocess.CompletedProcess:
         done = subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
         if check and done.returncode != 0:
-            raise FedstError(f"`flwr {' '.join(args[:2])}` failed ({done.returncode}): {(done.stderr or done.stdout)[-800:]}")
+            raise FedstError(
+                f"`flwr {' '.join(args[:2])}` failed ({done.returncode}): {(done.stderr or done.stdout)[-800:]}"
+            )
         return done
 
     def submit(self, app: Path, overrides: dict[str, Any], federation_config: str | None = None) -> str:
         """`flwr run` the app; returns the run id (the run continues in the SuperLink)."""
-        args = ["run", str(app), self.name, "--format", "json", "-c", str(write_overrides(self.home / "overrides.toml", overrides))]
+        args = [
+            "run",
+            str(app),
+            self.name,
+            "--format",
+            "json",
+            "-c",
+            str(write_overrides(self.home / "overrides.toml", overrides)),
+        ]
         if federation_config:
             args += ["--federation-config", federation_config]
         done = self.flwr(*args)
         try:
-            reply = json.loads(done.stdout[done.stdout.index("{"):])
+            reply = json.loads(done.stdout[done.stdout.index("{") :])
             return str(reply["run-id"])
         except (ValueError, KeyError):
             raise FedstError(f"`flwr run` gave no run id: {done.stdout[-800:]} {done.stderr[-800:]}") from None
 
     def status(self, run_id: str) -> dict[str, Any]:
         done = self.flwr("ls", "--run-id", run_id, "--format", "json", self.name, timeout=120)
-        runs = json.loads(done.stdout[done.stdout.index("{"):]).get("runs", [])
+        runs = json.loads(done.stdout[done.stdout.index("{") :]).get("runs", [])
         return runs[0] if runs else {}
 
-    def wait(self, run_id: str, timeout: float, on_poll: Callable[[dict[str, Any]], None] | None = None,
-             interval: float = 3.0) -> dict[str, Any]:
+    def wait(
+        self,
+        run_id: str,
+        timeout: float,
+        on_poll: Callable[[dict[str, Any]], None] | None = None,
+        interval: float = 3.0,
+    ) -> dict[str, Any]:
         """Poll `flwr ls` until the run is finished (`flwr run` exits 0 even when the run fails)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -156,7 +198,9 @@ class SuperLink:
                 return info
             if time.monotonic() > deadline:
                 self.flwr("stop", run_id, self.name, check=False)
-                raise FedstError(f"run {run_id} did not finish within {timeout:.0f} s (stopped); see `flwr log {run_id}`")
+                raise FedstError(
+                    f"run {run_id} did not finish within {timeout:.0f} s (stopped); see `flwr log {run_id}`"
+                )
             time.sleep(interval)
 
     def logs(self, run_id: str) -> str:
@@ -164,11 +208,22 @@ class SuperLink:
         return done.stdout + done.stderr
 
 
-def supernode_command(superlink: str, node_config: dict[str, Any], port: int, *, ca: Path | None = None,
-                      key: Path | None = None) -> list[str]:
+def supernode_command(
+    superlink: str, node_config: dict[str, Any], port: int, *, ca: Path | None = None, key: Path | None = None
+) -> list[str]:
     """`flower-supernode` for one site (TLS + auth when ``ca``/``key`` are given, else --insecure)."""
     pairs = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
-    cmd = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port), "--node-config", pairs]
+    cmd = [
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--node-config",
+        pairs,
+    ]
     cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
     if key:
         cmd += ["--auth-supernode-private-key", str(key)]

@@ -41,7 +41,9 @@ def open_store(node: NodeConfig, run: RunConfig, panel: list[str] | None = None)
         try:
             from shared.store.prepare import prepare_store
         except ImportError as exc:
-            raise FedstError(f"site {node.site}: cannot prepare {path}: shared.store.prepare unavailable ({exc})") from None
+            raise FedstError(
+                f"site {node.site}: cannot prepare {path}: shared.store.prepare unavailable ({exc})"
+            ) from None
         store = prepare_store(path, node.work_dir / "store", panel=panel, patch_px=run.patch_px, progress=False)
     else:
         raise FedstError(
@@ -49,7 +51,8 @@ def open_store(node: NodeConfig, run: RunConfig, panel: list[str] | None = None)
         )
     if store.patch_px != run.patch_px:
         raise FedstError(
-            f"site {node.site}: store {store.path} has patch size {store.patch_px} px, run config 'patch-px' is {run.patch_px}"
+            f"site {node.site}: store {store.path} has patch size "
+            f"{store.patch_px} px, run config 'patch-px' is {run.patch_px}"
         )
     if panel is not None and list(store.panel) != list(panel):
         mine, theirs = list(store.panel), list(panel)
@@ -93,16 +96,21 @@ class SiteTask:
         held_out = downstream_held_out(sections)
         if held_out is None:
             return self.store
-        return subset_store(self.store, np.flatnonzero(sections != held_out), self.work / PAIRED, tile_sections=[],
-                            note=f"paired spots without the downstream held-out section {held_out}")
+        return subset_store(
+            self.store,
+            np.flatnonzero(sections != held_out),
+            self.work / PAIRED,
+            tile_sections=[],
+            note=f"paired spots without the downstream held-out section {held_out}",
+        )
 
     @property
     def backend(self):
         if self.run.backend == "toy":
-            from shared.federation import toy
+            from shared.backends import toy
 
             return toy
-        from shared.federation import c2l_backend
+        from shared.backends import c2l as c2l_backend
 
         return c2l_backend.for_run(self.run)
 
@@ -114,8 +122,13 @@ class SiteTask:
         _ = self.store  # opening/preparing the store is not training time
         started = time.perf_counter()
         new_state, metrics = self.backend.pretrain(
-            state, self.store, steps=self.run.local_steps, batch_size=self.run.batch_size, lr=self.run.lr,
-            seed=seed, prox_mu=prox_mu,
+            state,
+            self.store,
+            steps=self.run.local_steps,
+            batch_size=self.run.batch_size,
+            lr=self.run.lr,
+            seed=seed,
+            prox_mu=prox_mu,
         )
         metrics = {**metrics, "compute-seconds": time.perf_counter() - started}
         self._record("pretrain", server_round, metrics)
@@ -126,10 +139,16 @@ class SiteTask:
 
         _save(self.work / CENTRAL, central, save_file)
         seed = site_seed(self.run.seed, self.node.site, server_round, "adapt")
-        kwargs: dict[str, Any] = dict(steps=self.run.adapt_steps, batch_size=self.run.batch_size, lr=self.run.lr, seed=seed)
+        kwargs: dict[str, Any] = dict(
+            steps=self.run.adapt_steps, batch_size=self.run.batch_size, lr=self.run.lr, seed=seed
+        )
         if self.run.backend != "toy":
-            kwargs.update(dp_epsilon=self.run.dp_epsilon, dp_delta=self.run.dp_delta, max_grad_norm=self.run.dp_max_grad_norm,
-                          work_dir=self.work)
+            kwargs.update(
+                dp_epsilon=self.run.dp_epsilon,
+                dp_delta=self.run.dp_delta,
+                max_grad_norm=self.run.dp_max_grad_norm,
+                work_dir=self.work,
+            )
         adapter_state, metrics = self.backend.adapt(central, self.paired_store, adapter_state=adapter, **kwargs)
         _save(self.work / ADAPTER, adapter_state, save_file)
         self._record("adapt", server_round, metrics)
@@ -146,8 +165,11 @@ class SiteTask:
         if self.run.backend != "toy":
             kwargs.update(steps=self.run.sample_steps)
         synthetic = self.backend.synthesize(
-            load_file(str(self.work / CENTRAL)), load_file(str(self.work / ADAPTER)), self.paired_store, self.work / SYNTHETIC,
-            **kwargs
+            load_file(str(self.work / CENTRAL)),
+            load_file(str(self.work / ADAPTER)),
+            self.paired_store,
+            self.work / SYNTHETIC,
+            **kwargs,
         )
         metrics = {"synthetic-pairs": float(synthetic.n_spots), "num-examples": float(synthetic.n_spots)}
         self._record("synthesize", 0, metrics)
@@ -176,7 +198,7 @@ class SiteTask:
 
     def write_report(self) -> Path:
         """The site's own report (never sent): real vs synthetic sample grid, its metrics, its epsilon."""
-        from shared.federation.report import site_report
+        from client.report import site_report
 
         return site_report(self.work, self.store, self.node.site)
 

@@ -205,7 +205,9 @@ def load_config(
 
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
-    require(not unknown, f"{where}: unknown key(s) {', '.join(unknown)} (expected some of: {', '.join(sorted(allowed))})")
+    require(
+        not unknown, f"{where}: unknown key(s) {', '.join(unknown)} (expected some of: {', '.join(sorted(allowed))})"
+    )
 
 
 def _section_from(cls: type, table: Any, where: str, extra_field: str | None = None) -> Any:
@@ -246,8 +248,21 @@ MODEL_OVERRIDE_TABLES = {"central", "adapt", "synthesize", "federation"}
 """[model.overrides.<name>]: extra keyword arguments of create_central / adapt / synthesize / the federation's
 RunConfig (kebab-case keys), passed through verbatim."""
 
-TOP_KEYS = {"name", "data_root", "sites", "arms", "fractions", "seeds", "dp", "panel", "synthetic", "store", "model",
-            "predictor", "report"}
+TOP_KEYS = {
+    "name",
+    "data_root",
+    "sites",
+    "arms",
+    "fractions",
+    "seeds",
+    "dp",
+    "panel",
+    "synthetic",
+    "store",
+    "model",
+    "predictor",
+    "report",
+}
 
 
 def _build(data: dict[str, Any], base_dir: Path, where: str, source: Path | None) -> ExperimentConfig:
@@ -269,15 +284,21 @@ def _build(data: dict[str, Any], base_dir: Path, where: str, source: Path | None
     fractions = sorted({float(f) for f in fractions})
 
     seeds = data.get("seeds", [0, 1])
-    require(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds),
-            f"{where}: 'seeds' must be a non-empty list of non-negative integers, got {seeds!r}")
+    require(
+        isinstance(seeds, list)
+        and seeds
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds),
+        f"{where}: 'seeds' must be a non-empty list of non-negative integers, got {seeds!r}",
+    )
     require(len(set(seeds)) == len(seeds), f"{where}: 'seeds' lists a seed twice")
 
     dp = data.get("dp", [False, True])
     if isinstance(dp, bool):
         dp = [dp]
-    require(isinstance(dp, list) and dp and all(isinstance(v, bool) for v in dp),
-            f"{where}: 'dp' must be true, false or a list of them (DP variants of the federated arm)")
+    require(
+        isinstance(dp, list) and dp and all(isinstance(v, bool) for v in dp),
+        f"{where}: 'dp' must be true, false or a list of them (DP variants of the federated arm)",
+    )
     dp = sorted(set(dp))
 
     data_root = data.get("data_root")
@@ -309,36 +330,71 @@ def _build(data: dict[str, Any], base_dir: Path, where: str, source: Path | None
         require(problem is None, f"{sw}: 'name' {problem}")
         sections = raw.get("sections")
         if sections is None:
-            require(synthetic is not None, f"{sw} ({site_name}): 'sections' is required (a list of section tables or SITE.toml paths)")
+            require(
+                synthetic is not None,
+                f"{sw} ({site_name}): 'sections' is required (a list of section tables or SITE.toml paths)",
+            )
             sections = [f"{CONSORTIUM_TOKEN}/{site_name}/site.toml"]
         require(isinstance(sections, list) and sections, f"{sw} ({site_name}): 'sections' must be a non-empty list")
         held_out = raw.get("held_out", [])
-        require(isinstance(held_out, list) and all(isinstance(h, str) for h in held_out),
-                f"{sw} ({site_name}): 'held_out' must be a list of section ids")
+        require(
+            isinstance(held_out, list) and all(isinstance(h, str) for h in held_out),
+            f"{sw} ({site_name}): 'held_out' must be a list of section ids",
+        )
         held_out_last = raw.get("held_out_last", 0 if held_out else 1)
-        require(isinstance(held_out_last, int) and held_out_last >= 0, f"{sw} ({site_name}): 'held_out_last' must be an integer >= 0")
-        sites.append(SiteSpec(site_name, tuple(_normalise_ref(s, base_dir, f"{sw} ({site_name})") for s in sections),
-                              tuple(held_out), held_out_last if not held_out else 0))
+        require(
+            isinstance(held_out_last, int) and held_out_last >= 0,
+            f"{sw} ({site_name}): 'held_out_last' must be an integer >= 0",
+        )
+        sites.append(
+            SiteSpec(
+                site_name,
+                tuple(_normalise_ref(s, base_dir, f"{sw} ({site_name})") for s in sections),
+                tuple(held_out),
+                held_out_last if not held_out else 0,
+            )
+        )
     names = [s.name for s in sites]
     require(len(set(names)) == len(names), f"{where}: two sites share a name ({names})")
 
     model = _section_from(ModelSettings, data.get("model"), f"{where} [model]", extra_field="overrides")
-    require(model.strategy in ("fedavg", "fedprox", "fedadam"), f"{where} [model]: strategy must be fedavg, fedprox or fedadam")
-    require(model.pretrain_rounds >= 1 and model.pretrain_steps >= 1 and model.adapt_steps >= 1,
-            f"{where} [model]: rounds and steps must be >= 1")
+    require(
+        model.strategy in ("fedavg", "fedprox", "fedadam"),
+        f"{where} [model]: strategy must be fedavg, fedprox or fedadam",
+    )
+    require(
+        model.pretrain_rounds >= 1 and model.pretrain_steps >= 1 and model.adapt_steps >= 1,
+        f"{where} [model]: rounds and steps must be >= 1",
+    )
     require(model.dp_epsilon > 0, f"{where} [model]: dp_epsilon must be > 0")
     require(model.perturb in ("none", "mixup", "noise"), f"{where} [model]: perturb must be none, mixup or noise")
-    require(model.synthetic_per_spot > 0 and model.min_synthetic >= 1, f"{where} [model]: synthetic_per_spot must be > 0 and min_synthetic >= 1")
+    require(
+        model.synthetic_per_spot > 0 and model.min_synthetic >= 1,
+        f"{where} [model]: synthetic_per_spot must be > 0 and min_synthetic >= 1",
+    )
     bad = sorted(set(model.overrides) - MODEL_OVERRIDE_TABLES)
-    require(not bad, f"{where} [model.overrides]: unknown table(s) {bad} (expected some of {sorted(MODEL_OVERRIDE_TABLES)})")
+    require(
+        not bad, f"{where} [model.overrides]: unknown table(s) {bad} (expected some of {sorted(MODEL_OVERRIDE_TABLES)})"
+    )
     predictor = _section_from(PredictorSettings, data.get("predictor"), f"{where} [predictor]", extra_field="options")
     require(predictor.top_k >= 2, f"{where} [predictor]: top_k must be >= 2 (GSC needs gene pairs)")
     store = _section_from(StoreSettings, data.get("store"), f"{where} [store]")
     report = _section_from(ReportSettings, data.get("report"), f"{where} [report]")
     return ExperimentConfig(
-        name=name, base_dir=base_dir, sites=tuple(sites), arms=tuple(arms), fractions=tuple(fractions),
-        seeds=tuple(seeds), dp=tuple(dp), panel=panel, synthetic=synthetic, store=store, model=model,
-        predictor=predictor, report=report, source=source,
+        name=name,
+        base_dir=base_dir,
+        sites=tuple(sites),
+        arms=tuple(arms),
+        fractions=tuple(fractions),
+        seeds=tuple(seeds),
+        dp=tuple(dp),
+        panel=panel,
+        synthetic=synthetic,
+        store=store,
+        model=model,
+        predictor=predictor,
+        report=report,
+        source=source,
     )
 
 
@@ -350,9 +406,14 @@ def _normalise_ref(ref: Any, base_dir: Path, where: str) -> Any:
         if not path.startswith(CONSORTIUM_TOKEN):
             path = str((base_dir / path).resolve())
         return f"{path}#{section}" if section else path
-    require(isinstance(ref, dict), f"{where}: a section must be a table (SITE.toml format) or a SITE.toml path, got {ref!r}")
+    require(
+        isinstance(ref, dict), f"{where}: a section must be a table (SITE.toml format) or a SITE.toml path, got {ref!r}"
+    )
     require(isinstance(ref.get("id"), str) and ref["id"], f"{where}: a section table needs a string 'id'")
-    require(isinstance(ref.get("format"), str), f"{where}: section {ref['id']!r} needs a 'format' (visium | hest | legacy-st | h5ad)")
+    require(
+        isinstance(ref.get("format"), str),
+        f"{where}: section {ref['id']!r} needs a 'format' (visium | hest | legacy-st | h5ad)",
+    )
     return {k: _absolute(v, base_dir) if k in PATH_KEYS else v for k, v in ref.items()}
 
 
@@ -402,19 +463,34 @@ def resolve_sites(config: ExperimentConfig, consortium: Path | None = None) -> l
                 tables.append({k: _expand(v, consortium) for k, v in ref.items()})
         for table in tables:
             sid = table["id"]
-            require(sid not in owner, f"section {sid!r} is listed in site {owner.get(sid)!r} and again in site {spec.name!r}")
+            require(
+                sid not in owner,
+                f"section {sid!r} is listed in site {owner.get(sid)!r} and again in site {spec.name!r}",
+            )
             owner[sid] = spec.name
         ids = [t["id"] for t in tables]
-        held = list(spec.held_out) if spec.held_out else ids[len(ids) - spec.held_out_last:] if spec.held_out_last else []
+        held = (
+            list(spec.held_out) if spec.held_out else ids[len(ids) - spec.held_out_last :] if spec.held_out_last else []
+        )
         resolved.append((spec, tables, held, panel))
     sites = []
     for spec, tables, held, panel in resolved:
         ids = [t["id"] for t in tables]
         for sid in held:
             if sid not in owner:
-                raise FedstError(f"site {spec.name!r}: held-out section {sid!r} is not in any site (known sections: {', '.join(owner)})")
-            require(sid in ids, f"site {spec.name!r}: held-out section {sid!r} belongs to site {owner[sid]!r}, not to this site")
-        require(bool(held), f"site {spec.name!r}: no held-out section (set 'held_out' or 'held_out_last'); every site is evaluated on its own held-out sections")
+                raise FedstError(
+                    f"site {spec.name!r}: held-out section {sid!r} is not "
+                    f"in any site (known sections: {', '.join(owner)})"
+                )
+            require(
+                sid in ids,
+                f"site {spec.name!r}: held-out section {sid!r} belongs to site {owner[sid]!r}, not to this site",
+            )
+        require(
+            bool(held),
+            f"site {spec.name!r}: no held-out section (set 'held_out' or "
+            "'held_out_last'); every site is evaluated on its own held-out sections",
+        )
         require(len(held) < len(ids), f"site {spec.name!r}: every section is held out, none is left to train on")
         sites.append(ResolvedSite(spec.name, tuple(tables), tuple(held), config.panel or panel))
     return sites
@@ -423,7 +499,7 @@ def resolve_sites(config: ExperimentConfig, consortium: Path | None = None) -> l
 def _expand(value: Any, consortium: Path | None) -> Any:
     if isinstance(value, str) and value.startswith(CONSORTIUM_TOKEN):
         require(consortium is not None, f"{value}: {CONSORTIUM_TOKEN} is only defined with a [synthetic] source")
-        return str(Path(str(consortium)) / value[len(CONSORTIUM_TOKEN):].lstrip("/"))
+        return str(Path(str(consortium)) / value[len(CONSORTIUM_TOKEN) :].lstrip("/"))
     return value
 
 
@@ -439,12 +515,22 @@ def _read_site_toml(ref: str, consortium: Path | None, site: str) -> tuple[list[
     require(isinstance(sections, list) and sections, f"{path}: expected [[sections]] tables")
     tables = []
     for i, table in enumerate(sections):
-        require(isinstance(table, dict) and isinstance(table.get("id"), str), f"{path}: sections[{i}] needs a string 'id'")
-        tables.append({k: str((path.parent / v).resolve()) if k in PATH_KEYS and isinstance(v, str) else v for k, v in table.items()})
+        require(
+            isinstance(table, dict) and isinstance(table.get("id"), str), f"{path}: sections[{i}] needs a string 'id'"
+        )
+        tables.append(
+            {
+                k: str((path.parent / v).resolve()) if k in PATH_KEYS and isinstance(v, str) else v
+                for k, v in table.items()
+            }
+        )
     panel = data.get("panel")
     panel_path = (path.parent / panel).resolve() if isinstance(panel, str) else None
     if wanted:
         chosen = [t for t in tables if t["id"] == wanted]
-        require(bool(chosen), f"site {site!r}: unknown section {wanted!r} in {path} (it has: {', '.join(t['id'] for t in tables)})")
+        require(
+            bool(chosen),
+            f"site {site!r}: unknown section {wanted!r} in {path} (it has: {', '.join(t['id'] for t in tables)})",
+        )
         return chosen, panel_path
     return tables, panel_path

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from server.superlink import REPO, SuperLink
 from shared.errors import FedstError
-from shared.federation.runner import REPO, SuperLink
 
 HER2ST_GROUPS = [["C2", "C3"], ["C4", "C5", "C6"]]  # sections with images; >= 2 per site (one is held out)
 HER2ST_MPP = 0.72
@@ -19,7 +19,10 @@ def her2st_consortium(data: Path, out: Path, n_sites: int) -> Path:
     import numpy as np
 
     if n_sites != len(HER2ST_GROUPS):
-        raise FedstError(f"--preset her2st has {len(HER2ST_GROUPS)} sites (sections C2-C6 grouped so each site can hold one out); got --sites {n_sites}")
+        raise FedstError(
+            f"--preset her2st has {len(HER2ST_GROUPS)} sites (sections C2-C6 "
+            f"grouped so each site can hold one out); got --sites {n_sites}"
+        )
     for sub in ("counts", "spots", "images"):
         if not (data / sub).is_dir():
             raise FedstError(f"her2st data: {data / sub} is missing (expected ../shared/data/her2st)")
@@ -31,10 +34,16 @@ def her2st_consortium(data: Path, out: Path, n_sites: int) -> Path:
         site.mkdir(exist_ok=True)
         lines = [f'site = "her2st-{i}"', 'panel = "../panel.txt"', ""]
         for section in group:
-            lines += ["[[sections]]", f'id = "{section}"', 'format = "legacy-st"',
-                      f'counts = "{data / "counts" / f"{section}.tsv.gz"}"',
-                      f'spots = "{data / "spots" / f"{section}_selection.tsv"}"',
-                      f'image = "{data / "images" / f"{section}.jpg"}"', f"mpp = {HER2ST_MPP}", ""]
+            lines += [
+                "[[sections]]",
+                f'id = "{section}"',
+                'format = "legacy-st"',
+                f'counts = "{data / "counts" / f"{section}.tsv.gz"}"',
+                f'spots = "{data / "spots" / f"{section}_selection.tsv"}"',
+                f'image = "{data / "images" / f"{section}.jpg"}"',
+                f"mpp = {HER2ST_MPP}",
+                "",
+            ]
         (site / "site.toml").write_text("\n".join(lines))
     return out
 
@@ -52,8 +61,16 @@ def prepare_consortium(out: Path, preset: str, n_sites: int, data: Path | None) 
     raise FedstError(f"--preset {preset!r}: expected synthetic or her2st")
 
 
-def run_demo(out: Path, *, sites: int = 3, preset: str = "synthetic", overrides: dict[str, Any] | None = None,
-             timeout: float = 3600.0, data: Path | None = None, echo=print) -> Path:
+def run_demo(
+    out: Path,
+    *,
+    sites: int = 3,
+    preset: str = "synthetic",
+    overrides: dict[str, Any] | None = None,
+    timeout: float = 3600.0,
+    data: Path | None = None,
+    echo=print,
+) -> Path:
     """Generate/point at the consortium, run the workflow as a Flower simulation, return the run directory."""
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -61,8 +78,13 @@ def run_demo(out: Path, *, sites: int = 3, preset: str = "synthetic", overrides:
     echo(f"[fedst demo] consortium ({preset}, {sites} sites) ...")
     consortium = prepare_consortium(out, preset, sites, data)
     run_name = f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = {"consortium": str(consortium), "out-dir": str(out / "runs"), "run-name": run_name,
-              "sites-root": str(out / "sites" / run_name), "min-sites": min(2, sites)}
+    config = {
+        "consortium": str(consortium),
+        "out-dir": str(out / "runs"),
+        "run-name": run_name,
+        "sites-root": str(out / "sites" / run_name),
+        "min-sites": min(2, sites),
+    }
     config.update(overrides or {})
     run_dir = Path(config["out-dir"]) / str(config["run-name"])
     echo(f"[fedst demo] starting a private Flower SuperLink (simulation runtime, FLWR_HOME={out / '.flwr'}) ...")
@@ -81,8 +103,11 @@ def run_demo(out: Path, *, sites: int = 3, preset: str = "synthetic", overrides:
         progress(info)
         if info.get("status") != "finished:completed":
             tail = link.logs(run_id)[-3000:]
-            raise FedstError(f"run {run_id} ended {info.get('status')}: {tail.strip().splitlines()[-1] if tail.strip() else 'no log'} "
-                             f"(full log: FLWR_HOME={out / '.flwr'} flwr log {run_id} fedst-demo --show)")
+            raise FedstError(
+                f"run {run_id} ended {info.get('status')}: "
+                f"{tail.strip().splitlines()[-1] if tail.strip() else 'no log'} "
+                f"(full log: FLWR_HOME={out / '.flwr'} flwr log {run_id} fedst-demo --show)"
+            )
     echo(f"[fedst demo] finished in {time.perf_counter() - started:.0f} s")
     echo(f"[fedst demo] report: {run_dir / 'summary.md'}")
     echo(f"[fedst demo] site reports (stay on each site): {Path(config['sites-root'])}/<site>/report/report.md")
@@ -102,7 +127,10 @@ def _progress_lines(path: Path) -> list[str]:
             loss = f", loss {agg['loss']:.4f}" if "loss" in agg else ""
             lines.append(f"{phase} round {row['round']}: {len(row['sites'])} sites{loss}")
         if not trained_in_rounds and block.get("sites"):
-            lines.append(f"{phase}: done on {len(block['sites'])} sites" + (f", {len(block.get('failed', {}))} failed" if block.get("failed") else ""))
+            lines.append(
+                f"{phase}: done on {len(block['sites'])} sites"
+                + (f", {len(block.get('failed', {}))} failed" if block.get("failed") else "")
+            )
     if results.get("status") in ("completed", "failed"):
         lines.append(f"status: {results['status']}")
     return lines
