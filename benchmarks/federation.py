@@ -14,7 +14,7 @@ average is printed with every figure (shared cores: timings are upper bounds).
 The SuperLink runs with Flower's in-memory state (the default of server/superlink.py and deploy/).
 `--state sqlite` (`--database FILE`, what they used before) reproduces the failure of the `base` preset on a busy host:
 SQLite `database is locked` after Flower's fixed 5 s busy timeout -> HTTP 500, which Flower does not retry, so a
-SuperNode leaves, a reply is dropped or the ServerApp exits (see shared/federation/procs.FLWR_IN_MEMORY_STATE).
+SuperNode leaves, a reply is dropped or the ServerApp exits (see server/procs.FLWR_IN_MEMORY_STATE).
 Usage: python benchmarks/federation.py [--models tiny,base] [--modes simulation,deployment] [--rounds 2]
        [--local-steps 2] [--batch-size 4] [--state memory|sqlite] [--work DIR] [--out report.json]
 """
