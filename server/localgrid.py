@@ -2,17 +2,40 @@
 
 For tests and the benchmark's compute-only baseline. Each node has its own node config and persistent
 ``context.state``; ``fail`` maps a node id to an exception (or "timeout") to inject site failures.
+
+Flower's ``Message(...)`` reads the sender's identity from the process-wide ``TaskIdentity``, which Flower's
+own ServerApp process sets once at start-up. In process there is no such start-up, so the grid is a context
+manager: ``with LocalGrid(...) as grid:`` gives the ServerApp side that identity for the block only and puts
+back whatever was there before (another grid's, or none), instead of overwriting Flower's class for good.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+SERVERAPP_NODE_ID = 0
+"""The sender id ServerApp messages carry in process (Flower's SuperLink uses its own node id there)."""
+
+
+@contextmanager
+def serverapp_identity(run_id: int) -> Iterator[None]:
+    """Flower's ``TaskIdentity`` set to a ServerApp of ``run_id`` for the block, the previous values restored."""
+    saved = {name: vars(TaskIdentity)[name] for name in ("_run_id", "_node_id", "_task_id")}
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SERVERAPP_NODE_ID
+    TaskIdentity.task_id = 0
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(TaskIdentity, name, value)
 
 
 class LocalGrid(Grid):
@@ -34,9 +57,14 @@ class LocalGrid(Grid):
         self.states = {node: RecordDict() for node in node_configs}
         self.sent: list[Message] = []
         self.replies: list[Message] = []
-        TaskIdentity.run_id = run_id
-        TaskIdentity.node_id = 0
-        TaskIdentity.task_id = 0
+        self._scope = ExitStack()
+
+    def __enter__(self) -> LocalGrid:
+        self._scope.enter_context(serverapp_identity(self.run_id))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._scope.close()
 
     # Grid interface ------------------------------------------------------------------------------------------
     def set_run(self, run_id: int) -> None:  # pragma: no cover - not used in-process

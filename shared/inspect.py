@@ -13,6 +13,7 @@ import numpy as np
 
 from shared import keys
 from shared.errors import FedstError
+from shared.ingest.pil import open_plain_image
 from shared.ingest.slide import (
     check_mpp,
     is_openslide_readable,
@@ -50,19 +51,9 @@ def describe_slide(path: Path, mpp: float | None = None) -> dict[str, Any]:
             }
         finally:
             osr.close()
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(source) as image:
-            width, height = image.size
-            image.verify()
-    except UnidentifiedImageError:
-        raise FedstError(
-            f"{source}: not an image PIL or openslide can read (expected JPEG, PNG, TIFF or SVS)"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise FedstError(f"{source}: unreadable or corrupt image ({exc})") from None
+    with open_plain_image(source) as image:
+        width, height = image.size
+        image.verify()
     return {
         "kind": "slide",
         "path": str(source),

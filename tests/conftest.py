@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("FEDST_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
-
-
-def shared_path(*parts: str) -> Path:
-    """Path under ../shared/data; skips the calling test when it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real data not available: {path} (../shared/data is absent)")
-    return path
+from tests.helpers import shared_path
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from shared import keys
 from shared.cli.main import app
 from shared.errors import FedstError
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 runner = CliRunner()
 

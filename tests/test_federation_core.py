@@ -63,9 +63,9 @@ def toy_config(tmp_path: Path, **overrides) -> dict:
 
 
 def run_workflow(stores, tmp_path, config, **grid_kwargs):
-    grid = make_grid(stores, tmp_path, config, **grid_kwargs)
-    run = RunConfig.from_mapping(config)
-    results = Workflow(grid, run, Path(config["out-dir"]) / config["run-name"]).run_all()
+    with make_grid(stores, tmp_path, config, **grid_kwargs) as grid:
+        run = RunConfig.from_mapping(config)
+        results = Workflow(grid, run, Path(config["out-dir"]) / config["run-name"]).run_all()
     return grid, results
 
 
@@ -130,24 +130,24 @@ def _prime(strategy, grid, reference: dict) -> None:
 
 
 def test_fedavg_equals_hand_computed_weighted_mean(stores, tmp_path):
-    grid = make_grid(stores, tmp_path, toy_config(tmp_path))
-    run = RunConfig.from_mapping(toy_config(tmp_path))
-    strategy = make_strategy(run, 3)
-    strategy.setup_phase("pretrain", run)
-    rng = np.random.default_rng(0)
-    base = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=(2,)).astype(np.float32)}
-    _prime(strategy, grid, base)
-    updates = [{k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()} for _ in range(3)]
-    weights = [10.0, 30.0, 60.0]
-    arrays, metrics = strategy.aggregate_train(
-        1, [_reply(101 + i, u, w) for i, (u, w) in enumerate(zip(updates, weights))]
-    )
-    got = {k: v.numpy() for k, v in arrays.items()}
-    by_hand = {k: (10 * updates[0][k] + 30 * updates[1][k] + 60 * updates[2][k]) / 100 for k in base}
-    for k in base:
-        np.testing.assert_allclose(got[k], by_hand[k], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(weighted_mean(updates, weights)[k], by_hand[k], rtol=1e-6)
-    assert metrics["loss"] == pytest.approx(1.0)
+    with make_grid(stores, tmp_path, toy_config(tmp_path)) as grid:
+        run = RunConfig.from_mapping(toy_config(tmp_path))
+        strategy = make_strategy(run, 3)
+        strategy.setup_phase("pretrain", run)
+        rng = np.random.default_rng(0)
+        base = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=(2,)).astype(np.float32)}
+        _prime(strategy, grid, base)
+        updates = [{k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()} for _ in range(3)]
+        weights = [10.0, 30.0, 60.0]
+        arrays, metrics = strategy.aggregate_train(
+            1, [_reply(101 + i, u, w) for i, (u, w) in enumerate(zip(updates, weights))]
+        )
+        got = {k: v.numpy() for k, v in arrays.items()}
+        by_hand = {k: (10 * updates[0][k] + 30 * updates[1][k] + 60 * updates[2][k]) / 100 for k in base}
+        for k in base:
+            np.testing.assert_allclose(got[k], by_hand[k], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(weighted_mean(updates, weights)[k], by_hand[k], rtol=1e-6)
+        assert metrics["loss"] == pytest.approx(1.0)
 
 
 def test_update_problems_detects_nan_shape_names_and_norm():
@@ -164,24 +164,26 @@ def test_update_problems_detects_nan_shape_names_and_norm():
 
 def test_bad_updates_are_rejected_logged_and_excluded(stores, tmp_path):
     run = RunConfig.from_mapping(toy_config(tmp_path, **{"failure-tolerance": 2, "max-update-norm": 100.0}))
-    grid = make_grid(stores, tmp_path, run.to_dict())
-    strategy = make_strategy(run, 3)
-    strategy.setup_phase("pretrain", run)
-    base = {"w": np.zeros((2, 2), np.float32)}
-    _prime(strategy, grid, base)
-    replies = [
-        _reply(101, {"w": np.ones((2, 2), np.float32)}, 1.0),
-        _reply(102, {"w": np.full((2, 2), np.nan, np.float32)}, 1.0),
-        _reply(103, {"w": np.full((2, 2), 1e3, np.float32)}, 1.0),
-    ]
-    with pytest.raises(FedstError, match="1 valid updates"):  # min-sites 2
-        strategy.aggregate_train(1, replies)
-    row = strategy.history[-1]
-    assert set(row["rejected"]) == {"node-102", "node-103"} and "NaN" in row["rejected"]["node-102"]  # no name declared
-    assert "exceeds the bound" in row["rejected"]["node-103"]
-    strategy.run_config.min_sites = 1
-    arrays, _ = strategy.aggregate_train(1, replies)
-    np.testing.assert_array_equal(arrays["w"].numpy(), np.ones((2, 2), np.float32))  # only the good update
+    with make_grid(stores, tmp_path, run.to_dict()) as grid:
+        strategy = make_strategy(run, 3)
+        strategy.setup_phase("pretrain", run)
+        base = {"w": np.zeros((2, 2), np.float32)}
+        _prime(strategy, grid, base)
+        replies = [
+            _reply(101, {"w": np.ones((2, 2), np.float32)}, 1.0),
+            _reply(102, {"w": np.full((2, 2), np.nan, np.float32)}, 1.0),
+            _reply(103, {"w": np.full((2, 2), 1e3, np.float32)}, 1.0),
+        ]
+        with pytest.raises(FedstError, match="1 valid updates"):  # min-sites 2
+            strategy.aggregate_train(1, replies)
+        row = strategy.history[-1]
+        assert (
+            set(row["rejected"]) == {"node-102", "node-103"} and "NaN" in row["rejected"]["node-102"]
+        )  # no name declared
+        assert "exceeds the bound" in row["rejected"]["node-103"]
+        strategy.run_config.min_sites = 1
+        arrays, _ = strategy.aggregate_train(1, replies)
+        np.testing.assert_array_equal(arrays["w"].numpy(), np.ones((2, 2), np.float32))  # only the good update
 
 
 # -- workflow: resume, failures, privacy -------------------------------------------------------------------
@@ -357,15 +359,15 @@ def test_reports_use_declared_names_duplicates_and_earlier_names(stores, tmp_pat
         102: {"data-path": str(stores[1]), "work-dir": str(tmp_path / "w1"), "site": "basel"},
         103: {"data-path": str(stores[2]), "work-dir": str(tmp_path / "w2"), "site": "geneva"},
     }
-    grid = LocalGrid(client_app, nodes, config)
-    workflow = Workflow(grid, RunConfig.from_mapping(config), tmp_path / "runs" / "r")
-    workflow.pretrain()
-    row = workflow.results["phases"]["pretrain"]["rounds"][0]
-    assert set(row["sites"]) == {"basel@node-101", "basel@node-102", "geneva"}  # duplicates told apart
-    grid.fail[103] = "timeout"  # silent in a later phase: keeps the name it declared earlier
-    block = workflow.broadcast("evaluate.downstream", RecordDict())
-    assert block["failed"] == {"geneva": "no reply before round-timeout"}
-    assert set(block["sites"]) == {"basel@node-101", "basel@node-102"}
+    with LocalGrid(client_app, nodes, config) as grid:
+        workflow = Workflow(grid, RunConfig.from_mapping(config), tmp_path / "runs" / "r")
+        workflow.pretrain()
+        row = workflow.results["phases"]["pretrain"]["rounds"][0]
+        assert set(row["sites"]) == {"basel@node-101", "basel@node-102", "geneva"}  # duplicates told apart
+        grid.fail[103] = "timeout"  # silent in a later phase: keeps the name it declared earlier
+        block = workflow.broadcast("evaluate.downstream", RecordDict())
+        assert block["failed"] == {"geneva": "no reply before round-timeout"}
+        assert set(block["sites"]) == {"basel@node-101", "basel@node-102"}
 
 
 def test_server_discards_replies_with_a_bad_name_or_extra_records(stores, tmp_path):
@@ -388,3 +390,14 @@ def test_server_discards_replies_with_a_bad_name_or_extra_records(stores, tmp_pa
     assert "unexpected ConfigRecord(s) ['coords']" in row["rejected"]["site-2"]
     failed = results["phases"]["downstream"]["failed"]
     assert "privacy contract" in failed["node-102"] and "coords" in failed["site-2"]
+
+
+def test_local_grid_scopes_flowers_task_identity(stores, tmp_path):
+    """The in-process grid lends the ServerApp side an identity for its block only; Flower's class keeps its own."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = {name: vars(TaskIdentity)[name] for name in ("_run_id", "_node_id", "_task_id")}
+    with make_grid(stores, tmp_path, toy_config(tmp_path), run_id=7):
+        assert (TaskIdentity.run_id, TaskIdentity.node_id) == (7, 0)
+        assert Message(RecordDict(), message_type="train.pretrain", dst_node_id=101).metadata.run_id == 7
+    assert {name: vars(TaskIdentity)[name] for name in before} == before

@@ -68,8 +68,8 @@ def toy_config(out: Path, **overrides) -> dict:
 
 def run_local(stores, out: Path, config: dict, **grid_kwargs):
     nodes = {101 + i: {"data-path": str(p), "work-dir": str(out / f"work-{i}")} for i, p in enumerate(stores)}
-    grid = LocalGrid(client_app, nodes, config, **grid_kwargs)
-    results = Workflow(grid, RunConfig.from_mapping(config), Path(config["out-dir"]) / config["run-name"]).run_all()
+    with LocalGrid(client_app, nodes, config, **grid_kwargs) as grid:
+        results = Workflow(grid, RunConfig.from_mapping(config), Path(config["out-dir"]) / config["run-name"]).run_all()
     return grid, results
 
 
@@ -161,8 +161,8 @@ def test_sites_refuse_what_secagg_would_silently_corrupt():
 
 def test_a_plain_train_message_is_refused_without_secagg(stores, tmp_path):
     config = toy_config(tmp_path)
-    grid = LocalGrid(client_app, {101: {"data-path": str(stores[0]), "work-dir": str(tmp_path / "w")}}, config)
-    (reply,) = grid.send_and_receive([Message(RecordDict(), message_type="train", dst_node_id=101)])
+    with LocalGrid(client_app, {101: {"data-path": str(stores[0]), "work-dir": str(tmp_path / "w")}}, config) as grid:
+        (reply,) = grid.send_and_receive([Message(RecordDict(), message_type="train", dst_node_id=101)])
     assert reply.has_error() and "only under SecAgg+" in reply.error.reason
 
 

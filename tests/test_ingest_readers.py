@@ -19,7 +19,7 @@ from shared.ingest import (
     load_site,
     load_visium_section,
 )
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 SPOT_UM = 55.0
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from shared.errors import FedstError
+from shared.ingest.pil import open_plain_image
 from shared.ingest.slide import (
     default_cache_dir,
     ensure_pyramidal,
@@ -16,17 +17,14 @@ from shared.ingest.slide import (
     open_slide,
     write_pyramidal_tiff,
 )
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 C2_SPOT = (6930.58, 3510.24)  # her2st C2 spot "25x13" (pixel_x, pixel_y)
 
 
 @pytest.fixture(scope="module")
 def c2_jpeg() -> np.ndarray:
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(shared_path("her2st", "images", "C2.jpg")) as image:
+    with open_plain_image(shared_path("her2st", "images", "C2.jpg")) as image:  # 92 Mpx: above PIL's warning limit
         return np.asarray(image.convert("RGB"))
 
 
@@ -170,3 +168,53 @@ def test_mpp_from_properties_precedence_and_placeholders():
     assert mpp_from_properties({"tiff.XResolution": "50800", "tiff.ResolutionUnit": "inch"}) == 0.5
     assert mpp_from_properties({"tiff.XResolution": "72", "tiff.ResolutionUnit": "inch"}) is None  # 352 um/px
     assert mpp_from_properties({"tiff.ResolutionUnit": "inch"}) is None
+
+
+def _gradient_png(path: Path, width: int = 300, height: int = 200) -> Path:
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([xx * 255 // width, yy * 255 // height, np.full_like(xx, 90)], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def test_reading_a_plain_image_leaves_pils_pixel_limit_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """fedst lifts PIL's decompression-bomb limit only inside its own reads and restores the caller's value."""
+    from PIL import Image
+
+    from shared.ingest.pyramid import read_plain_image
+    from shared.ingest.slide import image_mpp, image_size
+    from shared.inspect import describe_slide
+
+    png = _gradient_png(tmp_path / "g.png")
+    default = Image.MAX_IMAGE_PIXELS
+    with open_slide(png, mpp=0.5, cache_dir=tmp_path / "cache") as slide:
+        assert (slide.width, slide.height) == (300, 200)
+    assert Image.MAX_IMAGE_PIXELS == default
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a caller that is stricter than fedst: 60000 px is a bomb
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(png)
+    assert read_plain_image(png).shape == (200, 300, 3)
+    assert image_size(png) == (300, 200)
+    assert image_mpp(png) is None
+    assert describe_slide(png)["width"] == 300
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(FedstError, match="g.png: not an image"):  # restored also when the read fails
+        with open_plain_image(png):
+            raise Image.UnidentifiedImageError("x")
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_plain_image_above_fedsts_bound_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from PIL import Image
+
+    import shared.ingest.pil
+
+    png = _gradient_png(tmp_path / "g.png")
+    monkeypatch.setattr(shared.ingest.pil, "MAX_PLAIN_IMAGE_PIXELS", 59_999)
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(FedstError, match=r"g\.png: plain image of 300 x 200 px exceeds the 59999 px bound"):
+        open_slide(png, mpp=0.5, cache_dir=tmp_path / "cache")
+    assert Image.MAX_IMAGE_PIXELS == before
+    assert not (tmp_path / "cache").exists()  # refused before anything is converted

@@ -19,7 +19,7 @@ from shared.downstream.spadit.data import frame_genes, pair_genes, split_genes
 from shared.downstream.spadit.model import SpaDiT, create_spadit
 from shared.downstream.spadit.train import make_scheduler, sample_genes, train_spadit
 from shared.errors import FedstError
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 torch.set_num_threads(1)
 

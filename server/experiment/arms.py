@@ -325,13 +325,13 @@ def federated_pretrain(
         i + 1: {"data-path": str(s.train.path), "work-dir": str(root / "sites" / s.name), "site": s.name}
         for i, s in enumerate(sites)
     }
-    grid = LocalGrid(load_client_app(), nodes, run.to_dict(), run_id=seed + 1)
     run_dir = root / "flower-run"
     log(
         f"federated pretraining (seed {seed}): {len(sites)} sites, "
         f"{m.pretrain_rounds} rounds x {m.pretrain_steps} steps, {m.strategy}"
     )
-    Workflow(grid, run, run_dir, run_id=seed + 1).run_all()
+    with LocalGrid(load_client_app(), nodes, run.to_dict(), run_id=seed + 1) as grid:
+        Workflow(grid, run, run_dir, run_id=seed + 1).run_all()
     found = load_checkpoint(run_dir, "pretrain")
     if found is None:
         raise FedstError(f"federated pretraining wrote no checkpoint under {run_dir}")

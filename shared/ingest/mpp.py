@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import FedstError
+from shared.ingest.pil import open_plain_image
 
 MPP_RANGE = (0.01, 100.0)
 """Plausible microns per pixel: outside it a recorded resolution is a placeholder (e.g. 72 dpi), not a scan."""
@@ -56,11 +57,8 @@ def check_mpp(mpp: float | None, source: str) -> float | None:
 
 def plain_image_mpp(path: Path) -> float | None:
     """mpp from a plain image's own resolution tag, only when it is plausible (a 72/96 dpi default is not)."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None  # only the header is read here
     try:
-        with Image.open(path) as image:
+        with open_plain_image(path) as image:
             dpi = image.info.get("dpi")
             unit = image.info.get("jfif_unit")
             if dpi and unit != 0:

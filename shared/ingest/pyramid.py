@@ -18,6 +18,7 @@ import numpy as np
 
 from shared.errors import FedstError
 from shared.ingest.mpp import check_mpp, plain_image_mpp
+from shared.ingest.pil import open_plain_image
 from shared.ingest.validate import require_file
 
 log = logging.getLogger(__name__)
@@ -76,24 +77,18 @@ def _decode_jpeg(path: Path) -> np.ndarray | None:
 
 def read_plain_image(path: Path) -> np.ndarray:
     """Decode a JPEG/PNG/plain TIFF into (H, W, 3) uint8, transparency composited on white."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     rgb = _decode_jpeg(path)
     if rgb is not None:
         return rgb
-    Image.MAX_IMAGE_PIXELS = None  # slides are legitimately huge; this decode happens once per file
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("RGBA", "LA", "P", "PA"):
-                rgba = image.convert("RGBA")
-                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(canvas, rgba)
-            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
-    except UnidentifiedImageError:
-        raise FedstError(f"{path}: not an image PIL or openslide can read (expected JPEG, PNG, TIFF or SVS)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise FedstError(f"{path}: unreadable or corrupt image ({exc})") from None
+    with open_plain_image(path) as image:
+        image.load()
+        if image.mode in ("RGBA", "LA", "P", "PA"):
+            rgba = image.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(canvas, rgba)
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
 
 
 def ensure_pyramidal(

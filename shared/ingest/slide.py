@@ -17,6 +17,7 @@ import numpy as np
 
 from shared.errors import FedstError
 from shared.ingest.mpp import MPP_RANGE, check_mpp, mpp_from_properties, plain_image_mpp, plausible_mpp
+from shared.ingest.pil import open_plain_image
 from shared.ingest.pyramid import (
     CACHE_ENV,
     TILE_PX,
@@ -196,8 +197,6 @@ def image_mpp(path: str | os.PathLike) -> float | None:
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of the full-resolution image from its header, without decoding or converting it."""
-    from PIL import Image, UnidentifiedImageError
-
     source = require_file(path, "an image (SVS, pyramidal TIFF, JPEG or PNG)")
     if is_openslide_readable(source):
         osr = open_osr(source)
@@ -205,16 +204,8 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             return tuple(int(v) for v in osr.dimensions)  # type: ignore[return-value]
         finally:
             osr.close()
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(source) as image:
-            return int(image.width), int(image.height)
-    except UnidentifiedImageError:
-        raise FedstError(
-            f"{source}: not an image PIL or openslide can read (expected JPEG, PNG, TIFF or SVS)"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise FedstError(f"{source}: unreadable or corrupt image ({exc})") from None
+    with open_plain_image(source) as image:
+        return int(image.width), int(image.height)
 
 
 def resolve_mpp(

@@ -1,0 +1,73 @@
+"""Test helpers (plain functions and constants; fixtures and hooks live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FEDST_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared/data (or $FEDST_SHARED_DATA); skips the calling test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} (../shared/data is absent)")
+    return path
+
+
+# -- other on-disk formats derived from a generated section (shared.synthetic writes HEST-style h5ad + TIFF) --
+def legacy_st_tables(adata):
+    """A section as legacy-ST tables: counts (spots x genes, index "<x>x<y>") and the spot table
+    (x = array column, y = array row, pixel_x/pixel_y = obsm spatial), in the same spot order."""
+    import pandas as pd
+
+    x, y = adata.obs["array_col"].to_numpy(), adata.obs["array_row"].to_numpy()
+    ids = [f"{a}x{b}" for a, b in zip(x, y)]
+    counts = pd.DataFrame(np.asarray(adata.X), index=ids, columns=list(adata.var_names)).astype(int)
+    xy = np.asarray(adata.obsm["spatial"])
+    spots = pd.DataFrame({"x": x, "y": y, "pixel_x": xy[:, 0], "pixel_y": xy[:, 1]})
+    return counts, spots
+
+
+def write_plain_jpeg(rgb: np.ndarray, path: Path) -> Path:
+    """A plain JPEG carrying no resolution (as a phone or a slide export writes it)."""
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path, quality=90)
+    return path
+
+
+def write_visium_outs(adata, rgb: np.ndarray, folder: Path, mpp: float) -> Path:
+    """A Space Ranger ``outs/`` folder for a section: the v3 filtered_feature_bc_matrix.h5, the headerless
+    tissue_positions_list.csv, scalefactors_json.json (spot diameter from ``mpp``) and a hires PNG at scale 1."""
+    import h5py
+    import scipy.sparse as sp
+    from PIL import Image
+
+    spatial = folder / "spatial"
+    spatial.mkdir(parents=True)
+    csr = sp.csr_matrix(np.asarray(adata.X, dtype=np.int32))  # cells x genes CSR == genes x cells CSC
+    with h5py.File(folder / "filtered_feature_bc_matrix.h5", "w") as handle:
+        group = handle.create_group("matrix")
+        group["data"], group["indices"], group["indptr"] = csr.data, csr.indices, csr.indptr
+        group["shape"] = np.array([adata.n_vars, adata.n_obs])
+        group["barcodes"] = np.array(list(adata.obs_names), dtype="S")
+        group["features/name"] = np.array(list(adata.var_names), dtype="S")
+        group["features/id"] = np.array(list(adata.var["gene_ids"]), dtype="S")
+        group["features/feature_type"] = np.array(["Gene Expression"] * adata.n_vars, dtype="S")
+    xy = np.asarray(adata.obsm["spatial"])
+    rows = [
+        f"{barcode},1,{r},{c},{py:.2f},{px:.2f}"
+        for barcode, r, c, (px, py) in zip(adata.obs_names, adata.obs["array_row"], adata.obs["array_col"], xy)
+    ]
+    (spatial / "tissue_positions_list.csv").write_text("\n".join(rows) + "\n")
+    factors = {"spot_diameter_fullres": 55.0 / mpp, "tissue_hires_scalef": 1.0, "tissue_lowres_scalef": 0.5}
+    (spatial / "scalefactors_json.json").write_text(json.dumps(factors))
+    Image.fromarray(rgb).save(spatial / "tissue_hires_image.png")
+    return folder
