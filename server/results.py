@@ -111,10 +111,15 @@ def load_results(path: Path) -> RunRecord:
 
 def rounds_from_json(rows: list[Any], source: Path) -> list[RoundRecord]:
     """Round records stored elsewhere (a checkpoint's history), validated like results.json."""
-    try:
-        return [RoundRecord.model_validate(row) for row in rows]
-    except ValidationError as exc:
-        raise FedstError(f"{source}: round history does not match schema {SCHEMA}: {_first_problem(exc)}") from None
+    records = []
+    for i, row in enumerate(rows):
+        try:
+            records.append(RoundRecord.model_validate(row))
+        except ValidationError as exc:
+            raise FedstError(
+                f"{source}: round history does not match schema {SCHEMA}: row {i}: {_first_problem(exc)}"
+            ) from None
+    return records
 
 
 def rounds_to_json(rounds: list[RoundRecord]) -> list[dict[str, Any]]:

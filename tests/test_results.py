@@ -18,7 +18,16 @@ flwr = pytest.importorskip("flwr")
 from flwr.app import Array, RecordDict  # noqa: E402
 
 from client.handlers import reply_record  # noqa: E402
-from server.results import SCHEMA, PhaseRecord, RoundRecord, RunRecord, load_results, save_results  # noqa: E402
+from server.results import (  # noqa: E402
+    SCHEMA,
+    PhaseRecord,
+    RoundRecord,
+    RunRecord,
+    load_results,
+    rounds_from_json,
+    rounds_to_json,
+    save_results,
+)
 from server.rounds import NO_REPLY, RoundPolicy, RoundTally, weighted  # noqa: E402
 from server.sites import SiteNames  # noqa: E402
 from server.strategy import arrays_to_numpy, numpy_to_arrays  # noqa: E402
@@ -103,6 +112,15 @@ def test_reader_refuses_missing_corrupt_newer_and_malformed_files(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(FedstError, match=r"phases.downstream.weighted: Extra inputs are not permitted"):
         load_results(path)
+
+
+def test_checkpoint_history_is_validated_like_results_json(tmp_path):
+    rows = [RoundRecord(round=1, sites={"a": {"loss": 1.0}}, aggregate={"loss": 1.0})]
+    assert rounds_from_json(rounds_to_json(rows), tmp_path) == rows
+    with pytest.raises(
+        FedstError, match=rf"{tmp_path}: round history does not match schema 1: row 0: secure-aggregation: Extra"
+    ):
+        rounds_from_json([{"round": 1, "secure-aggregation": True}], tmp_path)  # a pre-schema SecAgg+ row
 
 
 # -- round bookkeeping ------------------------------------------------------------------------------------------
