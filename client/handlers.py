@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from shared.config import NodeConfig, RunConfig, site_name_problem
 from shared.errors import FedstError
@@ -63,7 +63,11 @@ def reply_record(
     if arrays is not None:
         if allowed_keys is None or set(arrays) != allowed_keys:
             raise FedstError("privacy contract: reply tensors must have exactly the names of the model the server sent")
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        import torch  # Flower's named-tensor constructor is ``ArrayRecord(state_dict)``; no copy, same bytes
+
+        content["arrays"] = ArrayRecord(
+            {k: torch.from_numpy(np.require(v, requirements=("C", "W"))) for k, v in arrays.items()}
+        )
     content["metrics"] = MetricRecord(scalar_metrics(metrics))
     if site is not None:
         content["site"] = site_record(site)
@@ -74,7 +78,7 @@ def _arrays(msg: Message, name: str) -> dict[str, np.ndarray]:
     record = msg.content.array_records.get(name)
     if record is None:
         raise FedstError(f"message {msg.metadata.message_type}: no ArrayRecord {name!r}")
-    return {k: v.numpy() for k, v in record.items()}
+    return dict(zip(record.keys(), record.to_numpy_ndarrays()))
 
 
 def pretrain(msg: Message, context: Context) -> Message:

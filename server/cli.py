@@ -44,26 +44,18 @@ def demo(
 @federation_app.command("status")
 def status(run_dir: Path = typer.Argument(..., help="a run directory (holds results.json)")) -> None:
     """Summarise a run directory: status, phases, rounds, per-site metrics, failures."""
-    import json
+    from server.results import load_results
 
-    from shared.errors import FedstError
-
-    path = run_dir / "results.json"
-    if not path.is_file():
-        raise FedstError(f"{path}: no results.json (expected a fedst run directory)")
-    results = json.loads(path.read_text())
-    typer.echo(
-        f"run {results.get('run')}: {results.get('status')}"
-        + (f" ({results['error']})" if results.get("error") else "")
-    )
-    for phase, block in results.get("phases", {}).items():
-        rounds = block.get("rounds", [])
-        typer.echo(f"  {phase}: {len(rounds)} rounds" if rounds else f"  {phase}")
-        sites = block.get("sites") or (rounds[-1]["sites"] if rounds else {})
-        for site, metrics in sorted(sites.items()):
+    results = load_results(run_dir / "results.json")
+    typer.echo(f"run {results.run}: {results.status}" + (f" ({results.error})" if results.error else ""))
+    for phase, block in results.phases.items():
+        rounds = len(block.rounds) if block.kind == "train" else 0
+        typer.echo(f"  {phase}: {rounds} rounds" if rounds else f"  {phase}")
+        if (row := block.last) is None:
+            continue
+        for site, metrics in sorted(row.sites.items()):
             typer.echo(f"    {site}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-        failed = {**block.get("failed", {}), **(rounds[-1].get("failed", {}) if rounds else {})}
-        for site, why in failed.items():
+        for site, why in row.excluded().items():
             typer.echo(f"    {site} FAILED: {why}")
 
 

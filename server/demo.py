@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from server.results import load_results
 from server.superlink import REPO, SuperLink
 from shared.errors import FedstError
 
@@ -115,22 +115,24 @@ def run_demo(
 
 
 def _progress_lines(path: Path) -> list[str]:
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
+    """One line per finished round or broadcast phase, read through the schema (server/results.py).
+
+    The run writes results.json after every round; before the first write (or if it cannot be read yet) there is
+    nothing to show, and a file of another schema is a real error.
+    """
+    if not path.is_file():
         return []
+    results = load_results(path)
     lines = []
-    for phase, block in results.get("phases", {}).items():
-        trained_in_rounds = "sites" not in block  # pretrain, or adapt with federated-adapt
-        for row in block.get("rounds", []) if trained_in_rounds else []:
-            agg = row.get("aggregate", {})
-            loss = f", loss {agg['loss']:.4f}" if "loss" in agg else ""
-            lines.append(f"{phase} round {row['round']}: {len(row['sites'])} sites{loss}")
-        if not trained_in_rounds and block.get("sites"):
+    for phase, block in results.phases.items():
+        if block.kind == "train":
+            for row in block.rounds:
+                loss = f", loss {row.aggregate['loss']:.4f}" if "loss" in row.aggregate else ""
+                lines.append(f"{phase} round {row.round}: {len(row.sites)} sites{loss}")
+        elif (row := block.last) is not None and row.sites:
             lines.append(
-                f"{phase}: done on {len(block['sites'])} sites"
-                + (f", {len(block.get('failed', {}))} failed" if block.get("failed") else "")
+                f"{phase}: done on {len(row.sites)} sites" + (f", {len(row.failed)} failed" if row.failed else "")
             )
-    if results.get("status") in ("completed", "failed"):
-        lines.append(f"status: {results['status']}")
+    if results.status in ("completed", "failed"):
+        lines.append(f"status: {results.status}")
     return lines

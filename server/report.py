@@ -1,6 +1,7 @@
 """The server's run report: results.json, plots and summary.md in the run directory.
 
-The server only ever sees per-site scalar metrics; images appear only in a site's own report (client/report.py).
+Everything here reads the typed run record (server/results.py). The server only ever sees per-site scalar
+metrics; images appear only in a site's own report (client/report.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.io import write_json_atomic
+from server.results import RunRecord, save_results
+from shared.io import write_text_atomic
 
 
 def _plt():
@@ -22,31 +24,20 @@ def _plt():
     return plt
 
 
-def weighted(sites: dict[str, dict[str, float]], weight_key: str = "num-examples") -> dict[str, float]:
-    """Weighted mean of every metric across sites (by ``weight_key``); per-site values are kept elsewhere."""
-    total = sum(m.get(weight_key, 1.0) for m in sites.values())
-    keys = sorted({k for m in sites.values() for k in m if k != weight_key})
-    out = {}
-    for key in keys:
-        rows = [(m[key], m.get(weight_key, 1.0)) for m in sites.values() if key in m]
-        if rows and total > 0:
-            out[key] = float(sum(v * w for v, w in rows) / sum(w for _, w in rows))
-    return out
-
-
-def plot_losses(results: dict[str, Any], out: Path) -> Path | None:
+def plot_losses(results: RunRecord, out: Path) -> Path | None:
     """Loss per round per site, one panel per trained phase."""
-    phases = [p for p in ("pretrain", "adapt") if results["phases"].get(p, {}).get("rounds")]
+    phases = [p for p in ("pretrain", "adapt") if p in results.phases and results.phases[p].kind == "train"]
+    phases = [p for p in phases if results.phases[p].rounds]
     if not phases:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
     for ax, phase in zip(axes[0], phases):
         per_site: dict[str, list[tuple[int, float]]] = {}
-        for row in results["phases"][phase]["rounds"]:
-            for site, metrics in row["sites"].items():
+        for row in results.phases[phase].rounds:
+            for site, metrics in row.sites.items():
                 if "loss" in metrics:
-                    per_site.setdefault(site, []).append((row["round"], metrics["loss"]))
+                    per_site.setdefault(site, []).append((row.round, metrics["loss"]))
         for site, points in sorted(per_site.items()):
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", label=site)
@@ -59,9 +50,10 @@ def plot_losses(results: dict[str, Any], out: Path) -> Path | None:
     return path
 
 
-def plot_downstream(results: dict[str, Any], out: Path) -> Path | None:
+def plot_downstream(results: RunRecord, out: Path) -> Path | None:
     """Downstream metrics per site: real-only vs real+synthetic."""
-    sites = results["phases"].get("downstream", {}).get("sites", {})
+    block = results.phases.get("downstream")
+    sites = block.last.sites if block is not None and block.last is not None else {}
     metrics = [k for k in _keys(sites) if k != "num-examples" and ("pcc" in k or "ssc" in k or "gsc" in k)]
     if not sites or not metrics:
         return None
@@ -81,40 +73,38 @@ def plot_downstream(results: dict[str, Any], out: Path) -> Path | None:
     return path
 
 
-def summary_markdown(results: dict[str, Any]) -> str:
-    lines = [f"# fedst run `{results.get('run', '')}`", "", f"status: **{results.get('status', '?')}**", ""]
-    cfg = results.get("config", {})
+def summary_markdown(results: RunRecord) -> str:
+    lines = [f"# fedst run `{results.run}`", "", f"status: **{results.status}**", ""]
+    cfg = results.config
     lines += [
         f"backend `{cfg.get('backend')}`, preset `{cfg.get('preset')}`, strategy `{cfg.get('strategy')}`, "
         f"patch {cfg.get('patch-px')} px, seed {cfg.get('seed')}",
         "",
     ]
-    if results.get("sites"):
-        lines += ["sites (declared names): " + ", ".join(f"`{name}`" for name in sorted(results["sites"])), ""]
-    for phase, block in results["phases"].items():
-        lines.append(f"## {phase}" + (" (secure aggregation: SecAgg+)" if block.get("secure-aggregation") else ""))
-        for row in block.get("rounds", []):
-            agg = ", ".join(f"{k}={v:.4g}" for k, v in row.get("aggregate", {}).items())
-            lines.append(f"- round {row['round']}: {len(row['sites'])} sites accepted; {agg}")
-            for site, why in {**row.get("failed", {}), **row.get("rejected", {})}.items():
-                lines.append(f"  - {site} excluded: {why}")
-        if block.get("sites") and not block.get("rounds"):
-            lines += [
-                "",
-                "| site | " + " | ".join(_keys(block["sites"])) + " |",
-                "|---" * (1 + len(_keys(block["sites"]))) + "|",
-            ]
-            for site, metrics in sorted(block["sites"].items()):
-                lines.append(f"| {site} | " + " | ".join(_fmt(metrics.get(k)) for k in _keys(block["sites"])) + " |")
-            if block.get("weighted"):
-                lines.append(
-                    "| weighted | " + " | ".join(_fmt(block["weighted"].get(k)) for k in _keys(block["sites"])) + " |"
-                )
-        for site, why in block.get("failed", {}).items():
-            lines.append(f"- {site} failed: {why}")
+    if results.sites:
+        lines += ["sites (declared names): " + ", ".join(f"`{name}`" for name in sorted(results.sites)), ""]
+    for phase, block in results.phases.items():
+        secure = f" (secure aggregation: {block.secure_aggregation})" if block.secure_aggregation else ""
+        lines.append(f"## {phase}{secure}")
+        if block.kind == "train":
+            for row in block.rounds:
+                agg = ", ".join(f"{k}={v:.4g}" for k, v in row.aggregate.items())
+                lines.append(f"- round {row.round}: {len(row.sites)} sites accepted; {agg}")
+                for site, why in row.excluded().items():
+                    lines.append(f"  - {site} excluded: {why}")
+        elif (row := block.last) is not None:
+            keys = _keys(row.sites)
+            if row.sites:
+                lines += ["", "| site | " + " | ".join(keys) + " |", "|---" * (1 + len(keys)) + "|"]
+                for site, metrics in sorted(row.sites.items()):
+                    lines.append(f"| {site} | " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |")
+                if row.aggregate:
+                    lines.append("| weighted | " + " | ".join(_fmt(row.aggregate.get(k)) for k in keys) + " |")
+            for site, why in row.excluded().items():
+                lines.append(f"- {site} failed: {why}")
         lines.append("")
-    if results.get("plots"):
-        lines += ["## plots", *[f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]], ""]
+    if results.plots:
+        lines += ["## plots", *[f"![{Path(p).stem}]({Path(p).name})" for p in results.plots], ""]
     lines.append("Privacy numbers (epsilon) are per site; a mean across sites is not a privacy statement.")
     return "\n".join(lines) + "\n"
 
@@ -132,11 +122,11 @@ def _fmt(value: Any) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
-def write_run_report(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+def write_run_report(run_dir: Path, results: RunRecord) -> RunRecord:
     """Write results.json, the plots and summary.md into ``run_dir``; returns the results with plot paths."""
     run_dir.mkdir(parents=True, exist_ok=True)
     plots = [p for p in (plot_losses(results, run_dir), plot_downstream(results, run_dir)) if p is not None]
-    results["plots"] = [str(p) for p in plots]
-    write_json_atomic(run_dir / "results.json", results)
-    (run_dir / "summary.md").write_text(summary_markdown(results))
+    results.plots = [str(p) for p in plots]
+    save_results(run_dir, results)
+    write_text_atomic(run_dir / "summary.md", summary_markdown(results))
     return results

@@ -9,7 +9,11 @@ workflow for the ``pretrain`` phase inside the fedst run and keeps what the mess
   (``param-names``, JSON) so a site maps them back unambiguously, and the aggregate gets the names back here;
 - rounds are numbered globally (``round_offset``) and a checkpoint is written after every round from the
   legacy strategy's ``evaluate`` hook, so ``resume`` works as on the normal path;
-- history rows (per-site scalar metrics, failed sites with the reason) go to results.json as usual.
+- round records (per-site scalar metrics, failed sites with the reason) go through the same bookkeeping as the
+  message-API path (server/rounds.py) to the workflow's results.json.
+
+The workflow hands this module a `SecAggContext` (grid, run config, connected nodes, site names, round offset and
+two callbacks: checkpoint and record), never itself.
 
 Trade-off: per-update screening (NaN/Inf, shapes, norm) is impossible when the server only receives the
 masked sum, so the *aggregate* is screened instead (names/shapes/finite/norm of aggregate - global against
@@ -22,26 +26,42 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from server.report import weighted
+from server.results import RoundRecord
+from server.rounds import RoundPolicy, RoundTally, weighted
 from server.sites import SiteNames, contract_problems
 from server.validate import update_problems
+from shared.config import RunConfig
 from shared.errors import FedstError
-
-if TYPE_CHECKING:
-    from server.workflow import Workflow
 
 # What a site's reply may hold on the SecAgg+ path (Flower's FitRes encoding + the protocol's record).
 PROTOCOL_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
 LEGACY_CONFIGS = frozenset({PROTOCOL_RECORD, "fitres.status", "fitres.metrics"})
+DROPPED = "dropped out during secure aggregation"
+
+
+@dataclass(frozen=True)
+class SecAggContext:
+    """What SecAgg+ pretraining needs from the workflow, and nothing more."""
+
+    grid: Grid
+    run: RunConfig
+    run_id: int
+    nodes: list[int]  # the connected sites (the workflow waited for min-sites)
+    sites: SiteNames  # node id -> declared name, shared with the rest of the run
+    site_config: dict[str, Any]  # the workflow's per-message config (work root, panel)
+    round_offset: int  # rounds already done (resume); rounds are numbered globally
+    checkpoint: Callable[[int, dict[str, np.ndarray]], None]  # (global round, central weights) after every round
+    record: Callable[[RoundRecord], None]  # every round record, for results.json
 
 
 class ObservedGrid(Grid):
@@ -128,18 +148,12 @@ def _legacy_strategy_class(kind: str):
     return {"fedavg": FedAvg, "fedprox": FedProx}[kind]
 
 
-def make_secagg_strategy(
-    workflow: Workflow,
-    names: list[str],
-    reference: dict[str, np.ndarray],
-    offset: int,
-    history: list[dict[str, Any]],
-    grid: ObservedGrid,
-):
-    """A legacy FedAvg/FedProx that speaks fedst: names, global rounds, screening, history, checkpoints."""
+def make_secagg_strategy(ctx: SecAggContext, names: list[str], reference: dict[str, np.ndarray], grid: ObservedGrid):
+    """A legacy FedAvg/FedProx that speaks fedst: names, global rounds, screening, round records, checkpoints."""
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
-    run = workflow.run
+    run = ctx.run
+    offset = ctx.round_offset
     base = _legacy_strategy_class(run.strategy)
 
     class SecAggStrategy(base):  # type: ignore[misc, valid-type]
@@ -157,14 +171,13 @@ def make_secagg_strategy(
                 kwargs["proximal_mu"] = run.prox_mu
             super().__init__(**kwargs)
             self.reference = reference
-            self.rows: list[dict[str, Any]] = []
             self.aggregated: set[int] = set()
             self.sent: list[int] = []
 
         def configure_fit(self, server_round, parameters, client_manager):
             pairs = super().configure_fit(server_round, parameters, client_manager)
             extra = {"server-round": server_round + offset, "param-names": json.dumps(names)}
-            for key, value in workflow.base_config().items():
+            for key, value in ctx.site_config.items():
                 extra[key] = json.dumps(value) if isinstance(value, list) else value
             for _, fit_ins in pairs:
                 fit_ins.config.update(extra)
@@ -178,32 +191,21 @@ def make_secagg_strategy(
 
         def aggregate_fit(self, server_round, results, failures):
             global_round = server_round + offset
-            label = workflow.sites.label
+            tally = RoundTally(
+                f"pretrain round {global_round} (secagg)",
+                global_round,
+                self.sent,
+                ctx.sites.label,
+                no_reply=DROPPED,
+                started=self.started,
+            )
             results = sorted(results, key=lambda r: r[0].node_id)
-            accepted = {label(proxy.node_id): _fit_metrics(res) for proxy, res in results}
-            answered = {proxy.node_id for proxy, _ in results}
-            failed = {
-                label(n): grid.problems.get(n, "dropped out during secure aggregation")
-                for n in self.sent
-                if n not in answered
-            }
-            for site, why in failed.items():
-                log(WARNING, "pretrain round %d (secagg): %s failed: %s", global_round, site, why)
-            row: dict[str, Any] = {
-                "round": global_round,
-                "sites": accepted,
-                "failed": failed,
-                "rejected": {},
-                "secure-aggregation": True,
-                "wall-seconds": time.perf_counter() - self.started,
-            }
-            self.rows.append(row)
-            if len(accepted) < run.min_sites or len(failed) > run.failure_tolerance:
-                raise FedstError(
-                    f"pretrain round {global_round} (secagg): {len(accepted)} sites in the secure aggregate (min-sites "
-                    f"{run.min_sites}), {len(failed)} failed (failure-tolerance {run.failure_tolerance}): "
-                    + "; ".join(f"{k}: {v}" for k, v in failed.items())
-                )
+            for proxy, res in results:
+                tally.accept(proxy.node_id, _fit_metrics(res))
+            for node in self.sent:
+                if node not in tally.sites and node in grid.problems:
+                    tally.fail(node, grid.problems[node])
+            row = tally.close(RoundPolicy.from_run(run), ctx.record)
             # SecAgg+ hands every result the same unmasked aggregate; screen that (individual updates are hidden).
             arrays = parameters_to_ndarrays(results[0][1].parameters)
             if len(arrays) != len(names):
@@ -220,18 +222,18 @@ def make_secagg_strategy(
                     "under SecAgg+ single updates cannot be screened or excluded, so the round cannot be repaired "
                     "(check the sites' logs, lower lr, or raise max-update-norm if the bound is too tight)"
                 )
-            row["aggregate"] = weighted(accepted)
+            row.aggregate = weighted(row.sites)
             self.reference = aggregate
             self.aggregated.add(server_round)
-            log(INFO, "pretrain round %d (secagg): aggregated %d sites", global_round, len(accepted))
-            return ndarrays_to_parameters([aggregate[n] for n in names]), dict(row["aggregate"])
+            log(INFO, "pretrain round %d (secagg): aggregated %d sites", global_round, len(row.sites))
+            return ndarrays_to_parameters([aggregate[n] for n in names]), dict(row.aggregate)
 
         def evaluate(self, server_round, parameters):
             if server_round == 0:
                 return None
             if server_round not in self.aggregated:
                 why = (
-                    "; ".join(f"{workflow.sites.label(n)}: {v}" for n, v in sorted(grid.problems.items()))
+                    "; ".join(f"{ctx.sites.label(n)}: {v}" for n, v in sorted(grid.problems.items()))
                     or "see the server log"
                 )
                 raise FedstError(
@@ -240,7 +242,7 @@ def make_secagg_strategy(
                     f"than secagg-reconstruction-threshold ({run.secagg_reconstruction_threshold}) sites stayed in the "
                     f"protocol ({why})"
                 )
-            workflow.checkpoint("pretrain", server_round + offset, self.reference, {}, history + self.rows)
+            ctx.checkpoint(server_round + offset, self.reference)
             return None
 
     return SecAggStrategy()
@@ -262,39 +264,31 @@ def _as_reference(array: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return array.astype(np.asarray(reference).dtype)
 
 
-def secagg_train(
-    workflow: Workflow,
-    phase: str,
-    rounds: int,
-    initial: dict[str, np.ndarray],
-    offset: int,
-    history: list[dict[str, Any]],
-) -> dict[str, np.ndarray]:
-    """``rounds - offset`` SecAgg+ rounds of ``phase`` from ``initial``; returns the final central weights."""
+def secagg_train(ctx: SecAggContext, rounds: int, initial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``rounds - round_offset`` SecAgg+ pretraining rounds from ``initial``; returns the final central weights."""
     import flwr.compat.common.recorddict_compat as compat
     from flwr.common import parameters_to_ndarrays
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
-    run = workflow.run
-    nodes = workflow.wait_for_sites()
-    if len(nodes) < run.secagg_reconstruction_threshold:
+    run = ctx.run
+    if len(ctx.nodes) < run.secagg_reconstruction_threshold:
         raise FedstError(
-            f"secagg: {len(nodes)} sites connected, fewer than secagg-reconstruction-threshold "
+            f"secagg: {len(ctx.nodes)} sites connected, fewer than secagg-reconstruction-threshold "
             f"({run.secagg_reconstruction_threshold})"
         )
-    remaining = rounds - offset
+    remaining = rounds - ctx.round_offset
     if remaining <= 0:
         return initial
     names = sorted(
         initial
     )  # one canonical order (a checkpoint reloads keys sorted): rounding draws are order-dependent
-    grid = ObservedGrid(workflow.grid, workflow.sites)
-    strategy = make_secagg_strategy(workflow, names, initial, offset, history, grid)
+    grid = ObservedGrid(ctx.grid, ctx.sites)
+    strategy = make_secagg_strategy(ctx, names, initial, grid)
     context = LegacyContext(
         context=Context(
-            run_id=int(workflow.run_id or 0),
+            run_id=int(ctx.run_id or 0),
             node_id=0,
             node_config={},
             state=RecordDict(),
@@ -322,7 +316,6 @@ def secagg_train(
         DefaultWorkflow(fit_workflow=fit)(grid, context)
     finally:
         grid.closed = True
-        workflow.results["phases"][phase] = {"rounds": history + strategy.rows, "secure-aggregation": "SecAgg+"}
     final = parameters_to_ndarrays(
         compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
     )

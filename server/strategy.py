@@ -9,7 +9,7 @@
   history,
 - labels sites by their declared names (server/sites.py), not by Flower node ids,
 - counts errors and timeouts as failed sites and stops the run with a clear error only when fewer than
-  ``min-sites`` valid updates remain or more than ``failure-tolerance`` sites failed,
+  ``min-sites`` valid updates remain or more than ``failure-tolerance`` sites failed (server/rounds.py),
 - aggregates replies in node-id order (deterministic float sums),
 - exports/imports its optimiser state (FedAdam moments) for checkpoints.
 """
@@ -17,28 +17,37 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from logging import INFO, WARNING
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.supercore import log
 
+from server.results import RoundRecord
+from server.rounds import RoundPolicy, RoundTally
 from server.sites import SiteNames, contract_problems
 from server.validate import update_problems
 from shared.config import RunConfig
-from shared.errors import FedstError
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    """The server's one ArrayRecord -> named numpy path: Flower's `to_numpy_ndarrays` in the record's key order."""
+    return dict(zip(record.keys(), record.to_numpy_ndarrays()))
 
 
-def numpy_to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+def numpy_to_arrays(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """The server's one named numpy -> ArrayRecord path: Flower's ``ArrayRecord(state_dict)``.
+
+    The tensors wrap the numpy buffers (no copy unless a buffer is read-only or not C-contiguous), so names,
+    order, dtypes and bytes are those of ``state``.
+    """
+    import torch
+
+    return ArrayRecord({k: torch.from_numpy(np.require(v, requirements=("C", "W"))) for k, v in state.items()})
 
 
 class PhaseMixin:
@@ -56,15 +65,20 @@ class PhaseMixin:
         extra_records: dict[str, Any] | None = None,
         extra_config: dict[str, Any] | None = None,
         sites: SiteNames | None = None,
+        record: Callable[[RoundRecord], None] | None = None,
     ) -> None:
+        """``record`` receives every round record (the workflow's results.json phase); by default they are kept
+        in ``history``."""
         self.action = action
         self.sites = sites if sites is not None else SiteNames()
         self.run_config = run
         self.round_offset = round_offset
         self.extra_records = dict(extra_records or {})
         self.extra_config = dict(extra_config or {})
-        self.history: list[dict[str, Any]] = []
+        self.history: list[RoundRecord] = []
+        self.record = record if record is not None else self.history.append
         self._sent: list[int] = []
+        self._started = time.perf_counter()
         self._reference: dict[str, np.ndarray] = {}
 
     # -- sending --------------------------------------------------------------------------------------
@@ -97,56 +111,25 @@ class PhaseMixin:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         global_round = server_round + self.round_offset
-        replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
-        failed: dict[str, str] = {}
-        rejected: dict[str, str] = {}
+        tally = RoundTally(
+            f"{self.action} round {global_round}", global_round, self._sent, self.sites.label, started=self._started
+        )
         accepted: list[Message] = []
-        answered = set()
-        label = self.sites.label
-        for msg in replies:
+        for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
             node = msg.metadata.src_node_id
-            answered.add(node)
             if msg.has_error():
-                failed[label(node)] = f"error: {msg.error.reason}"
+                tally.fail(node, f"error: {msg.error.reason}")
                 continue
             self.sites.learn(node, msg.content)
             problems = self._screen(msg)
             if problems:
-                rejected[label(node)] = "; ".join(problems)
-                log(
-                    WARNING,
-                    "%s round %d: rejected update from %s (node %d): %s",
-                    self.action,
-                    global_round,
-                    label(node),
-                    node,
-                    rejected[label(node)],
-                )
+                tally.reject(node, "; ".join(problems))
             else:
+                tally.accept(node, _metrics(msg))
                 accepted.append(msg)
-        for node in self._sent:
-            if node not in answered:
-                failed[label(node)] = "no reply before round-timeout"
-        for site, why in failed.items():
-            log(WARNING, "%s round %d: %s failed: %s", self.action, global_round, site, why)
-        row: dict[str, Any] = {
-            "round": global_round,
-            "sites": {label(m.metadata.src_node_id): _metrics(m) for m in accepted},
-            "failed": failed,
-            "rejected": rejected,
-            "wall-seconds": time.perf_counter() - getattr(self, "_started", time.perf_counter()),
-        }
-        self.history.append(row)
-        run = self.run_config
-        excluded = len(failed) + len(rejected)
-        if len(accepted) < run.min_sites or excluded > run.failure_tolerance:
-            raise FedstError(
-                f"{self.action} round {global_round}: {len(accepted)} valid updates (min-sites {run.min_sites}), "
-                f"{excluded} sites failed or rejected (failure-tolerance {run.failure_tolerance}): "
-                + "; ".join(f"{k}: {v}" for k, v in {**failed, **rejected}.items())
-            )
+        row = tally.close(RoundPolicy.from_run(self.run_config), self.record)
         arrays, metrics = super().aggregate_train(global_round, accepted)  # type: ignore[misc]
-        row["aggregate"] = dict(metrics or {})
+        row.aggregate = dict(metrics or {})
         log(INFO, "%s round %d: aggregated %d sites", self.action, global_round, len(accepted))
         return arrays, metrics
 

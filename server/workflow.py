@@ -4,14 +4,16 @@ Each phase is its own message action (``train.pretrain``, ``train.adapt``, ``que
 ``evaluate.downstream``). Training phases run through a fedst strategy (server/strategy.py) and checkpoint
 after every round; the other phases broadcast one message and collect scalar metrics per site. With
 ``secagg = true`` pretraining instead runs through Flower's legacy SecAgg+ workflow (server/secagg.py, plain
-``train`` messages), then the other phases continue here on the message API, in the same Flower run.
-Sites are labelled by the names they declare (server/sites.py).
+``train`` messages, given a narrow `SecAggContext`, not this class), then the other phases continue here on the
+message API, in the same Flower run. Every path sorts a round's replies through one bookkeeping
+(server/rounds.py) into the typed run record that becomes results.json (server/results.py). Sites are labelled by
+the names they declare (server/sites.py).
 """
 
 from __future__ import annotations
 
 import time
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,10 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.report import weighted, write_run_report
+from server.report import write_run_report
+from server.results import PhaseRecord, RoundRecord, RunRecord, rounds_from_json, rounds_to_json, save_results
+from server.rounds import RoundPolicy, RoundTally, weighted
+from server.secagg import SecAggContext, secagg_train
 from server.sites import SiteNames, contract_problems
 from server.strategy import arrays_to_numpy, make_strategy, numpy_to_arrays
 from shared.config import RunConfig
@@ -105,14 +110,7 @@ class Workflow:
         self.run_id = run_id
         self.panel = load_panel(run)
         self.sites = SiteNames()
-        self.results: dict[str, Any] = {
-            "run": str(run_id),
-            "status": "running",
-            "config": run.to_dict(),
-            "phases": {},
-            "timing": {},
-            "run-dir": str(run_dir),
-        }
+        self.results = RunRecord(run=str(run_id), config=run.to_dict(), run_dir=str(run_dir))
 
     # -- helpers ------------------------------------------------------------------------------------------
     def base_config(self) -> dict[str, Any]:
@@ -137,11 +135,11 @@ class Workflow:
 
     def save_results(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.results["sites"] = self.sites.table()
-        write_json_atomic(self.run_dir / "results.json", self.results)
+        self.results.sites = self.sites.table()
+        save_results(self.run_dir, self.results)
 
     # -- phases -------------------------------------------------------------------------------------------
-    def run_all(self) -> dict[str, Any]:
+    def run_all(self) -> RunRecord:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_dir / "resolved-config.json", self.run.to_dict())
         central: dict[str, np.ndarray] | None = None
@@ -155,18 +153,18 @@ class Workflow:
                     central = central if central is not None else self._latest_central()
                     self.adapt(central)
                 elif phase == "synthesize":
-                    self.results["phases"]["synthesize"] = self.broadcast("query.synthesize", RecordDict())
+                    self.broadcast(phase, "query.synthesize", RecordDict())
                 elif phase == "downstream":
-                    self.results["phases"]["downstream"] = self.broadcast("evaluate.downstream", RecordDict())
-                self.results["timing"][phase] = time.perf_counter() - started
+                    self.broadcast(phase, "evaluate.downstream", RecordDict())
+                self.results.timing[phase] = time.perf_counter() - started
                 self.save_results()
-            self.results["status"] = "completed"
+            self.results.status = "completed"
         except Exception as exc:
-            self.results["status"] = "failed"
-            self.results["error"] = str(exc)
+            self.results.status = "failed"
+            self.results.error = str(exc)
             raise
         finally:
-            self.results["sites"] = self.sites.table()
+            self.results.sites = self.sites.table()
             write_run_report(self.run_dir, self.results)
         return self.results
 
@@ -176,8 +174,8 @@ class Workflow:
 
     def resume_point(
         self, phase: str
-    ) -> tuple[int, dict[str, np.ndarray] | None, dict[str, np.ndarray], list[dict[str, Any]]]:
-        """(completed rounds, model, optimiser state, history rows) of the last checkpoint when resuming."""
+    ) -> tuple[int, dict[str, np.ndarray] | None, dict[str, np.ndarray], list[RoundRecord]]:
+        """(completed rounds, model, optimiser state, round records) of the last checkpoint when resuming."""
         if not self.run.resume or (found := load_checkpoint(self.run_dir, phase)) is None:
             return 0, None, {}, []
         offset, arrays, opt_state, meta = found
@@ -187,25 +185,24 @@ class Workflow:
             )
             raise FedstError(f"resume: run config differs from the checkpoint's in {changed} ({self.run_dir})")
         log(INFO, "fedst: resuming %s after round %d", phase, offset)
-        return offset, arrays, opt_state, meta.get("history", [])
+        return (
+            offset,
+            arrays,
+            opt_state,
+            rounds_from_json(meta.get("history", []), self.run_dir / "checkpoints" / phase),
+        )
 
     def checkpoint(
-        self,
-        phase: str,
-        global_round: int,
-        arrays: dict[str, np.ndarray],
-        opt_state: dict[str, np.ndarray],
-        rows: list[dict[str, Any]],
+        self, phase: str, global_round: int, arrays: dict[str, np.ndarray], opt_state: dict[str, np.ndarray]
     ) -> None:
-        """After every round: the model, optimiser state and history on disk, results.json updated."""
-        self.results["phases"][phase] = {"rounds": rows}
+        """After every round: the model, optimiser state and the phase's round records on disk, results.json."""
         save_checkpoint(
             self.run_dir,
             phase,
             global_round,
             arrays,
             opt_state,
-            {"fingerprint": self.run.fingerprint(), "history": rows},
+            {"fingerprint": self.run.fingerprint(), "history": rounds_to_json(self.results.phases[phase].rounds)},
         )
         self.save_results()
 
@@ -221,11 +218,21 @@ class Workflow:
         nodes = self.wait_for_sites()
         offset, resumed, opt_state, history = self.resume_point(phase)
         arrays = resumed if resumed is not None else initial
-        self.results["phases"][phase] = {"rounds": history}
+        block = self.results.phases[phase] = PhaseRecord(kind="train", rounds=history)
         if phase == "pretrain" and self.run.secagg:
-            from server.secagg import secagg_train
-
-            return secagg_train(self, phase, rounds, arrays, offset, history)
+            block.secure_aggregation = "SecAgg+"
+            context = SecAggContext(
+                grid=self.grid,
+                run=self.run,
+                run_id=int(self.run_id or 0),
+                nodes=nodes,
+                sites=self.sites,
+                site_config=self.base_config(),
+                round_offset=offset,
+                checkpoint=lambda global_round, weights: self.checkpoint(phase, global_round, weights, {}),
+                record=block.rounds.append,
+            )
+            return secagg_train(context, rounds, arrays)
         strategy = make_strategy(self.run, len(nodes), strategy_kind)
         strategy.import_state(opt_state)
         strategy.setup_phase(
@@ -235,6 +242,7 @@ class Workflow:
             extra_records=extra_records,
             extra_config=self.base_config(),
             sites=self.sites,
+            record=block.rounds.append,
         )
         remaining = rounds - offset
         if remaining <= 0:
@@ -242,13 +250,7 @@ class Workflow:
 
         def checkpoint(server_round: int, current: ArrayRecord):
             if server_round > 0:
-                self.checkpoint(
-                    phase,
-                    server_round + offset,
-                    arrays_to_numpy(current),
-                    strategy.export_state(),
-                    history + strategy.history,
-                )
+                self.checkpoint(phase, server_round + offset, arrays_to_numpy(current), strategy.export_state())
             return None
 
         result = strategy.start(
@@ -259,7 +261,6 @@ class Workflow:
             train_config=ConfigRecord(),
             evaluate_fn=checkpoint,
         )
-        self.results["phases"][phase] = {"rounds": history + strategy.history}
         return arrays_to_numpy(result.arrays)
 
     def pretrain(self) -> dict[str, np.ndarray]:
@@ -279,49 +280,28 @@ class Workflow:
 
             save_file(final, str(self.run_dir / "federated-adapter.safetensors"))
             return
-        block = self.broadcast("train.adapt", RecordDict({"central": numpy_to_arrays(central)}))
-        block["rounds"] = [
-            {
-                "round": 1,
-                "sites": block["sites"],
-                "failed": block["failed"],
-                "rejected": {},
-                "aggregate": block["weighted"],
-            }
-        ]
-        self.results["phases"]["adapt"] = block
+        self.broadcast("adapt", "train.adapt", RecordDict({"central": numpy_to_arrays(central)}))
 
-    def broadcast(self, message_type: str, content: RecordDict) -> dict[str, Any]:
-        """Send one message to every site; collect per-site scalar metrics, tolerate failures as configured."""
+    def broadcast(self, phase: str, message_type: str, content: RecordDict) -> RoundRecord:
+        """Send one message to every site; the phase's one round record (per-site scalar metrics, failures)."""
         nodes = self.wait_for_sites()
         content["config"] = ConfigRecord(self.base_config())
         messages = [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
+        block = self.results.phases[phase] = PhaseRecord(kind="broadcast")
+        tally = RoundTally(message_type, 1, nodes, self.sites.label)
         replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
-        sites: dict[str, dict[str, float]] = {}
-        failed: dict[str, str] = {}
-        answered = set()
         for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
             node = msg.metadata.src_node_id
-            answered.add(node)
             if msg.has_error():
-                failed[self.sites.label(node)] = f"error: {msg.error.reason}"
+                tally.fail(node, f"error: {msg.error.reason}")
                 continue
             self.sites.learn(node, msg.content)
             problems = contract_problems(msg.content, arrays=0)
             if problems:
-                failed[self.sites.label(node)] = "privacy contract (reply discarded): " + "; ".join(problems)
+                tally.fail(node, "privacy contract (reply discarded): " + "; ".join(problems))
             else:
                 record = next(iter(msg.content.metric_records.values()), {})
-                sites[self.sites.label(node)] = {k: float(v) for k, v in record.items()}
-        for node in nodes:
-            if node not in answered:
-                failed[self.sites.label(node)] = "no reply before round-timeout"
-        for label, why in failed.items():
-            log(WARNING, "%s: %s failed: %s", message_type, label, why)
-        if len(sites) < self.run.min_sites or len(failed) > self.run.failure_tolerance:
-            raise FedstError(
-                f"{message_type}: {len(sites)} sites replied (min-sites {self.run.min_sites}), {len(failed)} failed "
-                f"(failure-tolerance {self.run.failure_tolerance}): "
-                + "; ".join(f"{k}: {v}" for k, v in failed.items())
-            )
-        return {"sites": sites, "failed": failed, "weighted": weighted(sites)}
+                tally.accept(node, {k: float(v) for k, v in record.items()})
+        row = tally.close(RoundPolicy.from_run(self.run), block.rounds.append)
+        row.aggregate = weighted(row.sites)
+        return row

@@ -21,6 +21,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E4
 from client.app import app as client_app  # noqa: E402
 from client.handlers import reply_record  # noqa: E402
 from server.localgrid import LocalGrid  # noqa: E402
+from server.results import load_results  # noqa: E402
+from server.rounds import NO_REPLY  # noqa: E402
 from server.strategy import make_strategy, numpy_to_arrays  # noqa: E402
 from server.validate import update_problems, weighted_mean  # noqa: E402
 from server.workflow import Workflow  # noqa: E402
@@ -174,13 +176,11 @@ def test_bad_updates_are_rejected_logged_and_excluded(stores, tmp_path):
             _reply(102, {"w": np.full((2, 2), np.nan, np.float32)}, 1.0),
             _reply(103, {"w": np.full((2, 2), 1e3, np.float32)}, 1.0),
         ]
-        with pytest.raises(FedstError, match="1 valid updates"):  # min-sites 2
+        with pytest.raises(FedstError, match="1 valid replies"):  # min-sites 2
             strategy.aggregate_train(1, replies)
         row = strategy.history[-1]
-        assert (
-            set(row["rejected"]) == {"node-102", "node-103"} and "NaN" in row["rejected"]["node-102"]
-        )  # no name declared
-        assert "exceeds the bound" in row["rejected"]["node-103"]
+        assert set(row.rejected) == {"node-102", "node-103"} and "NaN" in row.rejected["node-102"]  # no name declared
+        assert "exceeds the bound" in row.rejected["node-103"]
         strategy.run_config.min_sites = 1
         arrays, _ = strategy.aggregate_train(1, replies)
         np.testing.assert_array_equal(arrays["w"].numpy(), np.ones((2, 2), np.float32))  # only the good update
@@ -211,7 +211,7 @@ def test_resume_is_bit_identical_to_uninterrupted(stores, tmp_path, strategy):
         np.testing.assert_array_equal(a[2][key], b[2][key])
     if strategy == "fedadam":
         assert any(k.startswith("m_t/") for k in a[2])
-    assert [r["round"] for r in results["phases"]["pretrain"]["rounds"]] == [1, 2, 3]
+    assert [r.round for r in results.phases["pretrain"].rounds] == [1, 2, 3]
 
 
 def test_resume_refuses_a_changed_config(stores, tmp_path):
@@ -223,26 +223,28 @@ def test_resume_refuses_a_changed_config(stores, tmp_path):
 def test_failing_and_silent_sites_do_not_crash_the_run(stores, tmp_path):
     config = toy_config(tmp_path, **{"failure-tolerance": 1})
     grid, results = run_workflow(stores, tmp_path, config, fail={102: "RuntimeError: disk full"})
-    assert results["status"] == "completed"
-    for row in results["phases"]["pretrain"]["rounds"]:  # sites by declared name; one that never replied by node id
-        assert set(row["sites"]) == {"site-0", "site-2"} and "disk full" in row["failed"]["node-102"]
-    assert set(results["phases"]["downstream"]["sites"]) == {"site-0", "site-2"}
-    assert results["sites"] == {"site-0": 101, "site-2": 103}
+    assert results.status == "completed"
+    for row in results.phases["pretrain"].rounds:  # sites by declared name; one that never replied by node id
+        assert set(row.sites) == {"site-0", "site-2"} and "disk full" in row.failed["node-102"]
+    assert set(results.phases["downstream"].last.sites) == {"site-0", "site-2"}
+    assert results.sites == {"site-0": 101, "site-2": 103}
     # a silent site (timeout) counts as failed the same way
     _, results = run_workflow(
         stores, tmp_path / "t", toy_config(tmp_path / "t", phases="pretrain"), fail={103: "timeout"}
     )
-    assert results["phases"]["pretrain"]["rounds"][0]["failed"] == {"node-103": "no reply before round-timeout"}
-    assert set(results["phases"]["pretrain"]["rounds"][0]["sites"]) == {"site-0", "site-1"}
+    assert results.phases["pretrain"].rounds[0].failed == {"node-103": "no reply before round-timeout"}
+    assert set(results.phases["pretrain"].rounds[0].sites) == {"site-0", "site-1"}
     # beyond the tolerance the run stops with a clear error and a results.json saying so
     with pytest.raises(FedstError, match="2 sites failed or rejected \\(failure-tolerance 1\\)"):
         run_workflow(
             stores, tmp_path / "f", toy_config(tmp_path / "f", phases="pretrain"), fail={102: "x", 103: "timeout"}
         )
-    import json
-
-    saved = json.loads((tmp_path / "f" / "runs" / "r" / "results.json").read_text())
-    assert saved["status"] == "failed" and "failure-tolerance" in saved["error"]
+    saved = load_results(tmp_path / "f" / "runs" / "r" / "results.json")
+    assert saved.status == "failed" and "failure-tolerance" in saved.error
+    assert saved.phases["pretrain"].rounds[-1].failed == {
+        "node-102": "error: x",
+        "node-103": NO_REPLY,
+    }  # the last round
 
 
 def test_a_site_with_the_wrong_panel_is_excluded_with_its_reason(stores, tmp_path):
@@ -252,10 +254,9 @@ def test_a_site_with_the_wrong_panel_is_excluded_with_its_reason(stores, tmp_pat
     other = toy.write_toy_store(tmp_path / "other", panel=[*PANEL[:-1], "XIST"], patch_px=16)
     config = toy_config(tmp_path, phases="pretrain", consortium=str(consortium))
     _, results = run_workflow([stores[0], stores[1], other.path], tmp_path, config)
-    row = results["phases"]["pretrain"]["rounds"][0]
+    row = results.phases["pretrain"].rounds[0]
     assert (
-        "gene panel" in row["failed"]["node-103"]
-        and "has 'XIST' where the consortium has 'G5'" in row["failed"]["node-103"]
+        "gene panel" in row.failed["node-103"] and "has 'XIST' where the consortium has 'G5'" in row.failed["node-103"]
     )
 
 
@@ -270,7 +271,7 @@ def test_privacy_contract_every_reply(stores, tmp_path, federated_adapt):
     (consortium / "panel.txt").write_text("\n".join(PANEL) + "\n")
     config = toy_config(tmp_path, consortium=str(consortium), **{"federated-adapt": federated_adapt})
     grid, results = run_workflow(stores, tmp_path, config)
-    assert results["status"] == "completed"
+    assert results.status == "completed"
     central = set(toy.initial_state(0))
     adapter = set(toy.build_adapter(len(PANEL)).state_dict())
     assert len(grid.replies) == 3 * (2 + 1 + 1 + 1)
@@ -311,15 +312,14 @@ def test_reply_record_refuses_non_model_tensors_and_non_scalars():
 
 
 def test_run_directory_and_site_reports(stores, tmp_path):
-    import json
-
     _, results = run_workflow(stores, tmp_path, toy_config(tmp_path))
     run_dir = tmp_path / "runs" / "r"
     for name in ("results.json", "resolved-config.json", "summary.md", "loss_per_round.png", "downstream_per_site.png"):
         assert (run_dir / name).is_file(), name
-    saved = json.loads((run_dir / "results.json").read_text())
-    assert saved["status"] == "completed" and len(saved["phases"]["downstream"]["sites"]) == 3
-    assert {"real-pcc", "augmented-pcc"} <= set(saved["phases"]["downstream"]["weighted"])
+    saved = load_results(run_dir)
+    assert saved == results and saved.status == "completed" and len(saved.phases["downstream"].last.sites) == 3
+    assert {"real-pcc", "augmented-pcc"} <= set(saved.phases["downstream"].last.aggregate)
+    assert [block.kind for block in saved.phases.values()] == ["train", "broadcast", "broadcast", "broadcast"]
     assert (run_dir / "checkpoints" / "pretrain" / "round-0002" / "model.safetensors").is_file()
     for i in range(3):
         report = tmp_path / f"work-{i}" / "report"
@@ -362,12 +362,12 @@ def test_reports_use_declared_names_duplicates_and_earlier_names(stores, tmp_pat
     with LocalGrid(client_app, nodes, config) as grid:
         workflow = Workflow(grid, RunConfig.from_mapping(config), tmp_path / "runs" / "r")
         workflow.pretrain()
-        row = workflow.results["phases"]["pretrain"]["rounds"][0]
-        assert set(row["sites"]) == {"basel@node-101", "basel@node-102", "geneva"}  # duplicates told apart
+        row = workflow.results.phases["pretrain"].rounds[0]
+        assert set(row.sites) == {"basel@node-101", "basel@node-102", "geneva"}  # duplicates told apart
         grid.fail[103] = "timeout"  # silent in a later phase: keeps the name it declared earlier
-        block = workflow.broadcast("evaluate.downstream", RecordDict())
-        assert block["failed"] == {"geneva": "no reply before round-timeout"}
-        assert set(block["sites"]) == {"basel@node-101", "basel@node-102"}
+        block = workflow.broadcast("downstream", "evaluate.downstream", RecordDict())
+        assert block.failed == {"geneva": "no reply before round-timeout"}
+        assert set(block.sites) == {"basel@node-101", "basel@node-102"}
 
 
 def test_server_discards_replies_with_a_bad_name_or_extra_records(stores, tmp_path):
@@ -384,11 +384,11 @@ def test_server_discards_replies_with_a_bad_name_or_extra_records(stores, tmp_pa
         tmp_path, phases="pretrain,downstream", **{"rounds-pretrain": 1, "min-sites": 1, "failure-tolerance": 2}
     )
     _, results = run_workflow(stores, tmp_path, config, tamper=tamper)
-    row = results["phases"]["pretrain"]["rounds"][0]
-    assert set(row["sites"]) == {"site-0"}
-    assert "is not a site name" in row["rejected"]["node-102"]  # an invalid name is not learned
-    assert "unexpected ConfigRecord(s) ['coords']" in row["rejected"]["site-2"]
-    failed = results["phases"]["downstream"]["failed"]
+    row = results.phases["pretrain"].rounds[0]
+    assert set(row.sites) == {"site-0"}
+    assert "is not a site name" in row.rejected["node-102"]  # an invalid name is not learned
+    assert "unexpected ConfigRecord(s) ['coords']" in row.rejected["site-2"]
+    failed = results.phases["downstream"].last.failed
     assert "privacy contract" in failed["node-102"] and "coords" in failed["site-2"]
 
 

@@ -94,7 +94,7 @@ def test_tls_and_node_auth_multi_phase_run(tmp_path):
     assert results["status"] == "completed"
     assert [r["round"] for r in results["phases"]["pretrain"]["rounds"]] == [1, 2]
     assert all(len(r["sites"]) == 2 for r in results["phases"]["pretrain"]["rounds"])
-    assert len(results["phases"]["downstream"]["sites"]) == 2
+    assert len(results["phases"]["downstream"]["rounds"][0]["sites"]) == 2  # a broadcast phase is one round
     for name in ("summary.md", "loss_per_round.png", "resolved-config.json"):
         assert (run_dir / name).is_file()
     for i in range(2):  # the site's own report is written in its work dir, not sent

@@ -15,7 +15,6 @@ same Flower-free SiteTask, seeds and inputs the sites used.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from client.handlers import check_secagg_range  # noqa: E402
 from client.site import SiteTask  # noqa: E402
 from server.checkpoint import load_checkpoint  # noqa: E402
 from server.localgrid import LocalGrid  # noqa: E402
+from server.results import load_results  # noqa: E402
 from server.secagg import screen_reply  # noqa: E402
 from server.workflow import Workflow  # noqa: E402
 
@@ -187,10 +187,12 @@ def test_one_round_secagg_equals_fedavg_within_the_quantisation_bound(stores, tm
     assert ratio <= 1.0
     assert diff > 0  # it really went through quantisation (not a plaintext shortcut)
     assert set(secagg) == set(fedavg) and all(secagg[k].dtype == fedavg[k].dtype for k in secagg)
-    row = results["phases"]["pretrain"]["rounds"][0]
-    assert row["secure-aggregation"] and set(row["sites"]) == {"site-0", "site-1", "site-2"}
-    assert row["sites"]["site-1"]["num-examples"] == 38 and np.isfinite(row["aggregate"]["loss"])
-    assert plain_results["phases"]["pretrain"]["rounds"][0]["sites"].keys() == row["sites"].keys()
+    row = results.phases["pretrain"].rounds[0]
+    assert results.phases["pretrain"].secure_aggregation == "SecAgg+"
+    assert plain_results.phases["pretrain"].secure_aggregation is None
+    assert set(row.sites) == {"site-0", "site-1", "site-2"}
+    assert row.sites["site-1"]["num-examples"] == 38 and np.isfinite(row.aggregate["loss"])
+    assert plain_results.phases["pretrain"].rounds[0].sites.keys() == row.sites.keys()
     # privacy: no reply carried a plaintext tensor; only the protocol's record, scalar metrics and the name
     for reply in grid.replies:
         assert reply.metadata.message_type == "train" and not reply.has_error()
@@ -216,7 +218,7 @@ def test_two_rounds_each_aggregate_within_the_bound_and_resume_is_identical(stor
         got = checkpoint_model(run_dir, server_round)
         assert worst(got, exact, bound)[1] <= 1.0, server_round
         start = got
-    assert [r["round"] for r in results["phases"]["pretrain"]["rounds"]] == [1, 2]
+    assert [r.round for r in results.phases["pretrain"].rounds] == [1, 2]
     # End to end against two plain FedAvg rounds there is no quantisation-scale bound: Adam's normalised steps
     # turn a 1e-4 difference in a near-zero gradient into up to lr per step. The per-round checks above are the
     # exact statement; here only: each Adam step moves a parameter by about lr at most, so the runs cannot drift
@@ -234,7 +236,7 @@ def test_two_rounds_each_aggregate_within_the_bound_and_resume_is_identical(stor
     assert again[0] == 2
     for key, value in checkpoint_model(run_dir, 2).items():
         np.testing.assert_array_equal(again[1][key], value)
-    assert [r["round"] for r in results["phases"]["pretrain"]["rounds"]] == [1, 2]
+    assert [r.round for r in results.phases["pretrain"].rounds] == [1, 2]
     assert {
         m.content.config_records["fitins.config"]["server-round"]
         for m in grid.sent
@@ -250,9 +252,9 @@ def test_a_site_leaking_plaintext_is_dropped_and_the_rest_unmasked(stores, tmp_p
 
     config = toy_config(tmp_path, secagg=True)
     _, results = run_local(stores, tmp_path, config, tamper=leak)
-    row = results["phases"]["pretrain"]["rounds"][0]
-    assert set(row["sites"]) == {"site-0", "site-1"}
-    assert "privacy contract" in row["failed"]["site-2"] and "plaintext tensors" in row["failed"]["site-2"]
+    row = results.phases["pretrain"].rounds[0]
+    assert set(row.sites) == {"site-0", "site-1"}
+    assert "privacy contract" in row.failed["site-2"] and "plaintext tensors" in row.failed["site-2"]
     updates, weights = site_updates(stores[:2], config, toy.initial_state(0), 1, tmp_path)
     exact, bound, _ = fedavg_and_bound(updates, weights, RunConfig.from_mapping(config))
     assert worst(checkpoint_model(Path(config["out-dir"]) / "r", 1), exact, bound)[1] <= 1.0  # dropout recovered
@@ -262,11 +264,11 @@ def test_the_aggregate_is_screened_and_a_halted_protocol_fails_clearly(stores, t
     config = toy_config(tmp_path / "norm", secagg=True, **{"max-update-norm": 1e-6})
     with pytest.raises(FedstError, match=r"secure aggregate is unusable \(update norm .* exceeds the bound"):
         run_local(stores, tmp_path / "norm", config)
-    saved = json.loads((Path(config["out-dir"]) / "r" / "results.json").read_text())
-    assert saved["status"] == "failed" and "single updates cannot be screened" in saved["error"]
+    saved = load_results(Path(config["out-dir"]) / "r")
+    assert saved.status == "failed" and "single updates cannot be screened" in saved.error
     # two of three sites fail: 1 left < reconstruction threshold 2 -> the protocol halts; the run says why
     config = toy_config(tmp_path / "halt", secagg=True, **{"failure-tolerance": 2})
-    with pytest.raises(FedstError, match=r"(secure aggregation halted|1 sites in the secure aggregate)"):
+    with pytest.raises(FedstError, match=r"(secure aggregation halted|1 valid replies)"):
         run_local(stores, tmp_path / "halt", config, fail={102: "RuntimeError: disk full", 103: "timeout"})
 
 
@@ -294,13 +296,14 @@ def test_flwr_simulation_secagg_pretrain_then_message_api_phases(stores, tmp_pat
         info = link.wait(run_id, timeout=360)
         assert info["status"] == "finished:completed", link.logs(run_id)[-4000:]
     run_dir = Path(config["out-dir"]) / "r"
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "completed" and set(results["phases"]) == {"pretrain", "adapt"}
-    rows = results["phases"]["pretrain"]["rounds"]
-    assert [r["round"] for r in rows] == [1, 2] and all(r["secure-aggregation"] for r in rows)
-    assert all(set(r["sites"]) == {"site-0", "site-1", "site-2"} for r in rows)
-    assert set(results["phases"]["adapt"]["sites"]) == {"site-0", "site-1", "site-2"}  # message API after SecAgg+
-    assert set(results["sites"]) == {"site-0", "site-1", "site-2"}
+    results = load_results(run_dir)
+    assert results.status == "completed" and set(results.phases) == {"pretrain", "adapt"}
+    assert results.phases["pretrain"].secure_aggregation == "SecAgg+"
+    rows = results.phases["pretrain"].rounds
+    assert [r.round for r in rows] == [1, 2]
+    assert all(set(r.sites) == {"site-0", "site-1", "site-2"} for r in rows)
+    assert set(results.phases["adapt"].last.sites) == {"site-0", "site-1", "site-2"}  # message API after SecAgg+
+    assert set(results.sites) == {"site-0", "site-1", "site-2"}
     summary = (run_dir / "summary.md").read_text()
     assert "`site-1`" in summary and "## pretrain (secure aggregation: SecAgg+)" in summary
     updates, weights = site_updates(

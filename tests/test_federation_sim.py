@@ -3,13 +3,14 @@ whole workflow on the generated consortium, and leaves no process behind."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from server.results import load_results
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -56,11 +57,11 @@ def test_fedst_demo_simulation_runs_every_phase(tmp_path):
     assert "pretrain round 2: 3 sites" in done.stdout and "downstream: done on 3 sites" in done.stdout
     report = Path(done.stdout.split("[fedst demo] report: ")[1].splitlines()[0])
     assert report.is_file() and report.parent.parent == out / "runs"
-    results = json.loads((report.parent / "results.json").read_text())
-    assert results["status"] == "completed" and results["config"]["backend"] == "toy"
-    assert set(results["phases"]) == {"pretrain", "adapt", "synthesize", "downstream"}
-    assert len(results["phases"]["downstream"]["sites"]) == 3
-    assert all(len(r["sites"]) == 3 for r in results["phases"]["pretrain"]["rounds"])
+    results = load_results(report.parent / "results.json")
+    assert results.status == "completed" and results.config["backend"] == "toy"
+    assert set(results.phases) == {"pretrain", "adapt", "synthesize", "downstream"}
+    assert len(results.phases["downstream"].last.sites) == 3
+    assert all(len(r.sites) == 3 for r in results.phases["pretrain"].rounds)
     # each simulated site prepared its store from its SITE.toml into its own work dir and wrote its report
     site_reports = sorted((out / "sites").glob("*/*/report/report.md"))
     assert len(site_reports) == 3
