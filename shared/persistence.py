@@ -4,7 +4,7 @@ anything that does not fit (missing or unparsable config, unknown or missing key
 tensor names or shapes that differ).
 
 Why a small fedst mixin instead of diffusers' ``ModelMixin``/``ConfigMixin`` or huggingface_hub's
-``PyTorchModelHubMixin`` (both installed; checked against diffusers 0.42 and huggingface_hub 1.x):
+``PyTorchModelHubMixin`` (both installed; checked against diffusers 0.42 and huggingface_hub 2.4):
 
 - three of the saved models are not ``nn.Module``s (the ridge baseline is a numpy affine map, the MLP
   regressor an ``nn.Sequential`` plus standardisation tensors, FLAG a network plus its settings) and both

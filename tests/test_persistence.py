@@ -312,10 +312,11 @@ def test_missing_config_key(copy) -> None:
 
 def test_unknown_config_key(copy) -> None:
     kind, path = copy
-    if kind.config == "adapter_config.json":
-        pytest.skip("an adapter's non-constructor keys are its metadata (test_adapter_metadata_round_trips)")
     config = json.loads((path / kind.config).read_text())
     (path / kind.config).write_text(json.dumps({**config, "bogus": 1}))
+    if kind.config == "adapter_config.json":  # an adapter's non-constructor keys are its provenance metadata
+        assert kind.load(path).info["bogus"] == 1
+        return
     _error(kind, path, path / kind.config, r"unknown config key\(s\) \['bogus'\]")
 
 
@@ -441,6 +442,10 @@ def test_adapter_without_lora_keeps_its_config_keys(tmp_path) -> None:
     config = load_adapter_config(tmp_path / "ad")
     assert "lora_rank" not in config and config["channels"] == model.modulation.config["channels"]
     assert load_adapter(_adapter_central(), tmp_path / "ad").modulation.config == model.modulation.config
+    model.info = {"lora_rank": 0, "store": "site-b"}  # what `adapt` records: provenance, kept as such
+    save_adapter(model, tmp_path / "ad2")
+    loaded = load_adapter(_adapter_central(), tmp_path / "ad2")
+    assert loaded.modulation.lora_rank == 0 and loaded.info["lora_rank"] == 0 and loaded.info["store"] == "site-b"
 
 
 # ---- atomic writes ---------------------------------------------------------------------------------------

@@ -269,9 +269,10 @@ def load_adapter(central: CentralDiffusion, directory: str | Path) -> Conditione
             f"central weights {str(config.get('central_hash'))[:12]}, "
             f"not to the given central model {central_hash[:12]}"
         )
-    modulation, info = GeneModulation.from_config(path, config)
+    modulation, _ = GeneModulation.from_config(path, config)
     modulation.load_pretrained_weights(directory)
     model = ConditionedDiffusion(central, modulation)
-    model.info = info
+    # provenance: every key but the modulation's own config (adapt's info repeats e.g. lora_rank: 0 there)
+    model.info = {k: v for k, v in config.items() if k not in modulation.config and k != "kind"}
     model.info["adapter_hash"] = checkpoint.weights_hash(modulation.state_dict())
     return model.eval()
