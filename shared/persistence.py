@@ -18,7 +18,16 @@ Why a small fedst mixin instead of diffusers' ``ModelMixin``/``ConfigMixin`` or 
   and ``adapter_config.json`` + ``adapter.safetensors`` (c2l adapters) besides ``model.safetensors``.
 
 The files stay readable without fedst: ``config.json`` is plain JSON (the constructor arguments plus
-``kind``), the weights are plain safetensors.
+``kind``), the weights are plain safetensors. Layouts (unchanged file names; ``kind`` is new where marked *,
+and a config without it, as written before, still loads):
+
+- central model: ``config.json`` + ``model.safetensors`` (kind ``c2l-central``)
+- c2l adapter: ``adapter_config.json`` (+ ``central_hash`` and provenance) + ``adapter.safetensors``
+  (kind ``c2l-adapter``)
+- SpaDiT: ``config.json`` + ``model.safetensors`` (kind ``spadit``*)
+- FLAG: ``settings.json`` + ``config.json`` + ``weights.safetensors`` (kind ``flag``*)
+- ridge / MLP baselines: ``config.json`` + ``weights.safetensors`` (kind ``ridge``* / ``mlp``*)
+- predictor: ``predictor.json`` + ``model/`` (a ridge, MLP or FLAG directory) [+ ``encoder.safetensors``]
 """
 
 from __future__ import annotations

@@ -403,6 +403,21 @@ def test_flag_settings_are_checked_like_a_config(tmp_path) -> None:
     _error(KINDS["flag"], tmp_path / "f", tmp_path / "f" / "settings.json", "missing config file")
 
 
+@pytest.mark.parametrize("make", [_flag, _ridge], ids=["flag", "ridge"])
+def test_predictor_directory_round_trips_every_model_kind(tmp_path, make) -> None:
+    from shared.downstream.predictor import Predictor, load_predictor
+
+    model = make()
+    kind = "flag" if make is _flag else "ridge"
+    Predictor(kind, model, ["G0", "G1", "G2"], "stats", feature_key="X_stats").save_pretrained(tmp_path / "p")
+    back = load_predictor(tmp_path / "p", device="cpu")
+    run = _run_flag if kind == "flag" else _run_regressor
+    assert (
+        back.kind == kind and back.genes == ["G0", "G1", "G2"] and (tmp_path / "p" / "model" / "config.json").is_file()
+    )
+    np.testing.assert_array_equal(run(back.model), run(model))
+
+
 def test_ridge_needs_its_fitted_alpha(tmp_path) -> None:
     from shared.downstream.baselines import RidgeBaseline
 
