@@ -46,8 +46,8 @@ def test_ridge_generalises_and_round_trips(tmp_path) -> None:
     pred = model.predict(x[200:])
     pcc = [np.corrcoef(pred[:, j], y[200:, j])[0, 1] for j in range(y.shape[1])]
     assert min(pcc) > 0.8, pcc
-    model.save(tmp_path / "ridge")
-    back = RidgeBaseline.load(tmp_path / "ridge")
+    model.save_pretrained(tmp_path / "ridge")
+    back = RidgeBaseline.from_pretrained(tmp_path / "ridge")
     np.testing.assert_array_equal(back.predict(x), model.predict(x))
 
 
@@ -77,8 +77,8 @@ def test_mlp_learns_a_nonlinear_map_ridge_cannot_and_round_trips(tmp_path) -> No
     mse_ridge = ((ridge.predict(x[500:]) - y[500:]) ** 2).mean()
     assert mse_mlp < 0.3 * mse_ridge, (mse_mlp, mse_ridge)
     assert mlp.history[-1]["train"] < mlp.history[0]["train"]
-    mlp.save(tmp_path / "mlp")
-    back = MLPRegressor.load(tmp_path / "mlp")
+    mlp.save_pretrained(tmp_path / "mlp")
+    back = MLPRegressor.from_pretrained(tmp_path / "mlp")
     np.testing.assert_array_equal(back.predict(x), mlp.predict(x))
 
 

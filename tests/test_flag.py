@@ -71,8 +71,8 @@ def test_sampling_is_deterministic_by_seed(fitted) -> None:
 
 def test_save_load_restores_the_exact_model(fitted, tmp_path) -> None:
     reg, (feats, _, coords, sections, _) = fitted
-    reg.save(tmp_path / "flag")
-    back = FlagRegressor.load(tmp_path / "flag", device="cpu")
+    reg.save_pretrained(tmp_path / "flag")
+    back = FlagRegressor.from_pretrained(tmp_path / "flag", device="cpu")
     np.testing.assert_array_equal(
         back.predict(feats, coords, sections, mpp=1.0), reg.predict(feats, coords, sections, mpp=1.0)
     )

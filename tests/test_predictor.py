@@ -47,7 +47,7 @@ def test_predictor_beats_the_training_mean_on_a_held_out_section(site, kind, kw,
     # image features carry real signal; a constant (training-mean) prediction has PCC 0 by the stated rule.
     threshold = 0.3 if kind != "flag" else 0.15
     assert metrics["pcc_per_slide_mean"] > threshold, metrics["pcc_per_slide_mean"]
-    predictor.save(tmp_path / kind)
+    predictor.save_pretrained(tmp_path / kind)
     back = load_predictor(tmp_path / kind)
     np.testing.assert_allclose(back.predict(store), predictor.predict(store), rtol=1e-5, atol=1e-5)
 

@@ -78,8 +78,8 @@ def test_save_load_restores_exact_model(tmp_path):
     model = create_spadit("tiny", n_spots=20, n_cells=30, n_ref_genes=8, depth=1)
     for p in model.parameters():  # leave init so the comparison is non-trivial
         torch.nn.init.normal_(p, std=0.1)
-    model.save(tmp_path / "m")
-    again = SpaDiT.load(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")
+    again = SpaDiT.from_pretrained(tmp_path / "m")
     assert again.config == model.config
     args = (torch.randn(4, 20), torch.tensor([3, 30, 300, 900]), torch.randn(4, 30))
     ref = torch.randn(8, 30)
@@ -88,7 +88,7 @@ def test_save_load_restores_exact_model(tmp_path):
         b = again(*args, again.encode_reference(ref), torch.randn(4, 20, generator=torch.Generator().manual_seed(0)))
     assert torch.equal(a, b)
     with pytest.raises(FedstError, match="config.json"):
-        SpaDiT.load(tmp_path / "absent")
+        SpaDiT.from_pretrained(tmp_path / "absent")
 
 
 def test_cosine_schedule_matches_closed_form_and_diffusers():
@@ -304,7 +304,7 @@ def test_cli_impute_end_to_end(tmp_path):
     report = json.loads((tmp_path / "imp.metrics.json").read_text())
     assert set(report["metrics"]) == {"spadit", "knn"} and len(report["genes"]) == 5
     assert (tmp_path / "imp.maps.png").stat().st_size > 0
-    assert SpaDiT.load(tmp_path / "model").config.n_spots == 50
+    assert SpaDiT.from_pretrained(tmp_path / "model").config.n_spots == 50
     bad = subprocess.run(
         cli + ["--genes", "Gene1,NotAGene", "--out", str(tmp_path / "bad.h5ad")],
         capture_output=True,

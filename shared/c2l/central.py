@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -11,17 +10,20 @@ from torch import nn
 from shared.c2l import checkpoint
 from shared.c2l.presets import preset_config
 from shared.errors import FedstError
-from shared.weights import load_state_strict
+from shared.persistence import Pretrained
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-class CentralDiffusion(nn.Module):
+class CentralDiffusion(nn.Module, Pretrained):
     """Unconditional pixel-space denoiser (GroupNorm, timestep embedding, attention at low resolution).
 
     `forward(x, t)` is pure and returns the model output (epsilon or v, by `prediction_type`). The noise
     schedule parameters live in the config too, so a saved model carries everything needed to sample.
+    `save_pretrained(dir)` writes config.json (constructor args) + model.safetensors (shared/persistence.py).
     """
+
+    kind = "c2l-central"
 
     def __init__(
         self,
@@ -89,21 +91,6 @@ class CentralDiffusion(nn.Module):
 
     def weights_hash(self) -> str:
         return checkpoint.weights_hash(self.state_dict())
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        return checkpoint.save_weights(directory, self.state_dict(), {"kind": "c2l-central", **self.config})
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> CentralDiffusion:
-        config = checkpoint.load_config(directory)
-        if config.pop("kind", None) != "c2l-central":
-            raise FedstError(f"{Path(directory) / checkpoint.CONFIG}: not a c2l central model config")
-        try:
-            model = cls(**config)
-        except TypeError as exc:
-            raise FedstError(f"{Path(directory) / checkpoint.CONFIG}: invalid central config ({exc})") from None
-        load_state_strict(model, checkpoint.load_weights(directory), Path(directory) / checkpoint.WEIGHTS)
-        return model
 
 
 def create_central(preset: str = "tiny", **overrides: Any) -> CentralDiffusion:

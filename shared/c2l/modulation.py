@@ -24,7 +24,7 @@ from torch import nn
 from shared.c2l import checkpoint
 from shared.c2l.central import CentralDiffusion
 from shared.errors import FedstError
-from shared.weights import load_state_strict
+from shared.persistence import Pretrained, write_artifact
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,8 +76,17 @@ class LoRA(nn.Module):
         return self.up(self.down(x)) * self.scale
 
 
-class GeneModulation(nn.Module):
-    """Gene encoder MLP + one zero-initialised FiLM projection per ResNet block (the only trained weights)."""
+class GeneModulation(nn.Module, Pretrained):
+    """Gene encoder MLP + one zero-initialised FiLM projection per ResNet block (the only trained weights).
+
+    Saved as adapter_config.json + adapter.safetensors by `save_adapter`, which adds the central hash and
+    provenance to the config (keys that are not constructor arguments are the adapter's metadata).
+    """
+
+    kind = "c2l-adapter"
+    config_name = ADAPTER_CONFIG
+    weights_name = ADAPTER_WEIGHTS
+    optional_config_keys = ("lora_rank", "lora_layers", "lora_alpha")  # absent from adapters without LoRA
 
     def __init__(
         self,
@@ -242,48 +251,28 @@ def create_conditioned(
 def save_adapter(model: ConditionedDiffusion, directory: str | Path, **metadata: Any) -> Path:
     """Only the modulation weights + config + the hash of the central weights they belong to + metadata."""
     info = {k: v for k, v in model.info.items() if k != "adapter_hash"}
-    config = {
-        "kind": "c2l-adapter",
-        **info,
-        **metadata,
-        **model.modulation.config,
-        "central_hash": model.central.weights_hash(),
-    }
-    return checkpoint.save_weights(
-        directory, model.modulation.state_dict(), config, weights=ADAPTER_WEIGHTS, config_name=ADAPTER_CONFIG
-    )
+    extra = {**info, **metadata, "central_hash": model.central.weights_hash()}
+    return write_artifact(directory, model.modulation.artifact_files(extra))
 
 
 def load_adapter_config(directory: str | Path) -> dict[str, Any]:
-    config = checkpoint.load_config(directory, ADAPTER_CONFIG)
-    if config.get("kind") != "c2l-adapter":
-        raise FedstError(f"{Path(directory) / ADAPTER_CONFIG}: not a c2l adapter config")
-    return config
+    return GeneModulation.read_pretrained_config(directory)[1]
 
 
 def load_adapter(central: CentralDiffusion, directory: str | Path) -> ConditionedDiffusion:
     """Attach a saved adapter to `central`; FedstError when it was trained on different central weights."""
-    config = load_adapter_config(directory)
+    path, config = GeneModulation.read_pretrained_config(directory)
     central_hash = central.weights_hash()
     if config.get("central_hash") != central_hash:
         raise FedstError(
-            f"{Path(directory) / ADAPTER_CONFIG}: adapter belongs to "
+            f"{path}: adapter belongs to "
             f"central weights {str(config.get('central_hash'))[:12]}, "
             f"not to the given central model {central_hash[:12]}"
         )
-    modulation = GeneModulation(
-        config["panel"],
-        config["channels"],
-        config["hidden_dim"],
-        config["embed_dim"],
-        lora_rank=config.get("lora_rank", 0),
-        lora_layers=config.get("lora_layers"),
-        lora_alpha=config.get("lora_alpha"),
-    )
-    load_state_strict(
-        modulation, checkpoint.load_weights(directory, ADAPTER_WEIGHTS), Path(directory) / ADAPTER_WEIGHTS
-    )
+    modulation, _ = GeneModulation.from_config(path, config)
+    modulation.load_pretrained_weights(directory)
     model = ConditionedDiffusion(central, modulation)
+    # provenance: every key but the modulation's own config (adapt's info repeats e.g. lora_rank: 0 there)
     model.info = {k: v for k, v in config.items() if k not in modulation.config and k != "kind"}
     model.info["adapter_hash"] = checkpoint.weights_hash(modulation.state_dict())
     return model.eval()

@@ -52,7 +52,7 @@ def impute(
     )
     written = write_result(result, st, out)
     if save_model is not None:
-        result.model.save(save_model)
+        result.model.save_pretrained(save_model)
         written["model"] = save_model
     for method, values in result.metrics.items():
         typer.echo(f"{method:7s} " + "  ".join(f"{k}={v:.4f}" for k, v in values.items()))

@@ -83,7 +83,7 @@ def train_predictor_cmd(
     predictor = train_predictor(
         stores, kind, encoder, extra_stores=extra, seed=seed, progress=progress, encoder_weights=encoder_weights, **kw
     )
-    predictor.save(out)
+    predictor.save_pretrained(out)
     typer.echo(f"wrote {out} ({predictor!r})")
 
 

@@ -3,20 +3,21 @@
 - ``RidgeBaseline``: the HEST-Benchmark protocol (StandardScaler -> PCA -> ridge) with alpha chosen by
   efficient leave-one-out cross-validation (``RidgeCV``). After fitting, the pipeline is collapsed into one
   affine map ``Y = X @ W + b`` (exactly equal, because every step is affine), which is what is saved
-  (``config.json`` + ``weights.safetensors``), so loading needs no pickle.
+  (``config.json`` + ``weights.safetensors``, shared/persistence.py), so loading needs no pickle.
 - ``MLPRegressor``: a small torch MLP (standardised inputs, masked MSE, AdamW, early stopping on a
   validation split). Constructor args are its config.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from shared.errors import require
+from shared.persistence import Pretrained
+from shared.weights import check_state
 
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 6, 17))
 
@@ -32,8 +33,13 @@ def _check_xy(features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np
     return features, targets
 
 
-class RidgeBaseline:
+class RidgeBaseline(Pretrained):
     """StandardScaler -> PCA(n_components) -> RidgeCV(alphas), collapsed to ``X @ W + b``."""
+
+    kind = "ridge"
+    weights_name = "weights.safetensors"
+    state_config_keys = ("alpha_",)  # the alpha RidgeCV picked: fitted, not a constructor argument
+    tensor_framework = "np"
 
     def __init__(self, n_components: int = 256, alphas: tuple[float, ...] = RIDGE_ALPHAS):
         self.n_components = int(n_components)
@@ -75,26 +81,18 @@ class RidgeBaseline:
         )
         return (X @ self.W + self.b).astype(np.float32)
 
-    def save(self, out: Path) -> None:
-        from safetensors.numpy import save_file
+    def pretrained_config(self) -> dict[str, Any]:
+        require(self.W is not None, "ridge baseline: not fitted")
+        return {"n_components": self.n_components, "alphas": list(self.alphas)}
 
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(
-            json.dumps({"n_components": self.n_components, "alphas": list(self.alphas), "alpha_": self.alpha_})
-        )
-        save_file(
-            {"W": np.ascontiguousarray(self.W), "b": np.ascontiguousarray(self.b)}, str(out / "weights.safetensors")
-        )
+    def pretrained_tensors(self) -> dict[str, np.ndarray]:
+        return {"W": self.W, "b": self.b}
 
-    @classmethod
-    def load(cls, path: Path) -> RidgeBaseline:
-        from safetensors.numpy import load_file
-
-        cfg = json.loads((path / "config.json").read_text())
-        model = cls(n_components=cfg["n_components"], alphas=tuple(cfg["alphas"]))
-        weights = load_file(str(path / "weights.safetensors"))
-        model.W, model.b, model.alpha_ = weights["W"], weights["b"], cfg["alpha_"]
-        return model
+    def load_pretrained_tensors(self, tensors: Mapping[str, Any], source: Path) -> None:
+        check_state({"W": (None, None), "b": (None,)}, tensors, source, type(self).__name__)
+        W, b = tensors["W"], tensors["b"]
+        check_state({"b": (W.shape[1],)}, {"b": b}, source, f"{type(self).__name__} with W of shape {W.shape}")
+        self.W, self.b = W, b
 
 
 def _mlp_module(in_dim: int, out_dim: int, hidden: int, layers: int, dropout: float):
@@ -109,8 +107,11 @@ def _mlp_module(in_dim: int, out_dim: int, hidden: int, layers: int, dropout: fl
     return nn.Sequential(*blocks)
 
 
-class MLPRegressor:
+class MLPRegressor(Pretrained):
     """Small MLP on standardised features. ``fit`` keeps the epoch with the best validation loss."""
+
+    kind = "mlp"
+    weights_name = "weights.safetensors"
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, layers: int = 2, dropout: float = 0.1):
         import torch
@@ -217,20 +218,9 @@ class MLPRegressor:
         state.update(x_mean=self.x_mean.contiguous(), x_std=self.x_std.contiguous(), y_mean=self.y_mean.contiguous())
         return state
 
-    def save(self, out: Path) -> None:
-        from safetensors.torch import save_file
-
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(self.config))
-        save_file(self.state_dict(), str(out / "weights.safetensors"))
-
-    @classmethod
-    def load(cls, path: Path) -> MLPRegressor:
-        from safetensors.torch import load_file
-
-        model = cls(**json.loads((path / "config.json").read_text()))
-        state = load_file(str(path / "weights.safetensors"))
-        model.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        model.x_mean, model.x_std, model.y_mean = state["x_mean"], state["x_std"], state["y_mean"]
-        model.net.eval()
-        return model
+    def load_pretrained_tensors(self, tensors: Mapping[str, Any], source: Path) -> None:
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        check_state(expected, tensors, source, type(self).__name__)
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.x_mean, self.x_std, self.y_mean = tensors["x_mean"], tensors["x_std"], tensors["y_mean"]
+        self.net.eval()

@@ -3,7 +3,7 @@
     predictor = train_predictor([store_a, store_b], kind="ridge", encoder="stats", extra_stores=[synthetic])
     pred = predictor.predict(held_out_store)            # (spots x panel genes), store spot order
     metrics = evaluate_predictor(predictor, held_out_store)
-    predictor.save(out_dir); load_predictor(out_dir)
+    predictor.save_pretrained(out_dir); load_predictor(out_dir)
 
 Kinds: ``ridge`` (HEST protocol: scaler -> PCA -> RidgeCV), ``mlp`` (small torch MLP), ``flag`` (graph
 transformer + gene-token DiT, VE-SDE). Features come from ``obsm['X_<encoder>']`` when every store has them
@@ -15,7 +15,6 @@ per-entry mask, sees them filled with that gene's mean over measured training sp
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from shared import keys
 from shared.errors import FedstError, require
+from shared.persistence import Writer, check_keys, json_file, model_directory, read_config, tensor_file, write_artifact
 from shared.store.format import PatchStore
 
 if TYPE_CHECKING:
@@ -33,6 +33,21 @@ if TYPE_CHECKING:
 KINDS = ("ridge", "mlp", "flag")
 FORMAT = "fedst-predictor"
 FORMAT_VERSION = 1
+META = "predictor.json"
+MODEL_DIR = "model"  # the model's own save_pretrained layout (ridge/mlp: config.json + weights.safetensors)
+ENCODER_WEIGHTS = "encoder.safetensors"
+META_KEYS = (
+    "format",
+    "format_version",
+    "kind",
+    "genes",
+    "encoder",
+    "encoder_kw",
+    "encoder_weights",
+    "feature_key",
+    "patch_params",
+    "info",
+)
 
 
 @dataclass
@@ -181,18 +196,12 @@ class Predictor:
         return np.clip(self.model.predict(feats), 0.0, None).astype(np.float32)
 
     # ---- persistence ----
-    def save(self, out: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save(out / "model")
-        has_weights = False
-        if self.feature_key is None:
-            state = self._get_encoder().state_dict()
-            if state:
-                save_file(state, str(out / "encoder.safetensors"))
-                has_weights = True
+    def save_pretrained(self, out: str | os.PathLike) -> Path:
+        """predictor.json + model/ (the model's config + safetensors) [+ encoder.safetensors], written atomically."""
+        files: dict[str, Writer] = {f"{MODEL_DIR}/{name}": w for name, w in self.model.artifact_files().items()}
+        state = self._get_encoder().state_dict() if self.feature_key is None else {}
+        if state:
+            files[ENCODER_WEIGHTS] = tensor_file(state)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -200,34 +209,33 @@ class Predictor:
             "genes": self.genes,
             "encoder": self.encoder,
             "encoder_kw": {k: v for k, v in self.encoder_kw.items() if k != "weights"},
-            "encoder_weights": "encoder.safetensors" if has_weights else None,
+            "encoder_weights": ENCODER_WEIGHTS if state else None,
             "feature_key": self.feature_key,
             "patch_params": self.patch_params,
             "info": self.info,
         }
-        (out / "predictor.json").write_text(json.dumps(meta, indent=2, default=str))
-        return out
+        files[META] = json_file(meta)
+        return write_artifact(out, files)
 
     def __repr__(self) -> str:
         return f"Predictor(kind={self.kind!r}, encoder={self.encoder!r}, genes={len(self.genes)})"
 
 
 def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predictor:
-    """A predictor saved by ``Predictor.save``; FedstError naming the file when it is not one."""
-    path = Path(path)
-    meta_path = path / "predictor.json"
-    require(meta_path.is_file(), f"{path}: not a saved predictor (no predictor.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FedstError(f"{meta_path}: corrupt ({exc.msg})") from None
+    """A predictor saved by ``Predictor.save_pretrained``; FedstError naming the file when it is not one."""
+    path = model_directory(path, (META, f"{MODEL_DIR}/"))
+    meta_path = path / META
+    meta = read_config(meta_path)
     require(meta.get("format") == FORMAT, f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     require(
         meta.get("format_version") == FORMAT_VERSION,
         f"{meta_path}: unsupported format_version {meta.get('format_version')!r}",
     )
+    check_keys(meta_path, meta, META_KEYS, "a saved predictor")
     kind = meta["kind"]
-    model = _model_class(kind).load(path / "model", **({"device": device} if kind == "flag" else {}))
+    model_cls = _model_class(kind)
+    model_dir = path / MODEL_DIR
+    model = model_cls.from_pretrained(model_dir, device) if kind == "flag" else model_cls.from_pretrained(model_dir)
     encoder_kw = dict(meta.get("encoder_kw") or {})
     encoder_obj = None
     if meta.get("feature_key") is None:

@@ -5,8 +5,8 @@ score is ``-eps / sigma``, so the sigma^2-weighted denoising score-matching loss
 ``eps``. Inputs are scaled by ``c_in = 1 / sqrt(sigma^2 + 1)`` (gene values are z-scored, unit variance) so
 the network sees unit-scale tokens at every noise level; the noise level enters as ``log(sigma) / 4``.
 
-Constructor arguments are the config (saved as JSON beside the safetensors weights); data statistics used to
-standardise features and genes are buffers, so they travel with the weights.
+Constructor arguments are the config (saved as config.json beside weights.safetensors, shared/persistence.py);
+data statistics used to standardise features and genes are buffers, so they travel with the weights.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.errors import require
+from shared.persistence import Pretrained
 
 from ..dit import DiTBlock, modulate, transformer_mlp
 from .graph import N_EDGE_CONDITIONS
@@ -78,8 +79,11 @@ def timestep_embedding(c_noise: torch.Tensor, dim: int, max_period: float = 10_0
     return F.pad(emb, (0, dim % 2))
 
 
-class FlagModel(nn.Module):
+class FlagModel(nn.Module, Pretrained):
     """Graph-conditioned gene-token DiT for the VE-SDE score of spot expression given H&E features."""
+
+    kind = "flag"
+    weights_name = "weights.safetensors"
 
     def __init__(
         self,

@@ -12,7 +12,6 @@ steps-vs-PCC curve that motivates them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,11 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from shared.errors import require
+from shared.persistence import Writer, json_file, model_directory, read_config_as, write_artifact
 
 from .gene_embeddings import align_to_panel, correlation_embeddings, read_gene_embeddings
 from .graph import DEFAULT_CROP_PX, DEFAULT_SIGMA_PX, edge_conditions, sigma_for, tile_crops
 from .model import FlagModel
 from .sde import dsm_loss, heun_sample
+
+SETTINGS = "settings.json"
 
 
 @dataclass
@@ -214,23 +216,18 @@ class FlagRegressor:
         return np.clip(out, 0.0, None)
 
     # ---- persistence ----
-    def save(self, out: Path) -> None:
-        from safetensors.torch import save_file
-
+    def artifact_files(self) -> dict[str, Writer]:
+        """settings.json (FlagSettings) + the network's config.json + weights.safetensors."""
         require(self.model is not None, "FLAG: not fitted")
         assert self.model is not None
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(self.model.config, indent=2))
-        (out / "settings.json").write_text(json.dumps(asdict(self.settings), indent=2))
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(out / "weights.safetensors"))
+        return {SETTINGS: json_file(asdict(self.settings)), **self.model.artifact_files()}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return write_artifact(directory, self.artifact_files())
 
     @classmethod
-    def load(cls, path: Path, device: str | None = None) -> FlagRegressor:
-        from safetensors.torch import load_file
-
-        reg = cls(FlagSettings(**json.loads((path / "settings.json").read_text())), device=device)
-        reg.model = FlagModel(**json.loads((path / "config.json").read_text()))
-        reg.model.load_state_dict(load_file(str(path / "weights.safetensors")), strict=True)
-        reg.model.eval().to(reg.device)
+    def from_pretrained(cls, directory: str | Path, device: str | None = None) -> FlagRegressor:
+        src = model_directory(directory, (SETTINGS, FlagModel.config_name, FlagModel.weights_name))
+        reg = cls(read_config_as(src / SETTINGS, FlagSettings), device=device)
+        reg.model = FlagModel.from_pretrained(src).eval().to(reg.device)
         return reg

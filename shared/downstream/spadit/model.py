@@ -1,26 +1,23 @@
 """The SpaDiT network: per-gene tokens from the ST and reference vectors, a low-rank attention summary of the
 whole reference as condition, DiT blocks with adaLN-Zero over (time + condition), epsilon output.
 
-Constructor arguments are the config: ``save`` writes them as JSON beside safetensors weights and ``load``
-rebuilds the exact model. ``forward`` is pure; the reference summary is computed by ``encode_reference``
-once per batch (training) or once per sampling run, never copied into each batch item.
+Constructor arguments are the config: ``save_pretrained`` writes them as config.json beside model.safetensors
+and ``from_pretrained`` rebuilds the exact model (shared/persistence.py). ``forward`` is pure; the reference
+summary is computed by ``encode_reference`` once per batch (training) or once per sampling run, never copied
+into each batch item.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from shared.downstream.dit import DiTBlock, modulate
-from shared.errors import FedstError, require
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from shared.errors import require
+from shared.persistence import Pretrained
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,7 @@ def _patchify(v: torch.Tensor, patch: int) -> torch.Tensor:
     return v.view(v.shape[0], -1, patch)
 
 
-class SpaDiT(nn.Module):
+class SpaDiT(nn.Module, Pretrained):
     """Predicts the noise added to a gene's ST vector, given its reference vector and the reference summary.
 
     Tokens (DiT "patchify"): consecutive runs of ``spot_patch`` spots (order spots spatially so a run is a
@@ -116,6 +113,8 @@ class SpaDiT(nn.Module):
     reference vector carried to the spots by a fixed cell->spot affinity (see ``baseline.knn_impute``).
     The condition of every block is time + the gene's reference embedding + the reference summary.
     """
+
+    kind = "spadit"
 
     def __init__(
         self,
@@ -204,31 +203,6 @@ class SpaDiT(nn.Module):
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
         x = modulate(self.final_norm(x[:, : self.n_st_tokens]), shift, scale)
         return self.head(x).reshape(x.shape[0], -1)[:, : cfg.n_spots]
-
-    # ---- config + weights -------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write config.json + model.safetensors; ``load`` restores the exact model."""
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / WEIGHTS_NAME))
-        return out
-
-    @classmethod
-    def load(cls, directory: str | Path) -> SpaDiT:
-        from safetensors.torch import load_file
-
-        src = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (src / name).is_file():
-                raise FedstError(
-                    f"{src / name}: missing; expected a SpaDiT saved by SpaDiT.save ({CONFIG_NAME} + {WEIGHTS_NAME})"
-                )
-        model = cls(**json.loads((src / CONFIG_NAME).read_text()))
-        model.load_state_dict(load_file(str(src / WEIGHTS_NAME)))
-        return model
 
 
 def create_spadit(preset: str, *, n_spots: int, n_cells: int, n_ref_genes: int, **overrides) -> SpaDiT:
