@@ -52,6 +52,17 @@ def test_predictor_beats_the_training_mean_on_a_held_out_section(site, kind, kw,
     np.testing.assert_allclose(back.predict(store), predictor.predict(store), rtol=1e-5, atol=1e-5)
 
 
+def test_mlp_with_the_same_seed_gives_the_same_predictions_whatever_the_rng_state(site) -> None:
+    import torch
+
+    store, train_section, _ = site
+    rows = {store.path: _section_rows(store, train_section)}
+    first = train_predictor([store], "mlp", "stats", spot_indices=rows, progress=False, epochs=5, seed=3)
+    torch.rand(1000)  # another caller consumed the process's RNG in between
+    second = train_predictor([store], "mlp", "stats", spot_indices=rows, progress=False, epochs=5, seed=3)
+    np.testing.assert_array_equal(first.predict(store), second.predict(store))
+
+
 def test_synthetic_extra_store_with_another_panel_is_refused(synthetic_stores, tmp_path) -> None:
     from shared.store.format import StoreWriter
 

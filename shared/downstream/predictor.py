@@ -392,8 +392,12 @@ def _fit(
     if kind == "mlp":
         from shared.downstream.baselines import MLPRegressor
 
+        import torch
+
         arch = {k: kw.pop(k) for k in ("hidden", "layers", "dropout") if k in kw}
-        model = MLPRegressor(feats.shape[1], Y.shape[1], **arch)
+        with torch.random.fork_rng():  # the layers' initialisation follows `seed`, not the process's RNG state
+            torch.manual_seed(seed)
+            model = MLPRegressor(feats.shape[1], Y.shape[1], **arch)
         every = max(1, kw.get("epochs", 200) // 10)
         return model.fit(
             feats,
