@@ -14,7 +14,7 @@ def secaggplus(msg: Message, context: Context, call_next) -> Message:
     from shared.config import RunConfig
     from shared.errors import FedstError
 
-    if not RunConfig.from_mapping(context.run_config).secagg:
+    if not RunConfig.from_mapping(context.run_config).secagg.enabled:
         raise FedstError("this site answers plain 'train' messages only under SecAgg+ (run config 'secagg = true')")
     from flwr.client.mod import secaggplus_mod
 

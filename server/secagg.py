@@ -140,7 +140,7 @@ def make_secagg_strategy(
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
     run = workflow.run
-    base = _legacy_strategy_class(run.strategy)
+    base = _legacy_strategy_class(run.strategy.name)
 
     class SecAggStrategy(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -154,7 +154,7 @@ def make_secagg_strategy(
                 initial_parameters=ndarrays_to_parameters([reference[n] for n in names]),
             )
             if base.__name__ == "FedProx":
-                kwargs["proximal_mu"] = run.prox_mu
+                kwargs["proximal_mu"] = run.strategy.prox_mu
             super().__init__(**kwargs)
             self.reference = reference
             self.rows: list[dict[str, Any]] = []
@@ -237,7 +237,7 @@ def make_secagg_strategy(
                 raise FedstError(
                     f"pretrain round {server_round + offset} (secagg): "
                     "secure aggregation halted before unmasking — fewer "
-                    f"than secagg-reconstruction-threshold ({run.secagg_reconstruction_threshold}) sites stayed in the "
+                    f"than secagg-reconstruction-threshold ({run.secagg.reconstruction_threshold}) sites stayed in the "
                     f"protocol ({why})"
                 )
             workflow.checkpoint("pretrain", server_round + offset, self.reference, {}, history + self.rows)
@@ -279,10 +279,10 @@ def secagg_train(
 
     run = workflow.run
     nodes = workflow.wait_for_sites()
-    if len(nodes) < run.secagg_reconstruction_threshold:
+    if len(nodes) < run.secagg.reconstruction_threshold:
         raise FedstError(
             f"secagg: {len(nodes)} sites connected, fewer than secagg-reconstruction-threshold "
-            f"({run.secagg_reconstruction_threshold})"
+            f"({run.secagg.reconstruction_threshold})"
         )
     remaining = rounds - offset
     if remaining <= 0:
@@ -304,19 +304,19 @@ def secagg_train(
         strategy=strategy,
     )
     fit = SecAggPlusWorkflow(
-        num_shares=run.secagg_num_shares,
-        reconstruction_threshold=run.secagg_reconstruction_threshold,
-        max_weight=run.secagg_max_weight,
-        clipping_range=run.secagg_clipping_range,
-        quantization_range=run.secagg_quantization_range,
+        num_shares=run.secagg.num_shares,
+        reconstruction_threshold=run.secagg.reconstruction_threshold,
+        max_weight=run.secagg.max_weight,
+        clipping_range=run.secagg.clipping_range,
+        quantization_range=run.secagg.quantization_range,
         timeout=run.round_timeout,
     )
     log(
         INFO,
         "fedst: pretrain through SecAgg+ (%d rounds, %d shares, threshold %d)",
         remaining,
-        run.secagg_num_shares,
-        run.secagg_reconstruction_threshold,
+        run.secagg.num_shares,
+        run.secagg.reconstruction_threshold,
     )
     try:
         DefaultWorkflow(fit_workflow=fit)(grid, context)
