@@ -11,6 +11,7 @@ import json
 import zlib
 from functools import cached_property
 from pathlib import Path
+
 import numpy as np
 
 from shared.config import NodeConfig, RunConfig
