@@ -123,6 +123,17 @@ def test_run_config_coerces_and_rejects():
         RunConfig.from_mapping({"patch-px": 30})
 
 
+def test_legacy_aliases_name_real_keys_and_the_reference_page_is_current():
+    from shared.config import DEFAULTS
+    from shared.config.reference import reference
+
+    assert all(new in DEFAULTS for targets in ALIASES.values() for new in targets)
+    assert not set(ALIASES) & set(DEFAULTS)  # a legacy key is never also a current key
+    page = reference()
+    assert all(f"`{key}`" in page for key in (*DEFAULTS, *ALIASES))
+    assert (REPO / "docs" / "configuration.md").read_text() == page, "run: python -m shared.config.reference"
+
+
 def test_unknown_backend_is_a_clean_error_listing_the_registered_ones():
     from shared.backends import backend_names, create_backend
 
@@ -400,6 +411,9 @@ def test_site_names_declared_validated_and_derived(tmp_path):
     toml.parent.mkdir()
     toml.write_text('site = "zürich/1"\n')
     with pytest.raises(FedstError, match=r"site.toml: 'site' 'zürich/1' is not a site name"):
+        NodeConfig.from_mapping({"data-path": str(toml), "work-dir": str(tmp_path / "w")}, run)
+    toml.write_text('site = "basel\n')  # read by the ingest's SITE.toml reader: the same error as `fedst prepare`
+    with pytest.raises(FedstError, match=r"site.toml: not valid TOML"):
         NodeConfig.from_mapping({"data-path": str(toml), "work-dir": str(tmp_path / "w")}, run)
     derived = tmp_path / "my store (v2)"
     derived.mkdir()

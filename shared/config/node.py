@@ -74,14 +74,12 @@ class NodeConfig:
 
 
 def _site_name(data_path: Path) -> str:
-    """The SITE.toml's declared ``site`` (validated), else a name derived from the path (made valid)."""
+    """The SITE.toml's declared ``site`` (validated), else a name derived from the path (made valid). The TOML is
+    read by the ingest's reader, the one SITE.toml parser (a broken file is the same clear error everywhere)."""
     if data_path.suffix == ".toml":
-        try:
-            import tomllib
+        from shared.ingest.site import read_toml
 
-            declared = tomllib.loads(data_path.read_text()).get("site")
-        except (OSError, ValueError):
-            declared = None
+        declared = read_toml(data_path).get("site")
         if declared:
             if (problem := site_name_problem(declared)) is not None:
                 raise FedstError(f"{data_path}: 'site' {problem}")
