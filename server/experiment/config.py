@@ -5,7 +5,8 @@ arms to compare, the real-spot fractions, the seeds, the DP variants of the fede
 and, in ``[run]``, the federation's run config itself (the same nested sections as ``[tool.flwr.app.config]``,
 validated by shared.config.RunConfig: ``[run.pretrain]``, ``[run.adapt]``, ``[run.synthesize]``, ``[run.dp]``...,
 reference: docs/configuration.md) and ``[federated]``, the federated arm's synthetic-pair count rule. Sites are
-arbitrary groups of sections so that new data can be evaluated without code changes. Each entry of a site's ``sections`` is one of:
+arbitrary groups of sections so that new data can be evaluated without code changes. Each entry of a site's
+``sections`` is one of:
 
 - an inline table in the SITE.toml ``[[sections]]`` format (paths relative to the config's folder);
 - ``"path/to/site.toml"``: every section of that SITE.toml;
