@@ -33,7 +33,7 @@ def demo(
     if rounds:
         overrides["pretrain.rounds"] = rounds
     if strategy:
-        overrides["strategy.name"] = strategy
+        overrides["aggregation.strategy"] = strategy
     if dp_epsilon:
         overrides["dp.epsilon"] = dp_epsilon
     if preset == "her2st":

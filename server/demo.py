@@ -112,7 +112,7 @@ def run_demo(
             )
     echo(f"[fedst demo] finished in {time.perf_counter() - started:.0f} s")
     echo(f"[fedst demo] report: {run_dir / 'summary.md'}")
-    echo(f"[fedst demo] site reports (stay on each site): {Path(config['sites-root'])}/<site>/report/report.md")
+    echo(f"[fedst demo] site reports (stay on each site): {Path(run.paths.sites_root)}/<site>/report/report.md")
     return run_dir
 
 

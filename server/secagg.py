@@ -140,7 +140,7 @@ def make_secagg_strategy(
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
     run = workflow.run
-    base = _legacy_strategy_class(run.strategy.name)
+    base = _legacy_strategy_class(run.aggregation.strategy)
 
     class SecAggStrategy(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -154,7 +154,7 @@ def make_secagg_strategy(
                 initial_parameters=ndarrays_to_parameters([reference[n] for n in names]),
             )
             if base.__name__ == "FedProx":
-                kwargs["proximal_mu"] = run.strategy.prox_mu
+                kwargs["proximal_mu"] = run.aggregation.prox_mu
             super().__init__(**kwargs)
             self.reference = reference
             self.rows: list[dict[str, Any]] = []
@@ -237,7 +237,8 @@ def make_secagg_strategy(
                 raise FedstError(
                     f"pretrain round {server_round + offset} (secagg): "
                     "secure aggregation halted before unmasking — fewer "
-                    f"than secagg-reconstruction-threshold ({run.secagg.reconstruction_threshold}) sites stayed in the "
+                    "than secure-aggregation.reconstruction-threshold "
+                    f"({run.secure_aggregation.reconstruction_threshold}) sites stayed in the "
                     f"protocol ({why})"
                 )
             workflow.checkpoint("pretrain", server_round + offset, self.reference, {}, history + self.rows)
@@ -279,10 +280,10 @@ def secagg_train(
 
     run = workflow.run
     nodes = workflow.wait_for_sites()
-    if len(nodes) < run.secagg.reconstruction_threshold:
+    if len(nodes) < run.secure_aggregation.reconstruction_threshold:
         raise FedstError(
             f"secagg: {len(nodes)} sites connected, fewer than secagg-reconstruction-threshold "
-            f"({run.secagg.reconstruction_threshold})"
+            f"({run.secure_aggregation.reconstruction_threshold})"
         )
     remaining = rounds - offset
     if remaining <= 0:
@@ -304,19 +305,19 @@ def secagg_train(
         strategy=strategy,
     )
     fit = SecAggPlusWorkflow(
-        num_shares=run.secagg.num_shares,
-        reconstruction_threshold=run.secagg.reconstruction_threshold,
-        max_weight=run.secagg.max_weight,
-        clipping_range=run.secagg.clipping_range,
-        quantization_range=run.secagg.quantization_range,
+        num_shares=run.secure_aggregation.num_shares,
+        reconstruction_threshold=run.secure_aggregation.reconstruction_threshold,
+        max_weight=run.secure_aggregation.max_weight,
+        clipping_range=run.secure_aggregation.clipping_range,
+        quantization_range=run.secure_aggregation.quantization_range,
         timeout=run.round_timeout,
     )
     log(
         INFO,
         "fedst: pretrain through SecAgg+ (%d rounds, %d shares, threshold %d)",
         remaining,
-        run.secagg.num_shares,
-        run.secagg.reconstruction_threshold,
+        run.secure_aggregation.num_shares,
+        run.secure_aggregation.reconstruction_threshold,
     )
     try:
         DefaultWorkflow(fit_workflow=fit)(grid, context)

@@ -214,7 +214,7 @@ class Workflow:
         offset, resumed, opt_state, history = self.resume_point(phase)
         arrays = resumed if resumed is not None else initial
         self.results["phases"][phase] = {"rounds": history}
-        if phase == "pretrain" and self.run.secagg.enabled:
+        if phase == "pretrain" and self.run.secure_aggregation.enabled:
             from server.secagg import secagg_train
 
             return secagg_train(self, phase, rounds, arrays, offset, history)

@@ -80,7 +80,7 @@ def test_pyproject_run_config_parses_to_defaults():
     assert RunConfig.from_mapping(flat) == RunConfig()
     legacy = {k for k, v in flat.items() if k in ALIASES and v == ""}
     assert set(flat) - legacy == set(RunConfig().to_dict())  # every key overridable with `flwr run -c`
-    assert legacy == set(ALIASES) - {"strategy", "secagg"}  # the legacy keys Flower can accept (not section names)
+    assert legacy == set(ALIASES)  # Flower accepts `-c old-key=value` for every legacy key
 
 
 def test_flwr_run_overrides_flow_through_flowers_own_parsing():
@@ -88,11 +88,14 @@ def test_flwr_run_overrides_flow_through_flowers_own_parsing():
 
     table = flatten_dict(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
     new = fuse_dicts(table, parse_config_args(["adapt.federated=true adapt.rounds=3 synthesize.guidance=1.5"]))
-    old = fuse_dicts(table, parse_config_args(["federated-adapt=true rounds-adapt=3 lr=0.01"]))
+    old = fuse_dicts(table, parse_config_args(["federated-adapt=true rounds-adapt=3 lr=0.01 strategy='fedprox'"]))
     for run in (RunConfig.from_mapping(new), RunConfig.from_mapping(old)):
         assert (run.adapt.federated, run.adapt.rounds) == (True, 3)
     assert RunConfig.from_mapping(new).synthesize.guidance == 1.5
     assert (RunConfig.from_mapping(old).pretrain.lr, RunConfig.from_mapping(old).adapt.lr) == (0.01, 0.01)
+    assert RunConfig.from_mapping(old).aggregation.strategy == "fedprox"
+    secure = fuse_dicts(table, parse_config_args(["secagg=true secagg-num-shares=4 min-sites=3"]))  # deploy/README.md
+    assert RunConfig.from_mapping(secure).secure_aggregation.enabled is True
     with pytest.raises(FedstError, match="legacy key 'rounds-adapt' = 3 conflicts with 'adapt.rounds' = 2"):
         RunConfig.from_mapping(fuse_dicts(table, parse_config_args(["rounds-adapt=3 adapt.rounds=2"])))
 
@@ -100,7 +103,7 @@ def test_flwr_run_overrides_flow_through_flowers_own_parsing():
 def test_run_config_coerces_and_rejects():
     config = RunConfig.from_mapping({"rounds-pretrain": "3", "lr": 1, "federated-adapt": "true", "strategy": "fedprox"})
     assert (config.pretrain.rounds, config.pretrain.lr, config.adapt.lr, config.adapt.federated) == (3, 1.0, 1.0, True)
-    assert config.strategy.name == "fedprox" and config.paths == RunConfig().paths
+    assert config.aggregation.strategy == "fedprox" and config.paths == RunConfig().paths
     nested = RunConfig.from_mapping({"pretrain": {"rounds": 2, "lr": 2e-4}, "adapt.lr": 5e-4, "paths": {"run-name": 7}})
     assert (nested.pretrain.rounds, nested.pretrain.lr, nested.adapt.lr, nested.paths.run_name) == (2, 2e-4, 5e-4, "7")
     assert RunConfig.from_mapping(nested.to_dict()) == nested
@@ -110,7 +113,7 @@ def test_run_config_coerces_and_rejects():
         RunConfig.from_mapping({"pretrain": {"round": 3}})
     with pytest.raises(
         FedstError,
-        match="'strategy.name' .set as legacy key 'strategy'. is 'fedsgd'; input should be 'fedavg', 'fedprox' or",
+        match="'aggregation.strategy' .set as legacy key 'strategy'. is 'fedsgd'; input should be 'fedavg', 'fedprox'",
     ):
         RunConfig.from_mapping({"strategy": "fedsgd"})
     with pytest.raises(FedstError, match="'pretrain.rounds' .set as legacy key 'rounds-pretrain'. is 'two'; .*integer"):

@@ -58,6 +58,7 @@ def test_fedst_demo_simulation_runs_every_phase(tmp_path):
     assert report.is_file() and report.parent.parent == out / "runs"
     results = json.loads((report.parent / "results.json").read_text())
     assert results["status"] == "completed" and results["config"]["backend"] == "toy"
+    assert results["config"]["pretrain.rounds"] == 2  # `--rounds` reached the apps through `flwr run -c`
     assert set(results["phases"]) == {"pretrain", "adapt", "synthesize", "downstream"}
     assert len(results["phases"]["downstream"]["sites"]) == 3
     assert all(len(r["sites"]) == 3 for r in results["phases"]["pretrain"]["rounds"])

@@ -263,7 +263,7 @@ class ArmRunner:
             "route": "flower (server.workflow.Workflow over server.localgrid.LocalGrid, client.app)",
             "rounds": run.pretrain.rounds,
             "local_steps": run.pretrain.steps,
-            "strategy": run.strategy.name,
+            "strategy": run.aggregation.strategy,
         }
 
 
@@ -300,7 +300,7 @@ def federated_pretrain(
     run_dir = root / "flower-run"
     log(
         f"federated pretraining (seed {seed}): {len(sites)} sites, "
-        f"{run.pretrain.rounds} rounds x {run.pretrain.steps} steps, {run.strategy.name}"
+        f"{run.pretrain.rounds} rounds x {run.pretrain.steps} steps, {run.aggregation.strategy}"
     )
     Workflow(grid, run, run_dir, run_id=seed + 1).run_all()
     found = load_checkpoint(run_dir, "pretrain")

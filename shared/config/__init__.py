@@ -8,12 +8,12 @@ from shared.config.run import (
     DEFAULTS,
     PHASES,
     AdaptConfig,
+    AggregationConfig,
     DPConfig,
     PathsConfig,
     PretrainConfig,
     RunConfig,
-    SecAggConfig,
-    StrategyConfig,
+    SecureAggregationConfig,
     SynthesizeConfig,
 )
 
@@ -27,8 +27,8 @@ __all__ = [
     "PathsConfig",
     "PretrainConfig",
     "RunConfig",
-    "SecAggConfig",
-    "StrategyConfig",
+    "SecureAggregationConfig",
+    "AggregationConfig",
     "SynthesizeConfig",
     "site_name_problem",
 ]

@@ -3,9 +3,8 @@ key(s) of the nested config that replaced it.
 
 Old scripts (``flwr run . -c "federated-adapt=true rounds-adapt=3"``, ``fedst demo`` overrides, Python
 mappings) keep working. A legacy key set to ``""`` is unset: pyproject.toml lists the legacy keys with that
-value because Flower refuses a ``-c`` override whose key its fused config lacks. ``strategy`` and ``secagg``
-are also section names, so they are legacy keys only where their value is not a table (they cannot appear in
-pyproject.toml: ``-c "strategy=fedprox"`` must be written ``-c "strategy.name='fedprox'"`` there).
+value because Flower refuses a ``-c`` override whose key its fused config lacks (so no section may be named like
+a legacy key: ``strategy`` and ``secagg`` became ``[aggregation]`` and ``[secure-aggregation]``).
 """
 
 from __future__ import annotations
@@ -23,18 +22,18 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "dp-epsilon": ("dp.epsilon",),
     "dp-delta": ("dp.delta",),
     "dp-max-grad-norm": ("dp.max-grad-norm",),
-    "strategy": ("strategy.name",),
-    "prox-mu": ("strategy.prox-mu",),
-    "server-lr": ("strategy.server-lr",),
-    "server-beta1": ("strategy.server-beta1",),
-    "server-beta2": ("strategy.server-beta2",),
-    "server-tau": ("strategy.server-tau",),
-    "secagg": ("secagg.enabled",),
-    "secagg-num-shares": ("secagg.num-shares",),
-    "secagg-reconstruction-threshold": ("secagg.reconstruction-threshold",),
-    "secagg-clipping-range": ("secagg.clipping-range",),
-    "secagg-quantization-range": ("secagg.quantization-range",),
-    "secagg-max-weight": ("secagg.max-weight",),
+    "strategy": ("aggregation.strategy",),
+    "prox-mu": ("aggregation.prox-mu",),
+    "server-lr": ("aggregation.server-lr",),
+    "server-beta1": ("aggregation.server-beta1",),
+    "server-beta2": ("aggregation.server-beta2",),
+    "server-tau": ("aggregation.server-tau",),
+    "secagg": ("secure-aggregation.enabled",),
+    "secagg-num-shares": ("secure-aggregation.num-shares",),
+    "secagg-reconstruction-threshold": ("secure-aggregation.reconstruction-threshold",),
+    "secagg-clipping-range": ("secure-aggregation.clipping-range",),
+    "secagg-quantization-range": ("secure-aggregation.quantization-range",),
+    "secagg-max-weight": ("secure-aggregation.max-weight",),
     "consortium": ("paths.consortium",),
     "out-dir": ("paths.out-dir",),
     "run-name": ("paths.run-name",),

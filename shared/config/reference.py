@@ -60,8 +60,9 @@ def reference() -> str:
     for name, info in RunConfig.model_fields.items():
         section = info.annotation
         if isinstance(section, type) and issubclass(section, Section):
-            parts.append(f"## `[{name}]`\n\n{section.__doc__.strip()}\n")
-            parts.append("\n".join([*table, *_rows(section, f"{name}.")]) + "\n")
+            key = name.replace("_", "-")
+            parts.append(f"## `[{key}]`\n\n{section.__doc__.strip()}\n")
+            parts.append("\n".join([*table, *_rows(section, f"{key}.")]) + "\n")
     return "\n".join(parts)
 
 

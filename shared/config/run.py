@@ -83,10 +83,10 @@ class DPConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="per-example gradient clipping norm")
 
 
-class SecAggConfig(Section):
+class SecureAggregationConfig(Section):
     """Pretraining through Flower's SecAgg+: the server sees only the sum of the sites' models."""
 
-    enabled: bool = Field(False, description="pretrain through SecAgg+ (fedavg or fedprox)")
+    enabled: bool = Field(False, description="pretrain through SecAgg+ (aggregation.strategy fedavg or fedprox)")
     num_shares: int = Field(3, description="shares of each site's key (neighbours incl. itself); >= 3")
     reconstruction_threshold: int = Field(2, description="shares needed to unmask; >= 2, < num-shares, <= min-sites")
     clipping_range: float = Field(8.0, description="weighted parameters must lie in [-range, range] (site-checked)")
@@ -94,10 +94,10 @@ class SecAggConfig(Section):
     max_weight: float = Field(1000.0, description="a site's num-examples must not exceed it (weights are n / max)")
 
 
-class StrategyConfig(Section):
-    """The server's aggregation of pretraining (and federated adaptation) updates."""
+class AggregationConfig(Section):
+    """The server's aggregation of pretraining (and federated adaptation: always fedavg) updates."""
 
-    name: Literal["fedavg", "fedprox", "fedadam"] = Field("fedavg", description="fedavg | fedprox | fedadam")
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = Field("fedavg", description="fedavg | fedprox | fedadam")
     prox_mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
     server_lr: float = Field(0.01, description="FedAdam eta")
     server_beta1: float = Field(0.9, description="FedAdam beta1")
@@ -133,8 +133,8 @@ class RunConfig(Section):
     adapt: AdaptConfig = AdaptConfig()
     synthesize: SynthesizeConfig = SynthesizeConfig()
     dp: DPConfig = DPConfig()
-    secagg: SecAggConfig = SecAggConfig()
-    strategy: StrategyConfig = StrategyConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     paths: PathsConfig = PathsConfig()
 
     @field_validator("phases")
@@ -153,35 +153,41 @@ class RunConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _secagg(self) -> RunConfig:
+    def _secure_aggregation(self) -> RunConfig:
         """SecAgg+'s constraints, which span sections (checked only when it is on)."""
-        s = self.secagg
+        s = self.secure_aggregation
         if not s.enabled:
             return self
         checks = [
-            (s.num_shares >= 3, "secagg.num-shares", "an integer >= 3 (Flower's SecAgg+ needs more than 2)"),
+            (
+                s.num_shares >= 3,
+                "secure-aggregation.num-shares",
+                "an integer >= 3 (Flower's SecAgg+ needs more than 2)",
+            ),
             (
                 2 <= s.reconstruction_threshold < s.num_shares,
-                "secagg.reconstruction-threshold",
-                f"an integer >= 2 and < secagg.num-shares ({s.num_shares})",
+                "secure-aggregation.reconstruction-threshold",
+                f"an integer >= 2 and < secure-aggregation.num-shares ({s.num_shares})",
             ),
-            (s.clipping_range > 0, "secagg.clipping-range", "a positive number"),
+            (s.clipping_range > 0, "secure-aggregation.clipping-range", "a positive number"),
             (
                 2 <= s.quantization_range <= 2**24,
-                "secagg.quantization-range",
+                "secure-aggregation.quantization-range",
                 "an integer in [2, 2**24] (the sum of all sites' levels must stay below Flower's 2**32 modulus)",
             ),
-            (s.max_weight > 0, "secagg.max-weight", "a positive number"),
+            (s.max_weight > 0, "secure-aggregation.max-weight", "a positive number"),
             (
-                self.strategy.name in SECAGG_STRATEGIES,
-                "strategy.name",
-                f"{' or '.join(SECAGG_STRATEGIES)} with secagg.enabled = true (SecAgg+ runs on Flower's legacy "
+                self.aggregation.strategy in SECAGG_STRATEGIES,
+                "aggregation.strategy",
+                f"{' or '.join(SECAGG_STRATEGIES)} with secure-aggregation.enabled = true (SecAgg+ runs on Flower's "
+                "legacy "
                 "strategies; FedAdam is not supported there)",
             ),
             (
                 self.min_sites >= s.reconstruction_threshold,
                 "min-sites",
-                f">= secagg.reconstruction-threshold ({s.reconstruction_threshold}): SecAgg+ cannot unmask a round "
+                f">= secure-aggregation.reconstruction-threshold ({s.reconstruction_threshold}): SecAgg+ cannot unmask "
+                "a round "
                 "with fewer sites",
             ),
         ]
@@ -238,7 +244,7 @@ class RunConfig(Section):
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested tables -> dotted keys, as Flower's ``flatten_dict`` does (a legacy scalar ``strategy`` stays)."""
+    """Nested tables -> dotted keys, as Flower's ``flatten_dict`` does."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
