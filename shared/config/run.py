@@ -291,16 +291,14 @@ def resolve_aliases(flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str
 
 
 def _explain(exc: ValidationError, origin: Mapping[str, str]) -> str:
-    """The first pydantic error as 'run config key K is V: what was expected' (never a pydantic traceback)."""
+    """Pydantic's errors as 'run config key K is V; what was expected' (never a pydantic traceback). Unknown keys
+    never get here: `RunConfig.from_mapping` names them first, with the known keys."""
     problems = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"])
         via = f" (set as legacy key {origin[key]!r})" if key in origin else ""
-        if err["type"] == "extra_forbidden":
-            problems.append(f"run config: unknown key {key!r}")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"run config key {key!r}{via} is {err.get('input')!r}; {msg[0].lower()}{msg[1:]}")
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"run config key {key!r}{via} is {err.get('input')!r}; {msg[0].lower()}{msg[1:]}")
     return "; ".join(problems)
 
 
