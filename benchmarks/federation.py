@@ -41,8 +41,9 @@ def serialisation(preset: str, patch_px: int = 32) -> dict:
 
     from server.strategy import numpy_to_arrays
     from shared.backends.c2l import C2LBackend
+    from shared.config import RunConfig
 
-    state = C2LBackend(preset, patch_px).initial_state(0)
+    state = C2LBackend(RunConfig(preset=preset, patch_px=patch_px)).initial_state(0)
     params = int(sum(v.size for v in state.values()))
     t0 = time.perf_counter()
     content = RecordDict(

@@ -14,8 +14,11 @@ def secaggplus(msg: Message, context: Context, call_next) -> Message:
     from shared.config import RunConfig
     from shared.errors import FedstError
 
-    if not RunConfig.from_mapping(context.run_config).secagg:
-        raise FedstError("this site answers plain 'train' messages only under SecAgg+ (run config 'secagg = true')")
+    if not RunConfig.from_mapping(context.run_config).secure_aggregation.enabled:
+        raise FedstError(
+            "this site answers plain 'train' messages only under SecAgg+ "
+            "(run config 'secure-aggregation.enabled = true')"
+        )
     from flwr.client.mod import secaggplus_mod
 
     return secaggplus_mod(msg, context, call_next)
@@ -23,7 +26,8 @@ def secaggplus(msg: Message, context: Context, call_next) -> Message:
 
 @app.train(mods=[secaggplus])
 def secagg_pretrain(msg: Message, context: Context) -> Message:
-    """Plain ``train`` messages: pretraining under SecAgg+ (run config ``secagg = true``), Flower's legacy path."""
+    """Plain ``train`` messages: pretraining under SecAgg+ (run config ``secure-aggregation.enabled = true``),
+    Flower's legacy path."""
     from client import handlers
 
     return handlers.secagg_pretrain(msg, context)

@@ -122,8 +122,11 @@ def secagg_pretrain(msg: Message, context: Context) -> Message:
     from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
 
     run = RunConfig.from_mapping(context.run_config)
-    if not run.secagg:
-        raise FedstError("this site answers plain 'train' messages only under SecAgg+ (run config 'secagg = true')")
+    if not run.secure_aggregation.enabled:
+        raise FedstError(
+            "this site answers plain 'train' messages only under SecAgg+ "
+            "(run config 'secure-aggregation.enabled = true')"
+        )
     config = msg.content.config_records.get("fitins.config")
     config = dict(config) if config is not None else {}
     if isinstance(config.get("panel"), str) and config["panel"]:
@@ -160,16 +163,20 @@ def check_secagg_range(state: dict[str, np.ndarray], examples: int, run: RunConf
     """Refuse (clearly) what SecAgg+ would silently corrupt: a weight above max-weight, clipped parameters."""
     if examples <= 0:
         raise FedstError("secagg: the site has no training examples")
-    if examples > run.secagg_max_weight:
+    if examples > run.secure_aggregation.max_weight:
         raise FedstError(
-            f"secagg: this site's num-examples {examples} exceeds run config 'secagg-max-weight' "
-            f"({run.secagg_max_weight:g}); raise it (the aggregate would overflow)"
+            f"secagg: this site's num-examples {examples} exceeds run config 'secure-aggregation.max-weight' "
+            f"({run.secure_aggregation.max_weight:g}); raise it (the aggregate would overflow)"
         )
-    ratio = round(examples / run.secagg_max_weight * run.secagg_quantization_range) / run.secagg_quantization_range
+    ratio = (
+        round(examples / run.secure_aggregation.max_weight * run.secure_aggregation.quantization_range)
+        / run.secure_aggregation.quantization_range
+    )
     for name, value in state.items():
         peak = float(np.max(np.abs(value))) * ratio if np.size(value) else 0.0
-        if not np.isfinite(peak) or peak > run.secagg_clipping_range:
+        if not np.isfinite(peak) or peak > run.secure_aggregation.clipping_range:
             raise FedstError(
                 f"secagg: tensor {name!r} (max |value| x weight {peak:.4g}) exceeds run config "
-                f"'secagg-clipping-range' ({run.secagg_clipping_range:g}); SecAgg+ would clip it"
+                f"'secure-aggregation.clipping-range' ({run.secure_aggregation.clipping_range:g}); "
+                "SecAgg+ would clip it"
             )

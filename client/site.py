@@ -11,7 +11,6 @@ import json
 import zlib
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -104,15 +103,11 @@ class SiteTask:
             note=f"paired spots without the downstream held-out section {held_out}",
         )
 
-    @property
+    @cached_property
     def backend(self):
-        if self.run.backend == "toy":
-            from shared.backends import toy
+        from shared.backends import create_backend
 
-            return toy
-        from shared.backends import c2l as c2l_backend
-
-        return c2l_backend.for_run(self.run)
+        return create_backend(self.run.backend, self.run)
 
     # -- phases -----------------------------------------------------------------------------------------
     def pretrain(self, state: dict[str, np.ndarray], server_round: int, prox_mu: float = 0.0):
@@ -121,15 +116,7 @@ class SiteTask:
         seed = site_seed(self.run.seed, self.node.site, server_round, "pretrain")
         _ = self.store  # opening/preparing the store is not training time
         started = time.perf_counter()
-        new_state, metrics = self.backend.pretrain(
-            state,
-            self.store,
-            steps=self.run.local_steps,
-            batch_size=self.run.batch_size,
-            lr=self.run.lr,
-            seed=seed,
-            prox_mu=prox_mu,
-        )
+        new_state, metrics = self.backend.pretrain(state, self.store, self.run.pretrain, seed=seed, prox_mu=prox_mu)
         metrics = {**metrics, "compute-seconds": time.perf_counter() - started}
         self._record("pretrain", server_round, metrics)
         return new_state, metrics
@@ -139,17 +126,15 @@ class SiteTask:
 
         _save(self.work / CENTRAL, central, save_file)
         seed = site_seed(self.run.seed, self.node.site, server_round, "adapt")
-        kwargs: dict[str, Any] = dict(
-            steps=self.run.adapt_steps, batch_size=self.run.batch_size, lr=self.run.lr, seed=seed
+        adapter_state, metrics = self.backend.adapt(
+            central,
+            self.paired_store,
+            self.run.adapt,
+            self.run.dp,
+            seed=seed,
+            adapter_state=adapter,
+            work_dir=self.work,
         )
-        if self.run.backend != "toy":
-            kwargs.update(
-                dp_epsilon=self.run.dp_epsilon,
-                dp_delta=self.run.dp_delta,
-                max_grad_norm=self.run.dp_max_grad_norm,
-                work_dir=self.work,
-            )
-        adapter_state, metrics = self.backend.adapt(central, self.paired_store, adapter_state=adapter, **kwargs)
         _save(self.work / ADAPTER, adapter_state, save_file)
         self._record("adapt", server_round, metrics)
         return adapter_state, metrics
@@ -161,15 +146,13 @@ class SiteTask:
             if not (self.work / name).is_file():
                 raise FedstError(f"site {self.node.site}: {self.work / name} is missing; run the adapt phase first")
         seed = site_seed(self.run.seed, self.node.site, 0, "synthesize")
-        kwargs: dict[str, Any] = dict(n=self.run.synthetic_count, seed=seed)
-        if self.run.backend != "toy":
-            kwargs.update(steps=self.run.sample_steps)
         synthetic = self.backend.synthesize(
             load_file(str(self.work / CENTRAL)),
             load_file(str(self.work / ADAPTER)),
             self.paired_store,
             self.work / SYNTHETIC,
-            **kwargs,
+            self.run.synthesize,
+            seed=seed,
         )
         metrics = {"synthetic-pairs": float(synthetic.n_spots), "num-examples": float(synthetic.n_spots)}
         self._record("synthesize", 0, metrics)
@@ -180,10 +163,7 @@ class SiteTask:
 
         synthetic = PatchStore(self.work / SYNTHETIC) if is_store(self.work / SYNTHETIC) else None
         seed = site_seed(self.run.seed, self.node.site, 0, "downstream")
-        if self.run.backend == "toy":
-            metrics = self.backend.downstream(self.store, synthetic, seed=seed)
-        else:
-            metrics = self.backend.downstream(self.store, synthetic, seed=seed, predictor=self.run.predictor)
+        metrics = self.backend.downstream(self.store, synthetic, seed=seed, predictor=self.run.predictor)
         self._record("downstream", 0, metrics)
         self.write_report()
         return metrics

@@ -31,11 +31,11 @@ def demo(
 
     overrides: dict = {"backend": backend}
     if rounds:
-        overrides["rounds-pretrain"] = rounds
+        overrides["pretrain.rounds"] = rounds
     if strategy:
-        overrides["strategy"] = strategy
+        overrides["aggregation.strategy"] = strategy
     if dp_epsilon:
-        overrides["dp-epsilon"] = dp_epsilon
+        overrides["dp.epsilon"] = dp_epsilon
     if preset == "her2st":
         overrides.setdefault("patch-px", 32)
     run_demo(out, sites=sites, preset=preset, overrides=overrides, timeout=timeout, echo=typer.echo)

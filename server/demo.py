@@ -8,6 +8,7 @@ from typing import Any
 
 from server.results import load_results
 from server.superlink import REPO, SuperLink
+from shared.config import RunConfig
 from shared.errors import FedstError
 
 HER2ST_GROUPS = [["C2", "C3"], ["C4", "C5", "C6"]]  # sections with images; >= 2 per site (one is held out)
@@ -79,14 +80,15 @@ def run_demo(
     consortium = prepare_consortium(out, preset, sites, data)
     run_name = f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = {
-        "consortium": str(consortium),
-        "out-dir": str(out / "runs"),
-        "run-name": run_name,
-        "sites-root": str(out / "sites" / run_name),
+        "paths.consortium": str(consortium),
+        "paths.out-dir": str(out / "runs"),
+        "paths.run-name": run_name,
+        "paths.sites-root": str(out / "sites" / run_name),
         "min-sites": min(2, sites),
     }
     config.update(overrides or {})
-    run_dir = Path(config["out-dir"]) / str(config["run-name"])
+    run = RunConfig.from_mapping(config)  # a bad override is an error before anything starts
+    run_dir = Path(run.paths.out_dir) / run.paths.run_name
     echo(f"[fedst demo] starting a private Flower SuperLink (simulation runtime, FLWR_HOME={out / '.flwr'}) ...")
     with SuperLink(out / ".flwr", simulation=True, name="fedst-demo") as link:
         run_id = link.submit(REPO, config, federation_config=f"num_supernodes={sites} client_resources_num_cpus=1")
@@ -110,7 +112,7 @@ def run_demo(
             )
     echo(f"[fedst demo] finished in {time.perf_counter() - started:.0f} s")
     echo(f"[fedst demo] report: {run_dir / 'summary.md'}")
-    echo(f"[fedst demo] site reports (stay on each site): {Path(config['sites-root'])}/<site>/report/report.md")
+    echo(f"[fedst demo] site reports (stay on each site): {Path(run.paths.sites_root)}/<site>/report/report.md")
     return run_dir
 
 

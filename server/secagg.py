@@ -154,7 +154,7 @@ def make_secagg_strategy(ctx: SecAggContext, names: list[str], reference: dict[s
 
     run = ctx.run
     offset = ctx.round_offset
-    base = _legacy_strategy_class(run.strategy)
+    base = _legacy_strategy_class(run.aggregation.strategy)
 
     class SecAggStrategy(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -168,7 +168,7 @@ def make_secagg_strategy(ctx: SecAggContext, names: list[str], reference: dict[s
                 initial_parameters=ndarrays_to_parameters([reference[n] for n in names]),
             )
             if base.__name__ == "FedProx":
-                kwargs["proximal_mu"] = run.prox_mu
+                kwargs["proximal_mu"] = run.aggregation.prox_mu
             super().__init__(**kwargs)
             self.reference = reference
             self.aggregated: set[int] = set()
@@ -239,7 +239,8 @@ def make_secagg_strategy(ctx: SecAggContext, names: list[str], reference: dict[s
                 raise FedstError(
                     f"pretrain round {server_round + offset} (secagg): "
                     "secure aggregation halted before unmasking — fewer "
-                    f"than secagg-reconstruction-threshold ({run.secagg_reconstruction_threshold}) sites stayed in the "
+                    "than secure-aggregation.reconstruction-threshold "
+                    f"({run.secure_aggregation.reconstruction_threshold}) sites stayed in the "
                     f"protocol ({why})"
                 )
             ctx.checkpoint(server_round + offset, self.reference)
@@ -273,10 +274,10 @@ def secagg_train(ctx: SecAggContext, rounds: int, initial: dict[str, np.ndarray]
     from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
     run = ctx.run
-    if len(ctx.nodes) < run.secagg_reconstruction_threshold:
+    if len(ctx.nodes) < run.secure_aggregation.reconstruction_threshold:
         raise FedstError(
-            f"secagg: {len(ctx.nodes)} sites connected, fewer than secagg-reconstruction-threshold "
-            f"({run.secagg_reconstruction_threshold})"
+            f"secagg: {len(ctx.nodes)} sites connected, fewer than secure-aggregation.reconstruction-threshold "
+            f"({run.secure_aggregation.reconstruction_threshold})"
         )
     remaining = rounds - ctx.round_offset
     if remaining <= 0:
@@ -298,19 +299,19 @@ def secagg_train(ctx: SecAggContext, rounds: int, initial: dict[str, np.ndarray]
         strategy=strategy,
     )
     fit = SecAggPlusWorkflow(
-        num_shares=run.secagg_num_shares,
-        reconstruction_threshold=run.secagg_reconstruction_threshold,
-        max_weight=run.secagg_max_weight,
-        clipping_range=run.secagg_clipping_range,
-        quantization_range=run.secagg_quantization_range,
+        num_shares=run.secure_aggregation.num_shares,
+        reconstruction_threshold=run.secure_aggregation.reconstruction_threshold,
+        max_weight=run.secure_aggregation.max_weight,
+        clipping_range=run.secure_aggregation.clipping_range,
+        quantization_range=run.secure_aggregation.quantization_range,
         timeout=run.round_timeout,
     )
     log(
         INFO,
         "fedst: pretrain through SecAgg+ (%d rounds, %d shares, threshold %d)",
         remaining,
-        run.secagg_num_shares,
-        run.secagg_reconstruction_threshold,
+        run.secure_aggregation.num_shares,
+        run.secure_aggregation.reconstruction_threshold,
     )
     try:
         DefaultWorkflow(fit_workflow=fit)(grid, context)

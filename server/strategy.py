@@ -187,16 +187,16 @@ def make_strategy(run: RunConfig, n_sites: int, federated: str = "pretrain") -> 
         min_evaluate_nodes=0,
         min_available_nodes=n_sites,
     )
-    kind = run.strategy if federated == "pretrain" else "fedavg"
+    kind = run.aggregation.strategy if federated == "pretrain" else "fedavg"
     if kind == "fedprox":
-        return PhaseFedProx(proximal_mu=run.prox_mu, **common)
+        return PhaseFedProx(proximal_mu=run.aggregation.prox_mu, **common)
     if kind == "fedadam":
         return PhaseFedAdam(
-            eta=run.server_lr,
-            eta_l=run.lr,
-            beta_1=run.server_beta1,
-            beta_2=run.server_beta2,
-            tau=run.server_tau,
+            eta=run.aggregation.server_lr,
+            eta_l=run.pretrain.lr,
+            beta_1=run.aggregation.server_beta1,
+            beta_2=run.aggregation.server_beta2,
+            tau=run.aggregation.server_tau,
             **common,
         )
     return PhaseFedAvg(**common)

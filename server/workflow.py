@@ -35,15 +35,15 @@ from shared.io import write_json_atomic
 
 
 def resolve_run_dir(run: RunConfig, run_id: int | str) -> Path:
-    name = run.run_name or f"run-{run_id}"
-    return (Path(run.out_dir).expanduser() / name).absolute()
+    name = run.paths.run_name or f"run-{run_id}"
+    return (Path(run.paths.out_dir).expanduser() / name).absolute()
 
 
 def load_panel(run: RunConfig) -> list[str] | None:
     """The consortium gene panel (ordered), from ``consortium/panel.txt`` when a consortium is configured."""
-    if not run.consortium:
+    if not run.paths.consortium:
         return None
-    path = Path(run.consortium) / "panel.txt"
+    path = Path(run.paths.consortium) / "panel.txt"
     if not path.is_file():
         return None
     return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
@@ -51,24 +51,24 @@ def load_panel(run: RunConfig) -> list[str] | None:
 
 def initial_central(run: RunConfig) -> dict[str, np.ndarray]:
     """Fresh central weights (seeded), or the warm-start weights the operator named."""
-    if run.warm_start:
-        path = Path(run.warm_start).expanduser()
+    if run.paths.warm_start:
+        path = Path(run.paths.warm_start).expanduser()
         if not path.exists():
-            raise FedstError(f"run config 'warm-start': {path} does not exist")
+            raise FedstError(f"run config 'paths.warm-start': {path} does not exist")
         from safetensors.numpy import load_file
 
         file = path / "model.safetensors" if path.is_dir() else path
         if not file.is_file():
             candidates = sorted(path.glob("*.safetensors")) if path.is_dir() else []
             if not candidates:
-                raise FedstError(f"run config 'warm-start': no .safetensors weights in {path}")
+                raise FedstError(f"run config 'paths.warm-start': no .safetensors weights in {path}")
             file = candidates[0]
         state = load_file(str(file))
         expected = _fresh_central(run)
         problems = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
         if problems or set(state) != set(expected):
             raise FedstError(
-                f"run config 'warm-start': {file} does not match the {run.backend}/{run.preset} model "
+                f"run config 'paths.warm-start': {file} does not match the {run.backend}/{run.preset} model "
                 f"(first mismatching tensor: {(problems or sorted(set(state) ^ set(expected)))[0]!r})"
             )
         return {k: state[k] for k in expected}
@@ -76,28 +76,20 @@ def initial_central(run: RunConfig) -> dict[str, np.ndarray]:
 
 
 def _fresh_central(run: RunConfig) -> dict[str, np.ndarray]:
-    if run.backend == "toy":
-        from shared.backends import toy
+    from shared.backends import create_backend
 
-        return toy.initial_state(run.seed)
-    from shared.backends import c2l as c2l_backend
-
-    return c2l_backend.for_run(run).initial_state(run.seed)
+    return create_backend(run.backend, run).initial_state(run.seed)
 
 
 def initial_adapter(run: RunConfig, central: dict[str, np.ndarray], panel: list[str] | None) -> dict[str, np.ndarray]:
     if panel is None:
         raise FedstError(
-            "run config 'federated-adapt' needs the consortium panel (set 'consortium' to a folder with panel.txt)"
+            "run config 'adapt.federated' needs the consortium panel (set 'paths.consortium' to a folder with "
+            "panel.txt)"
         )
-    if run.backend == "toy":
-        from shared.backends import toy
+    from shared.backends import create_backend
 
-        film = toy.build_adapter(len(panel))
-        return {k: v.detach().numpy().copy() for k, v in film.state_dict().items()}
-    from shared.backends import c2l as c2l_backend
-
-    return c2l_backend.for_run(run).initial_adapter(central, panel)
+    return create_backend(run.backend, run).initial_adapter(central, panel)
 
 
 class Workflow:
@@ -219,7 +211,7 @@ class Workflow:
         offset, resumed, opt_state, history = self.resume_point(phase)
         arrays = resumed if resumed is not None else initial
         block = self.results.phases[phase] = PhaseRecord(kind="train", rounds=history)
-        if phase == "pretrain" and self.run.secagg:
+        if phase == "pretrain" and self.run.secure_aggregation.enabled:
             block.secure_aggregation = "SecAgg+"
             context = SecAggContext(
                 grid=self.grid,
@@ -264,14 +256,14 @@ class Workflow:
         return arrays_to_numpy(result.arrays)
 
     def pretrain(self) -> dict[str, np.ndarray]:
-        return self.train_phase("pretrain", self.run.rounds_pretrain, initial_central(self.run))
+        return self.train_phase("pretrain", self.run.pretrain.rounds, initial_central(self.run))
 
     def adapt(self, central: dict[str, np.ndarray]) -> None:
-        if self.run.federated_adapt:
+        if self.run.adapt.federated:
             adapter = initial_adapter(self.run, central, self.panel)
             final = self.train_phase(
                 "adapt",
-                self.run.rounds_adapt,
+                self.run.adapt.rounds,
                 adapter,
                 extra_records={"central": numpy_to_arrays(central)},
                 strategy_kind="adapt",

@@ -13,6 +13,7 @@ import pytest
 from server.experiment.config import load_config, resolve_config_path, resolve_sites
 from server.experiment.planner import Cell, plan
 from server.experiment.runner import run_experiment
+from shared.config import RunConfig
 from shared.errors import FedstError
 
 
@@ -43,6 +44,8 @@ BASE = """
     name = "hospital-b"
     sections = ["b/site.toml#B1", {id = "X9", format = "h5ad", h5ad = "x/X9.h5ad", image = "x/X9.tif"}]
     held_out = ["X9"]
+    [run.dp]
+    epsilon = 8.0
 """
 
 
@@ -60,12 +63,37 @@ def test_config_parses_any_split_of_sections(tmp_path):
 
 
 def test_cli_overrides_take_precedence_over_file(tmp_path):
-    path = _config(tmp_path, BASE + "\n[model]\nadapt_steps = 7\n")
-    config = load_config(path, ["model.adapt_steps=3", "seeds=[5]", "predictor.kind=mlp", "arms=['local']"])
-    assert config.model.adapt_steps == 3 and config.seeds == (5,) and config.predictor.kind == "mlp"
-    assert config.arms == ("local",)
-    assert load_config(path).model.adapt_steps == 7  # file beats the default (40)
-    assert load_config(path).model.pretrain_rounds == 2  # default where the file says nothing
+    path = _config(tmp_path, BASE + "\n[run.adapt]\nsteps = 7\n")
+    overrides = [
+        "run.adapt.steps=3",
+        "run.synthesize.guidance=1.25",
+        "seeds=[5]",
+        "predictor.kind=mlp",
+        "arms=['local']",
+    ]
+    config = load_config(path, overrides)
+    assert config.run.adapt.steps == 3 and config.seeds == (5,) and config.predictor.kind == "mlp"
+    assert config.run.synthesize.guidance == 1.25 and config.arms == ("local",)
+    assert load_config(path).run.adapt.steps == 7  # file beats the default (60)
+    assert load_config(path).run.pretrain.rounds == RunConfig().pretrain.rounds  # the federation's default
+    assert load_config(path, ["run.rounds-pretrain=5"]).run.pretrain.rounds == 5  # legacy keys too (one alias table)
+
+
+def test_experiment_embeds_the_federation_run_config_unchanged(tmp_path):
+    body = BASE.replace("epsilon = 8.0", "epsilon = 4.0") + "\n[run]\npatch-px = 16\n[run.pretrain]\nrounds = 3\n"
+    config = load_config(_config(tmp_path, body))
+    expected = RunConfig.from_mapping({"patch-px": 16, "pretrain": {"rounds": 3}, "dp": {"epsilon": 4.0}})
+    assert config.run == expected
+    # the shipped configs set every value where the experiment differs from the federation's defaults
+    shipped = load_config("synthetic").run
+    assert (shipped.synthesize.guidance, shipped.synthesize.perturb, shipped.synthesize.steps) == (1.5, "mixup", 5)
+    assert (shipped.pretrain.rounds, shipped.pretrain.steps, shipped.adapt.steps, shipped.adapt.batch_size) == (
+        2,
+        20,
+        30,
+        8,
+    )
+    assert (shipped.dp.epsilon, shipped.dp.delta, shipped.adapt.lr) == (8.0, 0.0, 1e-3)
 
 
 @pytest.mark.parametrize(
@@ -92,10 +120,11 @@ def test_bad_sites_are_clear_errors(tmp_path, patch, message):
         (BASE.replace("[0.5, 0.1, 1.0]", "[1.5]"), r"fraction 1.5 .* out of range"),
         (BASE.replace("seeds = [0, 1]", 'arms = ["local", "central"]'), "unknown arm 'central'"),
         (BASE.replace("seeds = [0, 1]", "seedz = [0]"), "unknown key"),
-        (BASE + "\n[model]\nadapt_steps = 'many'\n", "adapt_steps: expected an integer"),
+        (BASE + "\n[run.adapt]\nsteps = 'many'\n", r"\[run\]: run config key 'adapt.steps' is 'many'; .*integer"),
         (BASE + "\n[predictor]\ntop_k = 1\n", "top_k must be >= 2"),
-        (BASE + "\n[model]\nadapt_step = 3\n", r"\[model\]: unknown key\(s\) adapt_step"),
-        (BASE + "\n[model.overrides.sampling]\nx = 1\n", "unknown table"),
+        (BASE + "\n[run.adapt]\nstep = 3\n", r"\[run\]: run config: unknown key 'adapt.step'"),
+        (BASE + "\n[model]\nadapt_steps = 3\n", r"unknown key\(s\) model .*run"),
+        (BASE.replace("epsilon = 8.0", "epsilon = 0.0"), r"\[run.dp\]: epsilon must be > 0"),
         (BASE.replace('name = "hospital-b"', 'name = "hospital b/2"'), r"'hospital b/2' is not a site name"),
     ],
 )
@@ -228,14 +257,14 @@ MICRO = [  # the shipped `synthetic` config, scaled down to about a minute (the 
     "fractions=[0.1, 1.0]",
     "seeds=[0]",
     "dp=[true]",
-    "store.patch_px=16",
+    "run.patch-px=16",
     "store.max_tiles_per_section=16",
-    "model.pretrain_rounds=1",
-    "model.pretrain_steps=2",
-    "model.adapt_steps=3",
-    "model.min_synthetic=8",
-    "model.synthetic_per_spot=0.25",
-    "model.sample_steps=2",
+    "run.pretrain.rounds=1",
+    "run.pretrain.steps=2",
+    "run.adapt.steps=3",
+    "federated.min_synthetic=8",
+    "federated.synthetic_per_spot=0.25",
+    "run.synthesize.steps=2",
     "predictor.top_k=12",
     "report.heatmap_genes=2",
     "report.grid_patches=4",
@@ -247,7 +276,7 @@ def test_micro_experiment_end_to_end(tmp_path):
     pretraining, DP adaptation, synthesis, ridge predictors, shared metrics, report). Then checks what the
     generative model guarantees (see below)."""
     config = load_config("synthetic", MICRO)
-    assert (config.model.dp_epsilon, config.predictor.kind, config.model.perturb) == (8.0, "ridge", "mixup")  # shipped
+    assert (config.run.dp.epsilon, config.predictor.kind, config.run.synthesize.perturb) == (8.0, "ridge", "mixup")
     out = tmp_path / "run"
     lines: list[str] = []
     report = run_experiment(config, out, log=lines.append)

@@ -32,7 +32,7 @@ def test_c2l_site_task_all_phases(tmp_path):
     )
     node = NodeConfig.from_mapping({"data-path": str(store.path), "work-dir": str(tmp_path / "work")}, run)
     task = SiteTask(run, node, PANEL)
-    backend = C2LBackend("tiny", 32)
+    backend = C2LBackend(run)
     central = backend.initial_state(0)
     new, metrics = task.pretrain(central, 1, prox_mu=0.01)
     assert set(new) == set(central) and all(new[k].shape == central[k].shape for k in central)
@@ -71,7 +71,7 @@ def test_federated_adaptation_starts_from_the_averaged_modulation(tmp_path):
     from shared.errors import FedstError
 
     store = toy.write_toy_store(tmp_path / "store", n_spots=24, n_tiles=4, panel=PANEL, patch_px=32, seed=0)
-    backend = C2LBackend("tiny", 32)
+    backend = C2LBackend(RunConfig(patch_px=32))
     central_state = backend.initial_state(0)
     start = {k: torch.from_numpy(np.array(v)) + 0.01 for k, v in backend.initial_adapter(central_state, PANEL).items()}
     model, _ = adapt(
@@ -91,3 +91,31 @@ def test_federated_adaptation_starts_from_the_averaged_modulation(tmp_path):
         adapt(
             backend.central(central_state), store, steps=1, initial_modulation={"nope": torch.zeros(1)}, progress=False
         )
+
+
+def test_default_sections_pass_exactly_what_the_federation_computed_before(monkeypatch, tmp_path):
+    """The c2l backend passes every knob from the config sections; with the defaults these are the values the
+    federation used before the sections existed: the library defaults of shared.c2l, plus 15 DDIM steps."""
+    import inspect
+
+    import shared.c2l.adapt as adapt_module
+    import shared.c2l.synthesize as synthesize_module
+    from shared.backends.c2l import adapt_model, synthesize_pairs
+
+    library = {
+        "adapt": inspect.signature(adapt_module.adapt),
+        "synthesize": inspect.signature(synthesize_module.synthesize),
+    }
+    seen: dict[str, dict] = {}
+    monkeypatch.setattr(adapt_module, "adapt", lambda *a, **kw: seen.setdefault("adapt", kw))
+    monkeypatch.setattr(synthesize_module, "synthesize", lambda *a, **kw: seen.setdefault("synthesize", kw))
+    run = RunConfig()
+    adapt_model(None, None, run.adapt, run.dp, seed=3)
+    synthesize_pairs(None, None, None, run.synthesize.count, tmp_path, run.synthesize, seed=3)
+    for name, own in (("adapt", {"steps": 60, "dp": None}), ("synthesize", {"steps": 15})):
+        defaults = {k: p.default for k, p in library[name].parameters.items()}
+        passed = {k: v for k, v in seen[name].items() if k not in ("seed", "progress", *own)}
+        assert passed == {k: defaults[k] for k in passed}, name
+        assert {k: seen[name][k] for k in own} == own
+    assert seen["adapt"]["lr"] == 1e-3 and seen["synthesize"]["guidance"] == 2.0
+    assert set(seen["synthesize"]) >= {"sampler", "steps", "guidance", "perturb", "batch_size"}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from shared.config import NodeConfig, RunConfig
+from shared.config.legacy import ALIASES
 from shared.errors import FedstError
 
 flwr = pytest.importorskip("flwr")
@@ -73,23 +74,93 @@ def run_workflow(stores, tmp_path, config, **grid_kwargs):
 
 # -- config ----------------------------------------------------------------------------------------------
 def test_pyproject_run_config_parses_to_defaults():
+    from flwr.common.config import flatten_dict
+
     table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    config = RunConfig.from_mapping(table)
-    assert config == RunConfig()  # the TOML documents exactly the defaults
-    assert set(table) == set(RunConfig().to_dict())  # every key overridable with `flwr run -c`
+    assert RunConfig.from_mapping(table) == RunConfig()  # the nested tables document exactly the defaults
+    flat = flatten_dict(table)  # what Flower hands the apps as context.run_config
+    assert RunConfig.from_mapping(flat) == RunConfig()
+    legacy = {k for k, v in flat.items() if k in ALIASES and v == ""}
+    assert set(flat) - legacy == set(RunConfig().to_dict())  # every key overridable with `flwr run -c`
+    assert legacy == set(ALIASES)  # Flower accepts `-c old-key=value` for every legacy key
+
+
+def test_flwr_run_overrides_flow_through_flowers_own_parsing():
+    from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+
+    table = flatten_dict(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    new = fuse_dicts(table, parse_config_args(["adapt.federated=true adapt.rounds=3 synthesize.guidance=1.5"]))
+    old = fuse_dicts(table, parse_config_args(["federated-adapt=true rounds-adapt=3 lr=0.01 strategy='fedprox'"]))
+    for run in (RunConfig.from_mapping(new), RunConfig.from_mapping(old)):
+        assert (run.adapt.federated, run.adapt.rounds) == (True, 3)
+    assert RunConfig.from_mapping(new).synthesize.guidance == 1.5
+    assert (RunConfig.from_mapping(old).pretrain.lr, RunConfig.from_mapping(old).adapt.lr) == (0.01, 0.01)
+    assert RunConfig.from_mapping(old).aggregation.strategy == "fedprox"
+    secure = fuse_dicts(table, parse_config_args(["secagg=true secagg-num-shares=4 min-sites=3"]))  # deploy/README.md
+    assert RunConfig.from_mapping(secure).secure_aggregation.enabled is True
+    with pytest.raises(FedstError, match="legacy key 'rounds-adapt' = 3 conflicts with 'adapt.rounds' = 2"):
+        RunConfig.from_mapping(fuse_dicts(table, parse_config_args(["rounds-adapt=3 adapt.rounds=2"])))
 
 
 def test_run_config_coerces_and_rejects():
     config = RunConfig.from_mapping({"rounds-pretrain": "3", "lr": 1, "federated-adapt": "true", "strategy": "fedprox"})
-    assert (config.rounds_pretrain, config.lr, config.federated_adapt) == (3, 1.0, True)
-    with pytest.raises(FedstError, match="unknown key 'round-pretrain'"):
+    assert (config.pretrain.rounds, config.pretrain.lr, config.adapt.lr, config.adapt.federated) == (3, 1.0, 1.0, True)
+    assert config.aggregation.strategy == "fedprox" and config.paths == RunConfig().paths
+    nested = RunConfig.from_mapping({"pretrain": {"rounds": 2, "lr": 2e-4}, "adapt.lr": 5e-4, "paths": {"run-name": 7}})
+    assert (nested.pretrain.rounds, nested.pretrain.lr, nested.adapt.lr, nested.paths.run_name) == (2, 2e-4, 5e-4, "7")
+    assert RunConfig.from_mapping(nested.to_dict()) == nested
+    with pytest.raises(FedstError, match=r"unknown key 'round-pretrain' \(known keys: adapt.augmentation"):
         RunConfig.from_mapping({"round-pretrain": 3})
-    with pytest.raises(FedstError, match="'strategy' is 'fedsgd'; expected fedavg or fedprox or fedadam"):
+    with pytest.raises(FedstError, match="unknown key 'pretrain.round'"):
+        RunConfig.from_mapping({"pretrain": {"round": 3}})
+    with pytest.raises(
+        FedstError,
+        match="'aggregation.strategy' .set as legacy key 'strategy'. is 'fedsgd'; input should be 'fedavg', 'fedprox'",
+    ):
         RunConfig.from_mapping({"strategy": "fedsgd"})
-    with pytest.raises(FedstError, match="'rounds-pretrain'.*not a valid int"):
+    with pytest.raises(FedstError, match="'pretrain.rounds' .set as legacy key 'rounds-pretrain'. is 'two'; .*integer"):
         RunConfig.from_mapping({"rounds-pretrain": "two"})
-    with pytest.raises(FedstError, match="'patch-px'"):
+    with pytest.raises(FedstError, match="'adapt.steps' is 0; input should be greater than or equal to 1"):
+        RunConfig.from_mapping({"adapt.steps": 0})
+    with pytest.raises(FedstError, match="'synthesize.sampler' is 'euler'"):
+        RunConfig.from_mapping({"synthesize.sampler": "euler"})
+    with pytest.raises(FedstError, match="'patch-px' is 30; expected a multiple of 8"):
         RunConfig.from_mapping({"patch-px": 30})
+
+
+def test_legacy_aliases_name_real_keys_and_the_reference_page_is_current():
+    from shared.config import DEFAULTS
+    from shared.config.reference import reference
+
+    assert all(new in DEFAULTS for targets in ALIASES.values() for new in targets)
+    assert not set(ALIASES) & set(DEFAULTS)  # a legacy key is never also a current key
+    page = reference()
+    assert all(f"`{key}`" in page for key in (*DEFAULTS, *ALIASES))
+    assert (REPO / "docs" / "configuration.md").read_text() == page, "run: python -m shared.config.reference"
+
+
+def test_unknown_backend_is_a_clean_error_listing_the_registered_ones():
+    from shared.backends import backend_names, create_backend
+
+    assert backend_names() == ["c2l", "toy"]
+    with pytest.raises(FedstError, match="'backend' is 'c3l'; expected one of c2l, toy"):
+        create_backend("c3l", RunConfig(backend="c3l"))
+    with pytest.raises(FedstError, match="'preset' is 'huge'; expected one of tiny, base, large"):
+        create_backend("c2l", RunConfig(preset="huge"))
+
+
+def test_no_backend_name_branches_outside_the_registry():
+    import re
+
+    pattern = re.compile(r"""backend\s*[!=]=\s*["']|["'](toy|c2l)["']\s*[!=]=""")
+    offenders = [
+        f"{path.relative_to(REPO)}:{i}"
+        for folder in ("shared", "server", "client")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
 
 
 def test_node_config_errors_name_the_field(tmp_path):
@@ -100,7 +171,9 @@ def test_node_config_errors_name_the_field(tmp_path):
         NodeConfig.from_mapping({"data-path": str(tmp_path / "nowhere.toml"), "work-dir": str(tmp_path)}, run)
     (tmp_path / "c" / "site-1").mkdir(parents=True)
     (tmp_path / "c" / "site-1" / "site.toml").write_text('site = "st-gallen"\n')
-    node = NodeConfig.from_mapping({"partition-id": 1}, RunConfig(consortium=str(tmp_path / "c")), tmp_path / "w")
+    node = NodeConfig.from_mapping(
+        {"partition-id": 1}, RunConfig(paths={"consortium": str(tmp_path / "c")}), tmp_path / "w"
+    )
     assert node.site == "st-gallen" and node.work_dir == (tmp_path / "w" / "st-gallen")
 
 
@@ -216,7 +289,7 @@ def test_resume_is_bit_identical_to_uninterrupted(stores, tmp_path, strategy):
 
 def test_resume_refuses_a_changed_config(stores, tmp_path):
     run_workflow(stores, tmp_path, toy_config(tmp_path, phases="pretrain", **{"rounds-pretrain": 1}))
-    with pytest.raises(FedstError, match=r"resume: run config differs .*\['lr'\]"):
+    with pytest.raises(FedstError, match=r"resume: run config differs .*\['adapt.lr', 'pretrain.lr'\]"):
         run_workflow(stores, tmp_path, toy_config(tmp_path, phases="pretrain", lr=0.5, resume=True))
 
 
@@ -343,6 +416,9 @@ def test_site_names_declared_validated_and_derived(tmp_path):
     toml.parent.mkdir()
     toml.write_text('site = "zürich/1"\n')
     with pytest.raises(FedstError, match=r"site.toml: 'site' 'zürich/1' is not a site name"):
+        NodeConfig.from_mapping({"data-path": str(toml), "work-dir": str(tmp_path / "w")}, run)
+    toml.write_text('site = "basel\n')  # read by the ingest's SITE.toml reader: the same error as `fedst prepare`
+    with pytest.raises(FedstError, match=r"site.toml: not valid TOML"):
         NodeConfig.from_mapping({"data-path": str(toml), "work-dir": str(tmp_path / "w")}, run)
     derived = tmp_path / "my store (v2)"
     derived.mkdir()

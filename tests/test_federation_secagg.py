@@ -76,7 +76,7 @@ def run_local(stores, out: Path, config: dict, **grid_kwargs):
 def site_updates(stores, config: dict, start: dict, server_round: int, scratch: Path):
     """What every site computed in ``server_round`` from ``start`` (same task, seeds and inputs as the sites)."""
     run = RunConfig.from_mapping(config)
-    prox = run.prox_mu if run.strategy == "fedprox" else 0.0
+    prox = run.aggregation.prox_mu if run.aggregation.strategy == "fedprox" else 0.0
     updates, weights = [], []
     for i, store in enumerate(stores):
         node = NodeConfig.from_mapping({"data-path": str(store), "work-dir": str(scratch / f"recompute-{i}")}, run)
@@ -90,7 +90,11 @@ def site_updates(stores, config: dict, start: dict, server_round: int, scratch: 
 
 def fedavg_and_bound(updates, weights, run: RunConfig):
     """(exact FedAvg in float64, elementwise bound on |secagg - FedAvg|) per the module docstring."""
-    t, c, w = run.secagg_quantization_range, run.secagg_clipping_range, run.secagg_max_weight
+    t, c, w = (
+        run.secure_aggregation.quantization_range,
+        run.secure_aggregation.clipping_range,
+        run.secure_aggregation.max_weight,
+    )
     d = np.array([round(n / w * t) / t for n in weights])
     n = np.array(weights, dtype=np.float64)
     rounding = len(updates) * (2 * c / t) / d.sum()
@@ -127,33 +131,46 @@ def test_secagg_config_errors_before_the_run():
             "min-sites": 3,
         }
     )
-    assert ok.secagg and ok.secagg_num_shares == 5 and ok.secagg_reconstruction_threshold == 3
-    with pytest.raises(FedstError, match=r"'strategy' is 'fedadam'; expected fedavg or fedprox with secagg = true"):
+    assert (
+        ok.secure_aggregation.enabled
+        and ok.secure_aggregation.num_shares == 5
+        and ok.secure_aggregation.reconstruction_threshold == 3
+    )
+    with pytest.raises(
+        FedstError,
+        match=r"'aggregation.strategy' is 'fedadam'; expected fedavg or fedprox with secure-aggregation.enabled = true",
+    ):
         RunConfig.from_mapping({"secagg": True, "strategy": "fedadam"})
     with pytest.raises(
         FedstError,
-        match=r"'secagg-reconstruction-threshold' is 3; expected an integer >= 2 and < secagg-num-shares \(3\)",
+        match=r"'secure-aggregation.reconstruction-threshold' is 3; expected an integer >= 2 and < "
+        r"secure-aggregation.num-shares \(3\)",
     ):
         RunConfig.from_mapping({"secagg": True, "secagg-reconstruction-threshold": 3})
-    with pytest.raises(FedstError, match=r"'secagg-num-shares' is 2"):
+    with pytest.raises(FedstError, match=r"'secure-aggregation.num-shares' is 2"):
         RunConfig.from_mapping({"secagg": True, "secagg-num-shares": 2})
-    with pytest.raises(FedstError, match=r"'min-sites' is 2; expected >= secagg-reconstruction-threshold \(3\)"):
+    with pytest.raises(
+        FedstError, match=r"'min-sites' is 2; expected >= secure-aggregation.reconstruction-threshold \(3\)"
+    ):
         RunConfig.from_mapping({"secagg": True, "secagg-num-shares": 4, "secagg-reconstruction-threshold": 3})
-    with pytest.raises(FedstError, match="'secagg-quantization-range'"):
+    with pytest.raises(FedstError, match="'secure-aggregation.quantization-range'"):
         RunConfig.from_mapping({"secagg": True, "secagg-quantization-range": 2**30})
-    with pytest.raises(FedstError, match="'secagg-clipping-range'"):
+    with pytest.raises(FedstError, match="'secure-aggregation.clipping-range'"):
         RunConfig.from_mapping({"secagg": True, "secagg-clipping-range": 0})
     # without secagg the same keys are inert: FedAdam stays available
-    assert RunConfig.from_mapping({"strategy": "fedadam", "secagg-reconstruction-threshold": 9}).strategy == "fedadam"
+    assert (
+        RunConfig.from_mapping({"strategy": "fedadam", "secagg-reconstruction-threshold": 9}).aggregation.strategy
+        == "fedadam"
+    )
 
 
 def test_sites_refuse_what_secagg_would_silently_corrupt():
-    run = RunConfig(secagg=True)
+    run = RunConfig(secure_aggregation={"enabled": True})
     check_secagg_range({"w": np.full(3, 7.9, np.float32)}, 1000, run)  # weight 1.0: 7.9 <= 8 fits
     check_secagg_range({"w": np.full(3, 150.0, np.float32)}, 50, run)  # weight 0.05: 7.5 fits
-    with pytest.raises(FedstError, match=r"tensor 'w' .*exceeds run config 'secagg-clipping-range' \(8\)"):
+    with pytest.raises(FedstError, match=r"tensor 'w' .*exceeds run config 'secure-aggregation.clipping-range' \(8\)"):
         check_secagg_range({"w": np.full(3, 170.0, np.float32)}, 50, run)
-    with pytest.raises(FedstError, match="num-examples 1001 exceeds run config 'secagg-max-weight'"):
+    with pytest.raises(FedstError, match="num-examples 1001 exceeds run config 'secure-aggregation.max-weight'"):
         check_secagg_range({"w": np.zeros(3, np.float32)}, 1001, run)
     with pytest.raises(FedstError, match="exceeds"):
         check_secagg_range({"w": np.array([np.nan], np.float32)}, 10, run)

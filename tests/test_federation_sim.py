@@ -59,6 +59,7 @@ def test_fedst_demo_simulation_runs_every_phase(tmp_path):
     assert report.is_file() and report.parent.parent == out / "runs"
     results = load_results(report.parent / "results.json")
     assert results.status == "completed" and results.config["backend"] == "toy"
+    assert results.config["pretrain.rounds"] == 2  # `--rounds` reached the apps through `flwr run -c`
     assert set(results.phases) == {"pretrain", "adapt", "synthesize", "downstream"}
     assert len(results.phases["downstream"].last.sites) == 3
     assert all(len(r.sites) == 3 for r in results.phases["pretrain"].rounds)

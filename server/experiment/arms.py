@@ -167,10 +167,9 @@ class ArmRunner:
         return {"sites": sites, "artifacts": artifacts}
 
     def run_federated(self, cell: Cell, workdir: Path) -> dict[str, Any]:
-        from shared.c2l.adapt import adapt
-        from shared.c2l.dp import DPConfig
+        from shared.backends.c2l import adapt_model
 
-        m = self.config.model
+        run, arm = self.config.run, self.config.federated
         central, pretrain_info = self.central(cell.seed)
         sites, artifacts = {}, {}
         for site in self.sites:
@@ -182,23 +181,16 @@ class ArmRunner:
                 tile_sections=[],
                 note=f"fraction {cell.fraction:g}, seed {cell.seed}",
             )
-            batch = min(m.batch_size, max(1, real.n_spots - 1))
-            dp = None
-            if cell.dp:
-                dp = DPConfig(target_epsilon=m.dp_epsilon, target_delta=m.dp_delta, max_grad_norm=m.dp_max_grad_norm)
             started = time.perf_counter()
-            adapted, summary = adapt(
+            adapted, summary = adapt_model(
                 central,
                 real,
-                steps=m.adapt_steps,
-                batch_size=batch,
-                lr=m.lr,
+                run.adapt,
+                run.dp if cell.dp else None,
                 seed=site_seed(cell.seed, site.name, "adapt"),
-                dp=dp,
-                progress=False,
-                **m.overrides.get("adapt", {}),
+                batch_size=min(run.adapt.batch_size, max(1, real.n_spots - 1)),
             )
-            n_synth = max(m.min_synthetic, int(round(m.synthetic_per_spot * real.n_spots)))
+            n_synth = max(arm.min_synthetic, int(round(arm.synthetic_per_spot * real.n_spots)))
             synthetic = self._synthesize(
                 central,
                 adapted,
@@ -235,23 +227,9 @@ class ArmRunner:
         return {"sites": sites, "artifacts": artifacts, "pretraining": pretrain_info}
 
     def _synthesize(self, central: Any, adapted: Any, real: PatchStore, n: int, out: Path, seed: int) -> PatchStore:
-        from shared.c2l.synthesize import synthesize
+        from shared.backends.c2l import synthesize_pairs
 
-        m = self.config.model
-        return synthesize(
-            central,
-            adapted,
-            real,
-            n,
-            out,
-            sampler=m.sampler,
-            steps=m.sample_steps,
-            guidance=m.guidance,
-            seed=seed,
-            perturb=m.perturb,
-            progress=False,
-            **m.overrides.get("synthesize", {}),
-        )
+        return synthesize_pairs(central, adapted, real, n, out, self.config.run.synthesize, seed=seed)
 
     # -- central model (federated pretraining, once per seed) ---------------------------------------------
     def central(self, seed: int):
@@ -273,20 +251,19 @@ class ArmRunner:
     def _pretrain(self, seed: int, root: Path):
         import torch
 
+        from shared.backends.c2l import central_overrides
         from shared.c2l.central import create_central
 
-        m = self.config.model
+        run = self.config.run
         panel = self.sites[0].train.panel
-        model = create_central(
-            m.preset, sample_size=self.config.store.patch_px, panel=panel, **m.overrides.get("central", {})
-        )
+        model = create_central(run.preset, panel=panel, **central_overrides(run))
         state = federated_pretrain(self.config, self.sites, seed, root, log=self.log)
         model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}, strict=True)
         return model, {
             "route": "flower (server.workflow.Workflow over server.localgrid.LocalGrid, client.app)",
-            "rounds": m.pretrain_rounds,
-            "local_steps": m.pretrain_steps,
-            "strategy": m.strategy,
+            "rounds": run.pretrain.rounds,
+            "local_steps": run.pretrain.steps,
+            "strategy": run.aggregation.strategy,
         }
 
 
@@ -301,24 +278,18 @@ def federated_pretrain(
     from server.workflow import Workflow
     from shared.config import RunConfig
 
-    m = config.model
+    # the experiment's [run] sections as they are; the harness decides only what this in-process run is
     run = RunConfig.from_mapping(
         {
+            **config.run.to_dict(),
             "backend": "c2l",
-            "preset": m.preset,
             "phases": "pretrain",
-            "strategy": m.strategy,
-            "rounds-pretrain": m.pretrain_rounds,
-            "local-steps": m.pretrain_steps,
-            "batch-size": m.batch_size,
-            "patch-px": config.store.patch_px,
             "seed": seed,
             "min-sites": len(sites),
             "failure-tolerance": 0,
-            "out-dir": str(root),
-            "run-name": "flower-run",
-            "sites-root": str(root / "sites"),
-            **{k: v for k, v in m.overrides.get("federation", {}).items()},
+            "paths.out-dir": str(root),
+            "paths.run-name": "flower-run",
+            "paths.sites-root": str(root / "sites"),
         }
     )
     nodes = {
@@ -328,7 +299,7 @@ def federated_pretrain(
     run_dir = root / "flower-run"
     log(
         f"federated pretraining (seed {seed}): {len(sites)} sites, "
-        f"{m.pretrain_rounds} rounds x {m.pretrain_steps} steps, {m.strategy}"
+        f"{run.pretrain.rounds} rounds x {run.pretrain.steps} steps, {run.aggregation.strategy}"
     )
     with LocalGrid(load_client_app(), nodes, run.to_dict(), run_id=seed + 1) as grid:
         Workflow(grid, run, run_dir, run_id=seed + 1).run_all()

@@ -1,9 +1,12 @@
 """Typed experiment configuration read from CONFIG.toml (precedence: defaults < file < CLI overrides).
 
 A config names the sites, the sections each site holds and which of them are held out for evaluation, the
-arms to compare, the real-spot fractions, the seeds, the DP variants of the federated arm, and the model /
-predictor settings. Sites are arbitrary groups of sections so that new data can be evaluated without code
-changes. Each entry of a site's ``sections`` is one of:
+arms to compare, the real-spot fractions, the seeds, the DP variants of the federated arm, the predictor settings
+and, in ``[run]``, the federation's run config itself (the same nested sections as ``[tool.flwr.app.config]``,
+validated by shared.config.RunConfig: ``[run.pretrain]``, ``[run.adapt]``, ``[run.synthesize]``, ``[run.dp]``...,
+reference: docs/configuration.md) and ``[federated]``, the federated arm's synthetic-pair count rule. Sites are
+arbitrary groups of sections so that new data can be evaluated without code changes. Each entry of a site's
+``sections`` is one of:
 
 - an inline table in the SITE.toml ``[[sections]]`` format (paths relative to the config's folder);
 - ``"path/to/site.toml"``: every section of that SITE.toml;
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.config import site_name_problem
+from shared.config import RunConfig, site_name_problem
 from shared.errors import FedstError, require
 
 ARMS = ("local", "federated", "pooled")
@@ -42,34 +45,20 @@ cell results, so a resumed run never mixes cells of two versions (2: per-site ad
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """How each site's sections become a patch store (passed to ``prepare_store``)."""
+    """How each site's sections become a patch store (passed to ``prepare_store``; the patch size is the run
+    config's ``patch-px``)."""
 
-    patch_px: int = 32
     field_um: float = 112.0
     max_tiles_per_section: int = 64
 
 
 @dataclass(frozen=True)
-class ModelSettings:
-    """C2L-ST settings of the federated arm: central pretraining, local adaptation, synthesis."""
+class FederatedArmSettings:
+    """How many synthetic pairs the federated arm adds per site: ``max(min_synthetic, synthetic_per_spot *
+    real spots)`` (the experiment's rule, in place of the run config's fixed ``synthesize.count``)."""
 
-    preset: str = "tiny"
-    pretrain_rounds: int = 2
-    pretrain_steps: int = 20
-    strategy: str = "fedavg"
-    adapt_steps: int = 40
-    batch_size: int = 16
-    lr: float = 1e-3
     synthetic_per_spot: float = 1.0
     min_synthetic: int = 16
-    sampler: str = "ddim"
-    sample_steps: int = 10
-    guidance: float = 1.5
-    perturb: str = "mixup"
-    dp_epsilon: float = 8.0
-    dp_delta: float | None = None
-    dp_max_grad_norm: float = 1.0
-    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,7 +108,8 @@ class ExperimentConfig:
     panel: Path | None = None
     synthetic: SyntheticSource | None = None
     store: StoreSettings = StoreSettings()
-    model: ModelSettings = ModelSettings()
+    run: RunConfig = field(default_factory=RunConfig)
+    federated: FederatedArmSettings = FederatedArmSettings()
     predictor: PredictorSettings = PredictorSettings()
     report: ReportSettings = ReportSettings()
     source: Path | None = None
@@ -137,6 +127,8 @@ class ExperimentConfig:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, RunConfig):
+        return value.to_dict()
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -163,7 +155,7 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=VALUE`` -> (["a", "b"], value); VALUE is read as a TOML value, else kept as a string."""
-    require("=" in text, f"override {text!r}: expected KEY=VALUE (e.g. model.adapt_steps=20)")
+    require("=" in text, f"override {text!r}: expected KEY=VALUE (e.g. run.adapt.steps=20)")
     key, raw = text.split("=", 1)
     key = key.strip()
     require(bool(key), f"override {text!r}: empty key")
@@ -244,10 +236,6 @@ def _coerce(cls: type, attr: str, value: Any, where: str) -> Any:
     return value
 
 
-MODEL_OVERRIDE_TABLES = {"central", "adapt", "synthesize", "federation"}
-"""[model.overrides.<name>]: extra keyword arguments of create_central / adapt / synthesize / the federation's
-RunConfig (kebab-case keys), passed through verbatim."""
-
 TOP_KEYS = {
     "name",
     "data_root",
@@ -259,7 +247,8 @@ TOP_KEYS = {
     "panel",
     "synthetic",
     "store",
-    "model",
+    "run",
+    "federated",
     "predictor",
     "report",
 }
@@ -357,24 +346,20 @@ def _build(data: dict[str, Any], base_dir: Path, where: str, source: Path | None
     names = [s.name for s in sites]
     require(len(set(names)) == len(names), f"{where}: two sites share a name ({names})")
 
-    model = _section_from(ModelSettings, data.get("model"), f"{where} [model]", extra_field="overrides")
+    raw_run = data.get("run", {})
+    require(isinstance(raw_run, dict), f"{where} [run]: expected a table (the federation's run config sections)")
+    try:
+        run = RunConfig.from_mapping(raw_run)
+    except FedstError as exc:
+        raise FedstError(f"{where} [run]: {exc}") from None
     require(
-        model.strategy in ("fedavg", "fedprox", "fedadam"),
-        f"{where} [model]: strategy must be fedavg, fedprox or fedadam",
+        run.dp.epsilon > 0 or "federated" not in arms or True not in dp,
+        f"{where} [run.dp]: epsilon must be > 0 for the DP variant of the federated arm (dp = [..., true])",
     )
+    federated = _section_from(FederatedArmSettings, data.get("federated"), f"{where} [federated]")
     require(
-        model.pretrain_rounds >= 1 and model.pretrain_steps >= 1 and model.adapt_steps >= 1,
-        f"{where} [model]: rounds and steps must be >= 1",
-    )
-    require(model.dp_epsilon > 0, f"{where} [model]: dp_epsilon must be > 0")
-    require(model.perturb in ("none", "mixup", "noise"), f"{where} [model]: perturb must be none, mixup or noise")
-    require(
-        model.synthetic_per_spot > 0 and model.min_synthetic >= 1,
-        f"{where} [model]: synthetic_per_spot must be > 0 and min_synthetic >= 1",
-    )
-    bad = sorted(set(model.overrides) - MODEL_OVERRIDE_TABLES)
-    require(
-        not bad, f"{where} [model.overrides]: unknown table(s) {bad} (expected some of {sorted(MODEL_OVERRIDE_TABLES)})"
+        federated.synthetic_per_spot > 0 and federated.min_synthetic >= 1,
+        f"{where} [federated]: synthetic_per_spot must be > 0 and min_synthetic >= 1",
     )
     predictor = _section_from(PredictorSettings, data.get("predictor"), f"{where} [predictor]", extra_field="options")
     require(predictor.top_k >= 2, f"{where} [predictor]: top_k must be >= 2 (GSC needs gene pairs)")
@@ -391,7 +376,8 @@ def _build(data: dict[str, Any], base_dir: Path, where: str, source: Path | None
         panel=panel,
         synthetic=synthetic,
         store=store,
-        model=model,
+        run=run,
+        federated=federated,
         predictor=predictor,
         report=report,
         source=source,

@@ -129,7 +129,7 @@ def prepare_sites(config: ExperimentConfig, out: Path, log: Callable[[str], None
             toml,
             root / "store",
             panel=panel,
-            patch_px=config.store.patch_px,
+            patch_px=config.run.patch_px,
             field_um=config.store.field_um,
             max_tiles_per_section=config.store.max_tiles_per_section,
             progress=False,

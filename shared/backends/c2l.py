@@ -1,16 +1,22 @@
 """The real workflow backend: C2L-ST (shared/c2l) for pretrain/adapt/synthesize, shared/downstream for the
-predictor. Same function shapes as shared/backends/toy.py; state crosses as plain numpy state dicts."""
+predictor. Every c2l keyword comes from a run-config section (`adapt_model`, `synthesize_pairs` are also what the
+experiment harness calls), so no default of shared/c2l decides what a federation computes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shared.config import RunConfig
+from shared.backends.base import register_backend
+from shared.config import AdaptConfig, DPConfig, PretrainConfig, RunConfig, SynthesizeConfig
 from shared.errors import FedstError
+
+if TYPE_CHECKING:
+    from shared.store.format import PatchStore
+
+PRESETS = ("tiny", "base", "large")  # shared.c2l.presets.PRESETS, named here without importing torch
 
 
 def _to_numpy(state) -> dict[str, np.ndarray]:
@@ -23,23 +29,77 @@ def _to_torch(state: dict[str, np.ndarray]):
     return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
 
 
-@dataclass
+def central_overrides(run: RunConfig) -> dict[str, Any]:
+    """``create_central`` keywords of this run beyond the preset (patch size, the pretrain section's target)."""
+    extra: dict[str, Any] = {"sample_size": run.patch_px}
+    if run.pretrain.prediction_type:
+        extra["prediction_type"] = run.pretrain.prediction_type
+    return extra
+
+
+def adapt_model(central, store: PatchStore, settings: AdaptConfig, dp: DPConfig | None, *, seed: int, **extra: Any):
+    """`shared.c2l.adapt.adapt` with every knob of the adapt section (``dp`` None or epsilon 0: no DP);
+    ``extra``: per-call keywords (batch size capped by the harness, the round's initial modulation)."""
+    from shared.c2l.adapt import adapt
+    from shared.c2l.dp import DPConfig as DPTarget
+
+    target = None
+    if dp is not None and dp.epsilon > 0:
+        target = DPTarget(target_epsilon=dp.epsilon, target_delta=dp.delta or None, max_grad_norm=dp.max_grad_norm)
+    kwargs: dict[str, Any] = dict(
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        cond_dropout=settings.cond_dropout,
+        hidden_dim=settings.hidden_dim,
+        embed_dim=settings.embed_dim,
+        augmentation=settings.augmentation,
+        timestep_power=settings.timestep_power,
+        lora_rank=settings.lora_rank,
+        lora_alpha=settings.lora_alpha or None,
+    )
+    kwargs.update(extra)
+    return adapt(central, store, seed=seed, dp=target, progress=False, **kwargs)
+
+
+def synthesize_pairs(central, adapted, store: PatchStore, n: int, out: Path, settings: SynthesizeConfig, *, seed: int):
+    """`shared.c2l.synthesize.synthesize` with every knob of the synthesize section (``n`` pairs)."""
+    from shared.c2l.synthesize import synthesize
+
+    return synthesize(
+        central,
+        adapted,
+        store,
+        n,
+        out,
+        sampler=settings.sampler,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        perturb=settings.perturb,
+        batch_size=settings.batch_size,
+        seed=seed,
+        progress=False,
+    )
+
+
+@register_backend("c2l")
 class C2LBackend:
-    preset: str
-    patch_px: int
-    sample_steps: int = 10
-    hidden_dim: int = 64  # the c2l defaults: ~5% of the tiny central model's parameters
-    embed_dim: int = 32
+    """C2L-ST: a diffusers UNet pretrained federatedly, a gene-conditioned modulation adapted on each site."""
+
+    def __init__(self, run: RunConfig):
+        if run.preset not in PRESETS:
+            raise FedstError(f"run config key 'preset' is {run.preset!r}; expected one of {', '.join(PRESETS)}")
+        self.run = run
 
     def central(self, state: dict[str, np.ndarray] | None = None):
         from shared.c2l.central import create_central
 
-        model = create_central(self.preset, sample_size=self.patch_px)
+        model = create_central(self.run.preset, **central_overrides(self.run))
         if state is not None:
             missing = set(model.state_dict()) ^ set(state)
             if missing:
                 raise FedstError(
-                    f"central weights do not match the {self.preset} preset (e.g. tensor {sorted(missing)[0]!r})"
+                    f"central weights do not match the {self.run.preset} preset (e.g. tensor {sorted(missing)[0]!r})"
                 )
             model.load_state_dict(_to_torch(state))
         return model
@@ -56,11 +116,12 @@ class C2LBackend:
         from shared.c2l.modulation import create_conditioned
 
         torch.manual_seed(0)
+        a = self.run.adapt
         return _to_numpy(
-            create_conditioned(self.central(central), panel, self.hidden_dim, self.embed_dim).modulation.state_dict()
+            create_conditioned(self.central(central), panel, a.hidden_dim, a.embed_dim).modulation.state_dict()
         )
 
-    def pretrain(self, state, store, *, steps: int, batch_size: int, lr: float, seed: int, prox_mu: float = 0.0):
+    def pretrain(self, state, store, settings: PretrainConfig, *, seed: int, prox_mu: float = 0.0):
         import torch
 
         from shared.c2l.train import train_central
@@ -71,12 +132,13 @@ class C2LBackend:
         summary = train_central(
             model,
             [store],
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
             seed=seed,
             prox_mu=prox_mu,
             prox_reference=reference,
+            augmentation=settings.augmentation,
             progress=False,
         )
         return _to_numpy(model.state_dict()), {
@@ -88,42 +150,19 @@ class C2LBackend:
         self,
         central,
         store,
+        settings: AdaptConfig,
+        dp: DPConfig,
         *,
-        adapter_state=None,
-        steps: int,
-        batch_size: int,
-        lr: float,
         seed: int,
-        dp_epsilon: float = 0.0,
-        dp_delta: float = 1e-5,
-        max_grad_norm: float = 1.0,
+        adapter_state=None,
         work_dir: Path | None = None,
     ):
-        from shared.c2l.adapt import adapt
-        from shared.c2l.dp import DPConfig
         from shared.c2l.modulation import save_adapter
 
-        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if adapter_state is not None:  # federated adaptation: start from the round's averaged modulation
-            kwargs["initial_modulation"] = _to_torch(adapter_state)
-        dp = (
-            DPConfig(target_epsilon=dp_epsilon, target_delta=dp_delta, max_grad_norm=max_grad_norm)
-            if dp_epsilon > 0
-            else None
-        )
-        model, summary = adapt(
-            self.central(central),
-            store,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            dp=dp,
-            hidden_dim=self.hidden_dim,
-            embed_dim=self.embed_dim,
-            progress=False,
-            **kwargs,
-        )
+            extra["initial_modulation"] = _to_torch(adapter_state)
+        model, summary = adapt_model(self.central(central), store, settings, dp, seed=seed, **extra)
         if work_dir is not None:
             save_adapter(model, Path(work_dir) / "adapter")  # the c2l-format adapter, for `fedst c2l synthesize`
         metrics = {
@@ -138,19 +177,16 @@ class C2LBackend:
     def conditioned(self, central, adapter_state, panel):
         from shared.c2l.modulation import create_conditioned
 
-        model = create_conditioned(self.central(central), panel, self.hidden_dim, self.embed_dim)
+        a = self.run.adapt
+        model = create_conditioned(self.central(central), panel, a.hidden_dim, a.embed_dim)
         model.modulation.load_state_dict(_to_torch(adapter_state))
         return model
 
-    def synthesize(self, central, adapter_state, store, out: Path, *, n: int, seed: int, steps: int | None = None):
-        from shared.c2l.synthesize import synthesize
-
+    def synthesize(self, central, adapter_state, store, out: Path, settings: SynthesizeConfig, *, seed: int):
         model = self.conditioned(central, adapter_state, store.panel)
-        return synthesize(
-            model.central, model, store, n, out, steps=steps or self.sample_steps, seed=seed, progress=False
-        )
+        return synthesize_pairs(model.central, model, store, settings.count, out, settings, seed=seed)
 
-    def downstream(self, store, synthetic, *, seed: int, predictor: str = "ridge") -> dict[str, float]:
+    def downstream(self, store, synthetic, *, seed: int, predictor: str) -> dict[str, float]:
         from shared import keys
         from shared.downstream.predictor import evaluate_predictor, train_predictor
         from shared.splits import downstream_held_out
@@ -190,7 +226,3 @@ def _scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
         ):
             flat[name] = float(value)
     return flat
-
-
-def for_run(run: RunConfig) -> C2LBackend:
-    return C2LBackend(preset=run.preset, patch_px=run.patch_px, sample_steps=run.sample_steps)

@@ -4,17 +4,21 @@ Central model: a two-layer convolutional denoiser trained on a site's tiles and 
 zero-initialised gene-conditioned FiLM on its hidden layer (central frozen). Synthesis: denoise noisy
 site-mean patches under the site's gene conditions. Downstream: ridge regression from pooled pixels to
 expression, real-only vs real+synthetic, on a held-out section. Every step is seeded, so two runs with the
-same config give bit-identical weights.
+same config (and the same torch thread count, which the caller sets) give bit-identical weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shared.backends.base import register_backend
 from shared.store.format import PatchStore
+
+if TYPE_CHECKING:
+    from shared.config import AdaptConfig, DPConfig, PretrainConfig, RunConfig, SynthesizeConfig
 
 NOISE = 0.5
 
@@ -22,7 +26,6 @@ NOISE = 0.5
 def _torch():
     import torch
 
-    torch.set_num_threads(1)
     return torch
 
 
@@ -76,130 +79,16 @@ def _export(module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
 
-def pretrain(
-    state: dict[str, np.ndarray],
-    store: PatchStore,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    prox_mu: float = 0.0,
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Local denoising steps from ``state``; with ``prox_mu`` > 0 a FedProx term pulls toward ``state``."""
-    torch = _torch()
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    pool = [a for a in (store.tiles, store.patches) if len(a)]
-    images = np.concatenate([np.asarray(a) for a in pool]) if pool else np.zeros((0, 8, 8, 3), np.uint8)
-    model = build_central()
-    _load(model, state)
-    reference = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        idx = rng.integers(0, len(images), size=min(batch_size, len(images)))
-        x = _images(images[idx])
-        noise = torch.randn_like(x)
-        loss = torch.nn.functional.mse_loss(model(x + NOISE * noise), noise)
-        objective = loss
-        if prox_mu > 0:
-            objective = loss + prox_mu / 2 * sum(((p - r) ** 2).sum() for p, r in zip(model.parameters(), reference))
-        opt.zero_grad()
-        objective.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return _export(model), {"loss": float(np.mean(losses)), "num-examples": float(len(images))}
-
-
 def _conditioned(central, film, x, genes):
     scale, shift = film(genes).chunk(2, dim=1)
     h = central.hidden(x) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
     return central.conv_out(h)
 
 
-def adapt(
-    central_state: dict[str, np.ndarray],
-    store: PatchStore,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    adapter_state: dict[str, np.ndarray] | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Train only the FiLM adapter on the site's paired spots; the central weights stay frozen."""
-    torch = _torch()
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    central = build_central()
-    _load(central, central_state)
-    central.eval().requires_grad_(False)
-    genes_all = _expression(store)
-    film = build_adapter(genes_all.shape[1])
-    if adapter_state is not None:
-        _load(film, adapter_state)
-    opt = torch.optim.Adam(film.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        idx = rng.integers(0, store.n_spots, size=min(batch_size, store.n_spots))
-        x = _images(np.asarray(store.patches)[idx])
-        genes = torch.from_numpy(genes_all[idx])
-        noise = torch.randn_like(x)
-        loss = torch.nn.functional.mse_loss(_conditioned(central, film, x + NOISE * noise, genes), noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return _export(film), {"loss": float(np.mean(losses)), "num-examples": float(store.n_spots)}
-
-
 def _expression(store: PatchStore) -> np.ndarray:
     x = store.spots.X
     x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
     return np.nan_to_num(x.astype(np.float32))
-
-
-def synthesize(
-    central_state: dict[str, np.ndarray],
-    adapter_state: dict[str, np.ndarray],
-    store: PatchStore,
-    out: Path,
-    *,
-    n: int,
-    seed: int,
-) -> PatchStore:
-    """Write ``n`` synthetic pairs (conditions drawn from real spots) as a store flagged synthetic."""
-    torch = _torch()
-    from shared import keys
-    from shared.store.format import StoreWriter
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    central = build_central()
-    _load(central, central_state)
-    genes_all = _expression(store)
-    film = build_adapter(genes_all.shape[1])
-    _load(film, adapter_state)
-    idx = np.sort(rng.integers(0, store.n_spots, size=n))
-    import warnings
-
-    mean = _images(np.asarray(store.patches)).mean(0, keepdim=True)
-    with torch.no_grad():
-        x = mean.repeat(n, 1, 1, 1) + NOISE * torch.randn(n, *mean.shape[1:])
-        eps = _conditioned(central, film, x, torch.from_numpy(genes_all[idx]))
-        img = ((x - NOISE * eps).clamp(-1, 1) + 1) * 127.5
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # duplicate obs names are renamed just below
-        spots = store.spots[idx].copy()
-    spots.obs_names = [f"syn-{i}" for i in range(n)]
-    spots.obs[keys.PATCH_INDEX] = np.arange(n)
-    spots.obs[keys.SYNTHETIC] = True
-    with StoreWriter(out, patch_px=store.patch_px) as writer:
-        writer.allocate_patches(n)[:] = img.permute(0, 2, 3, 1).round().byte().numpy()
-        writer.set_spots(spots)
-        writer.manifest.update(synthetic=True, provenance={"generator": "toy", "seed": seed})
-    return PatchStore(out)
 
 
 def features(store: PatchStore, rows: np.ndarray | None = None) -> np.ndarray:
@@ -209,31 +98,163 @@ def features(store: PatchStore, rows: np.ndarray | None = None) -> np.ndarray:
     return np.concatenate([pooled, patches.std(axis=(1, 2))], axis=1)
 
 
-def downstream(store: PatchStore, synthetic: PatchStore | None, *, seed: int) -> dict[str, float]:
-    """Ridge predictor on real-only vs real+synthetic training spots, scored on a held-out section."""
-    from shared import keys
-    from shared.splits import downstream_held_out
+@register_backend("toy")
+class ToyBackend:
+    """The toy workflow; the model shape is fixed, so the run config only supplies the phase sections."""
 
-    sections = store.spots.obs[keys.SECTION].astype(str).to_numpy()
-    held_out = downstream_held_out(sections)
-    if held_out is not None:
-        test = sections == held_out
-    else:
-        test = np.random.default_rng(seed).random(len(sections)) < 0.25
-    y = _expression(store)
-    x = features(store)
-    out: dict[str, float] = {"num-examples": float(test.sum())}
-    arms = {"real": (x[~test], y[~test])}
-    if synthetic is not None:
-        arms["augmented"] = (
-            np.concatenate([x[~test], features(synthetic)]),
-            np.concatenate([y[~test], _expression(synthetic)]),
-        )
-    for arm, (xt, yt) in arms.items():
-        pred = _ridge(xt, yt, x[test])
-        out[f"{arm}-pcc"] = _mean_pcc(pred, y[test])
-        out[f"{arm}-mse"] = float(np.mean((pred - y[test]) ** 2))
-    return out
+    def __init__(self, run: RunConfig):
+        self.run = run
+
+    def initial_state(self, seed: int) -> dict[str, np.ndarray]:
+        return initial_state(seed)
+
+    def initial_adapter(self, central: dict[str, np.ndarray], panel: list[str]) -> dict[str, np.ndarray]:
+        return _export(build_adapter(len(panel)))
+
+    def pretrain(
+        self,
+        state: dict[str, np.ndarray],
+        store: PatchStore,
+        settings: PretrainConfig,
+        *,
+        seed: int,
+        prox_mu: float = 0.0,
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Local denoising steps from ``state``; with ``prox_mu`` > 0 a FedProx term pulls toward ``state``."""
+        torch = _torch()
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        pool = [a for a in (store.tiles, store.patches) if len(a)]
+        images = np.concatenate([np.asarray(a) for a in pool]) if pool else np.zeros((0, 8, 8, 3), np.uint8)
+        model = build_central()
+        _load(model, state)
+        reference = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        losses = []
+        for _ in range(settings.steps):
+            idx = rng.integers(0, len(images), size=min(settings.batch_size, len(images)))
+            x = _images(images[idx])
+            noise = torch.randn_like(x)
+            loss = torch.nn.functional.mse_loss(model(x + NOISE * noise), noise)
+            objective = loss
+            if prox_mu > 0:
+                objective = loss + prox_mu / 2 * sum(
+                    ((p - r) ** 2).sum() for p, r in zip(model.parameters(), reference)
+                )
+            opt.zero_grad()
+            objective.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        return _export(model), {"loss": float(np.mean(losses)), "num-examples": float(len(images))}
+
+    def adapt(
+        self,
+        central_state: dict[str, np.ndarray],
+        store: PatchStore,
+        settings: AdaptConfig,
+        dp: DPConfig,
+        *,
+        seed: int,
+        adapter_state: dict[str, np.ndarray] | None = None,
+        work_dir: Path | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Train only the FiLM adapter on the site's paired spots; the central weights stay frozen (no DP here:
+        ``dp`` and ``work_dir`` are part of the interface, unused by this backend)."""
+        torch = _torch()
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        central = build_central()
+        _load(central, central_state)
+        central.eval().requires_grad_(False)
+        genes_all = _expression(store)
+        film = build_adapter(genes_all.shape[1])
+        if adapter_state is not None:
+            _load(film, adapter_state)
+        opt = torch.optim.Adam(film.parameters(), lr=settings.lr)
+        losses = []
+        for _ in range(settings.steps):
+            idx = rng.integers(0, store.n_spots, size=min(settings.batch_size, store.n_spots))
+            x = _images(np.asarray(store.patches)[idx])
+            genes = torch.from_numpy(genes_all[idx])
+            noise = torch.randn_like(x)
+            loss = torch.nn.functional.mse_loss(_conditioned(central, film, x + NOISE * noise, genes), noise)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        return _export(film), {"loss": float(np.mean(losses)), "num-examples": float(store.n_spots)}
+
+    def synthesize(
+        self,
+        central_state: dict[str, np.ndarray],
+        adapter_state: dict[str, np.ndarray],
+        store: PatchStore,
+        out: Path,
+        settings: SynthesizeConfig,
+        *,
+        seed: int,
+    ) -> PatchStore:
+        """Write ``settings.count`` synthetic pairs (conditions drawn from real spots) as a store flagged synthetic."""
+        torch = _torch()
+        from shared import keys
+        from shared.store.format import StoreWriter
+
+        n = settings.count
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        central = build_central()
+        _load(central, central_state)
+        genes_all = _expression(store)
+        film = build_adapter(genes_all.shape[1])
+        _load(film, adapter_state)
+        idx = np.sort(rng.integers(0, store.n_spots, size=n))
+        import warnings
+
+        mean = _images(np.asarray(store.patches)).mean(0, keepdim=True)
+        with torch.no_grad():
+            x = mean.repeat(n, 1, 1, 1) + NOISE * torch.randn(n, *mean.shape[1:])
+            eps = _conditioned(central, film, x, torch.from_numpy(genes_all[idx]))
+            img = ((x - NOISE * eps).clamp(-1, 1) + 1) * 127.5
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # duplicate obs names are renamed just below
+            spots = store.spots[idx].copy()
+        spots.obs_names = [f"syn-{i}" for i in range(n)]
+        spots.obs[keys.PATCH_INDEX] = np.arange(n)
+        spots.obs[keys.SYNTHETIC] = True
+        with StoreWriter(out, patch_px=store.patch_px) as writer:
+            writer.allocate_patches(n)[:] = img.permute(0, 2, 3, 1).round().byte().numpy()
+            writer.set_spots(spots)
+            writer.manifest.update(synthetic=True, provenance={"generator": "toy", "seed": seed})
+        return PatchStore(out)
+
+    def downstream(
+        self, store: PatchStore, synthetic: PatchStore | None, *, seed: int, predictor: str
+    ) -> dict[str, float]:
+        """Ridge predictor on real-only vs real+synthetic training spots, scored on a held-out section (this backend
+        has only ridge: ``predictor`` is part of the interface, unused)."""
+        from shared import keys
+        from shared.splits import downstream_held_out
+
+        sections = store.spots.obs[keys.SECTION].astype(str).to_numpy()
+        held_out = downstream_held_out(sections)
+        if held_out is not None:
+            test = sections == held_out
+        else:
+            test = np.random.default_rng(seed).random(len(sections)) < 0.25
+        y = _expression(store)
+        x = features(store)
+        out: dict[str, float] = {"num-examples": float(test.sum())}
+        arms = {"real": (x[~test], y[~test])}
+        if synthetic is not None:
+            arms["augmented"] = (
+                np.concatenate([x[~test], features(synthetic)]),
+                np.concatenate([y[~test], _expression(synthetic)]),
+            )
+        for arm, (xt, yt) in arms.items():
+            pred = _ridge(xt, yt, x[test])
+            out[f"{arm}-pcc"] = _mean_pcc(pred, y[test])
+            out[f"{arm}-mse"] = float(np.mean((pred - y[test]) ** 2))
+        return out
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alpha: float = 1.0) -> np.ndarray:
@@ -248,10 +269,6 @@ def _mean_pcc(pred: np.ndarray, truth: np.ndarray) -> float:
     denom = np.sqrt((pc**2).sum(0) * (tc**2).sum(0))
     ok = denom > 0
     return float(np.mean((pc * tc).sum(0)[ok] / denom[ok])) if ok.any() else 0.0
-
-
-def describe() -> dict[str, Any]:
-    return {"backend": "toy", "parameters": int(sum(v.size for v in initial_state(0).values()))}
 
 
 def write_toy_store(

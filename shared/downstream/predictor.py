@@ -390,9 +390,9 @@ def _fit(
         log(f"ridge: alpha {model.alpha_:g}")
         return model
     if kind == "mlp":
-        from shared.downstream.baselines import MLPRegressor
-
         import torch
+
+        from shared.downstream.baselines import MLPRegressor
 
         arch = {k: kw.pop(k) for k in ("hidden", "layers", "dropout") if k in kw}
         with torch.random.fork_rng():  # the layers' initialisation follows `seed`, not the process's RNG state

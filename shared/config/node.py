@@ -1,0 +1,90 @@
+"""Each site's node config (``flower-supernode --node-config``, or derived from ``partition-id`` in simulation)
+and the site's declared name (SITE.toml ``site``, validated here for every reader of a node's name)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from shared.errors import FedstError
+
+if TYPE_CHECKING:
+    from shared.config.run import RunConfig
+
+SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # what a site may declare as its name (it travels to the server)
+
+
+def site_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a site's declared name (None: it can)."""
+    if not isinstance(name, str) or SITE_NAME.fullmatch(name) is None:
+        return f"{name!r} is not a site name (expected 1-64 letters, digits, '.', '_' or '-')"
+    return None
+
+
+@dataclass
+class NodeConfig:
+    """Where a site keeps its data and its work. ``data-path``: a SITE.toml or a prepared store."""
+
+    data_path: Path
+    work_dir: Path
+    site: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(
+        cls, values: Mapping[str, Any], run: RunConfig, default_work_root: Path | None = None
+    ) -> NodeConfig:
+        """Read ``data-path`` / ``work-dir`` (deployment), or derive them from ``partition-id`` (simulation)."""
+        values = dict(values or {})
+        partition = values.get("partition-id")
+        data = values.get("data-path")
+        if data is None and partition is not None and run.paths.consortium:
+            folder = Path(run.paths.consortium) / f"site-{int(partition)}"
+            data = str(folder / "site.toml") if (folder / "site.toml").is_file() else str(folder)
+        if data is None:
+            raise FedstError(
+                "node config: 'data-path' is missing (pass --node-config \"data-path='/abs/site.toml' "
+                "work-dir='/abs/work'\" to flower-supernode, or set run config 'paths.consortium' in simulation)"
+            )
+        data_path = Path(str(data)).expanduser()
+        if not data_path.exists():
+            raise FedstError(f"node config 'data-path': {data_path} does not exist (expected a SITE.toml or a store)")
+        declared = values.get("site")
+        if declared not in (None, ""):
+            if (problem := site_name_problem(str(declared))) is not None:
+                raise FedstError(f"node config 'site': {problem}")
+            site = str(declared)
+        else:
+            site = _site_name(data_path)
+        work = values.get("work-dir")
+        if work is None:
+            root = Path(run.paths.sites_root) if run.paths.sites_root else default_work_root
+            if root is None:
+                raise FedstError("node config: 'work-dir' is missing (a writable folder on the site)")
+            work = str(Path(root) / site)
+        work_dir = Path(str(work)).expanduser().absolute()
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FedstError(f"node config 'work-dir': cannot create {work_dir} ({exc.strerror})") from None
+        extra = {k: v for k, v in values.items() if k not in ("data-path", "work-dir", "site")}
+        return cls(data_path=data_path.absolute(), work_dir=work_dir, site=site, extra=extra)
+
+
+def _site_name(data_path: Path) -> str:
+    """The SITE.toml's declared ``site`` (validated), else a name derived from the path (made valid). The TOML is
+    read by the ingest's reader, the one SITE.toml parser (a broken file is the same clear error everywhere)."""
+    if data_path.suffix == ".toml":
+        from shared.ingest.site import read_toml
+
+        declared = read_toml(data_path).get("site")
+        if declared:
+            if (problem := site_name_problem(declared)) is not None:
+                raise FedstError(f"{data_path}: 'site' {problem}")
+            return str(declared)
+        derived = data_path.parent.name if data_path.stem == "site" else data_path.stem
+    else:
+        derived = data_path.name
+    return re.sub(r"[^A-Za-z0-9._-]", "-", derived)[:64] or "site"
