@@ -39,7 +39,7 @@ def serialisation(preset: str, patch_px: int = 32) -> dict:
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
     from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-    from server.strategy import numpy_to_arrays
+    from server.strategy import arrays_to_numpy, numpy_to_arrays
     from shared.backends.c2l import C2LBackend
     from shared.config import RunConfig
 
@@ -60,7 +60,7 @@ def serialisation(preset: str, patch_px: int = 32) -> dict:
     proto = ProtoRecordDict()
     proto.ParseFromString(blob)
     back = recorddict_from_proto(proto)
-    restored = {k: v.numpy() for k, v in back["arrays"].items()}
+    restored = arrays_to_numpy(back["arrays"])
     t2 = time.perf_counter()
     assert all(np.array_equal(restored[k], state[k]) for k in state)
     return {

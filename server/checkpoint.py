@@ -40,18 +40,23 @@ def load_checkpoint(
     root: Path, phase: str
 ) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]] | None:
     """(round, arrays, strategy state, meta) of the newest checkpoint of ``phase``, or None when there is none."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     base = Path(root) / "checkpoints" / phase
     latest = base / "latest.json"
     if not latest.is_file():
         return None
+    current = latest
     try:
         pointer = json.loads(latest.read_text())
         folder = base / pointer["path"]
-        meta = json.loads((folder / "state.json").read_text())
-        arrays = load_file(str(folder / "model.safetensors"))
-        strategy = load_file(str(folder / "strategy.safetensors"))
-    except (OSError, KeyError, ValueError) as exc:
-        raise FedstError(f"{base}: checkpoint is unreadable ({exc}); delete it or start without resume") from None
+        current = folder / "state.json"
+        meta = json.loads(current.read_text())
+        current = folder / "model.safetensors"
+        arrays = load_file(str(current))
+        current = folder / "strategy.safetensors"
+        strategy = load_file(str(current))
+    except (OSError, KeyError, TypeError, ValueError, SafetensorError) as exc:
+        raise FedstError(f"{current}: checkpoint is unreadable ({exc}); delete it or start without resume") from None
     return int(meta["round"]), arrays, strategy, meta

@@ -477,3 +477,17 @@ def test_local_grid_scopes_flowers_task_identity(stores, tmp_path):
         assert (TaskIdentity.run_id, TaskIdentity.node_id) == (7, 0)
         assert Message(RecordDict(), message_type="train.pretrain", dst_node_id=101).metadata.run_id == 7
     assert {name: vars(TaskIdentity)[name] for name in before} == before
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "strategy.safetensors", "state.json"])
+def test_truncated_checkpoint_is_an_error_naming_the_file(tmp_path, damaged):
+    from server.checkpoint import load_checkpoint, save_checkpoint
+
+    weights = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    folder = save_checkpoint(tmp_path, "pretrain", 1, weights, {"m": np.zeros(3, np.float32)}, {"fingerprint": {}})
+    round_, arrays, _, _ = load_checkpoint(tmp_path, "pretrain")
+    assert round_ == 1 and np.array_equal(arrays["w"], weights["w"])
+    path = folder / damaged
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(FedstError, match=rf"{path}: checkpoint is unreadable"):
+        load_checkpoint(tmp_path, "pretrain")
