@@ -8,7 +8,6 @@ the site's work directory: the prepared store, the last central weights, the ada
 from __future__ import annotations
 
 import json
-import zlib
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,17 +16,13 @@ import numpy as np
 
 from shared.config import NodeConfig, RunConfig
 from shared.errors import FedstError
+from shared.seeds import site_seed
 
 CENTRAL = "central.safetensors"
 ADAPTER = "adapter.safetensors"
 SYNTHETIC = "synthetic-store"
 PAIRED = "paired-store"  # the store without the downstream phase's held-out section (adaptation, synthesis)
 METRICS = "metrics.json"
-
-
-def site_seed(seed: int, site: str, server_round: int, phase: str) -> int:
-    """A seed that differs per site, round and phase and is the same in every run with the same config."""
-    return (seed * 1_000_003 + zlib.crc32(f"{site}/{phase}".encode()) + server_round * 7919) % (2**31 - 1)
 
 
 def open_store(node: NodeConfig, run: RunConfig, panel: list[str] | None = None):
@@ -118,7 +113,7 @@ class SiteTask:
     def pretrain(self, state: dict[str, np.ndarray], server_round: int, prox_mu: float = 0.0):
         import time
 
-        seed = site_seed(self.run.seed, self.node.site, server_round, "pretrain")
+        seed = site_seed(self.run.seed, self.node.site, "pretrain", server_round)
         _ = self.store  # opening/preparing the store is not training time
         started = time.perf_counter()
         new_state, metrics = self.backend.pretrain(
@@ -138,7 +133,7 @@ class SiteTask:
         from safetensors.numpy import save_file
 
         _save(self.work / CENTRAL, central, save_file)
-        seed = site_seed(self.run.seed, self.node.site, server_round, "adapt")
+        seed = site_seed(self.run.seed, self.node.site, "adapt", server_round)
         kwargs: dict[str, Any] = dict(
             steps=self.run.adapt_steps, batch_size=self.run.batch_size, lr=self.run.lr, seed=seed
         )
@@ -160,7 +155,7 @@ class SiteTask:
         for name in (CENTRAL, ADAPTER):
             if not (self.work / name).is_file():
                 raise FedstError(f"site {self.node.site}: {self.work / name} is missing; run the adapt phase first")
-        seed = site_seed(self.run.seed, self.node.site, 0, "synthesize")
+        seed = site_seed(self.run.seed, self.node.site, "synthesize")
         kwargs: dict[str, Any] = dict(n=self.run.synthetic_count, seed=seed)
         if self.run.backend != "toy":
             kwargs.update(steps=self.run.sample_steps)
@@ -179,7 +174,7 @@ class SiteTask:
         from shared.store.format import PatchStore, is_store
 
         synthetic = PatchStore(self.work / SYNTHETIC) if is_store(self.work / SYNTHETIC) else None
-        seed = site_seed(self.run.seed, self.node.site, 0, "downstream")
+        seed = site_seed(self.run.seed, self.node.site, "downstream")
         if self.run.backend == "toy":
             metrics = self.backend.downstream(self.store, synthetic, seed=seed)
         else:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.arrays import dense
 from shared.store.format import PatchStore
 
 NOISE = 0.5
@@ -156,8 +157,7 @@ def adapt(
 
 def _expression(store: PatchStore) -> np.ndarray:
     x = store.spots.X
-    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-    return np.nan_to_num(x.astype(np.float32))
+    return np.nan_to_num(dense(x, np.float32))
 
 
 def synthesize(

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from shared.arrays import dense
 from shared.errors import FedstError, require
 
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -45,10 +46,8 @@ AS_METRICS = ("pcc_per_slide_mean", "ssim", "rmse_minmax", "js_divergence")
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _dense(a: Any, name: str) -> np.ndarray:
-    if sp.issparse(a):
-        a = a.toarray()
-    arr = np.asarray(a, dtype=np.float64)
+def _matrix(a: Any, name: str) -> np.ndarray:
+    arr = dense(a, np.float64)
     if arr.ndim == 1:
         arr = arr[:, None]
     require(arr.ndim == 2, f"{name}: expected a (n_spots, n_genes) matrix, got shape {arr.shape}")
@@ -57,7 +56,7 @@ def _dense(a: Any, name: str) -> np.ndarray:
 
 
 def _pair(pred: Any, truth: Any) -> tuple[np.ndarray, np.ndarray]:
-    p, t = _dense(pred, "pred"), _dense(truth, "truth")
+    p, t = _matrix(pred, "pred"), _matrix(truth, "truth")
     require(
         p.shape == t.shape, f"pred has shape {p.shape} but truth has shape {t.shape}: expected the same (spots x genes)"
     )
@@ -292,7 +291,7 @@ def morans_i(x: Any, weights: sp.spmatrix) -> np.ndarray:
 
     NaN for a constant column (z^T z = 0: undefined). ``weights`` is any (N, N) sparse matrix.
     """
-    xx = _dense(x, "x")
+    xx = _matrix(x, "x")
     w = sp.csr_matrix(weights, dtype=np.float64)
     n = xx.shape[0]
     require(w.shape == (n, n), f"weights: expected ({n}, {n}) for {n} spots, got {w.shape}")
