@@ -114,7 +114,9 @@ def federated_rounds(
     from shared.c2l.toy import write_toy_store
 
     stores = [
-        write_toy_store(work / f"store-{i}", n_spots=64, n_tiles=64, n_genes=6, patch_px=32, seed=i).path
+        write_toy_store(
+            work / f"store-{i}", n_spots=64, n_tiles=64, n_genes=6, patch_px=32, seed=i, missing_gene_in_section_b=False
+        ).path
         for i in range(sites)
     ]
     consortium = work / "consortium"

@@ -34,7 +34,15 @@ def test_tls_and_node_auth_multi_phase_run(tmp_path):
     for name in ("site-0", "site-1", "rogue"):
         _script("make-node-key.sh", keys, name)
     stores = [
-        write_toy_store(tmp_path / f"store-{i}", n_spots=24, n_tiles=16, panel=PANEL, patch_px=16, seed=i).path
+        write_toy_store(
+            tmp_path / f"store-{i}",
+            n_spots=24,
+            n_tiles=16,
+            panel=PANEL,
+            patch_px=16,
+            seed=i,
+            missing_gene_in_section_b=False,
+        ).path
         for i in range(2)
     ]
     started: list[subprocess.Popen] = []

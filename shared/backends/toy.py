@@ -2,7 +2,7 @@
 
 Central model: a two-layer convolutional denoiser trained on a site's tiles and spot patches. Adapter:
 zero-initialised gene-conditioned FiLM on its hidden layer (central frozen). Synthesis: denoise noisy
-site-mean patches under the site's gene conditions. Downstream: ridge regression from pooled pixels to
+site-mean patches under the site's gene conditions. Downstream: the ridge baseline on "stats" encoder features to
 expression, real-only vs real+synthetic, on a held-out section. Every step is seeded, so two runs with the
 same config give bit-identical weights.
 """
@@ -237,12 +237,11 @@ def downstream(store: PatchStore, synthetic: PatchStore | None, *, seed: int) ->
     return out
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alpha: float = 1.0) -> np.ndarray:
-    """sklearn's ridge at a fixed alpha on the raw features: the toy's model (the downstream RidgeBaseline
-    standardises and picks alpha by cross-validation, which would change the toy federation's numbers)."""
-    from sklearn.linear_model import Ridge
+def _ridge(x: np.ndarray, y: np.ndarray, x_new: np.ndarray) -> np.ndarray:
+    """The downstream's ridge (shared.downstream.baselines.RidgeBaseline), fitted on (x, y), applied to x_new."""
+    from shared.downstream.baselines import RidgeBaseline
 
-    return Ridge(alpha=alpha).fit(x, y).predict(x_new)
+    return RidgeBaseline().fit(x, y).predict(x_new)
 
 
 def _mean_pcc(pred: np.ndarray, truth: np.ndarray) -> float:
