@@ -32,7 +32,7 @@ def main() -> None:
     central = create_central(args.preset)
     times = {"plain": [], "dp": []}
     with tempfile.TemporaryDirectory() as tmp:
-        store = write_toy_store(Path(tmp) / "s", n_spots=256, n_tiles=0, px=central.sample_size)
+        store = write_toy_store(Path(tmp) / "s", n_spots=256, n_tiles=0, patch_px=central.sample_size)
         for _ in range(args.repeats):  # interleaved so load changes hit both arms alike
             for arm, dp in (("plain", None), ("dp", DPConfig(target_epsilon=8.0))):
                 _, summary = adapt(

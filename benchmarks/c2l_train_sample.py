@@ -32,7 +32,7 @@ def main() -> None:
     model = create_central(args.preset)
     px = model.sample_size
     with tempfile.TemporaryDirectory() as tmp:
-        store = write_toy_store(Path(tmp) / "s", n_spots=64, n_tiles=128, px=px)
+        store = write_toy_store(Path(tmp) / "s", n_spots=64, n_tiles=128, patch_px=px)
         train_central(model, [store], steps=2, batch_size=args.batch, seed=0, device=dev, progress=False)  # warm-up
         summary = train_central(
             model, [store], steps=args.steps, batch_size=args.batch, seed=1, device=dev, progress=False

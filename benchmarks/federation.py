@@ -112,10 +112,13 @@ def federated_rounds(
     """A pretrain-only run; per round: wall (server send -> all replies), max site compute, overhead."""
     from server.procs import FLWR_IN_MEMORY_STATE, free_port, start, stop_tree
     from server.superlink import SuperLink, supernode_command
-    from shared.backends import toy
+    from shared.c2l.toy import write_toy_store
 
     stores = [
-        toy.write_toy_store(work / f"store-{i}", n_spots=64, n_tiles=64, patch_px=32, seed=i).path for i in range(sites)
+        write_toy_store(
+            work / f"store-{i}", n_spots=64, n_tiles=64, n_genes=6, patch_px=32, seed=i, missing_gene_in_section_b=False
+        ).path
+        for i in range(sites)
     ]
     consortium = work / "consortium"
     for i, store in enumerate(stores):

@@ -149,9 +149,9 @@ def secagg_pretrain(msg: Message, context: Context) -> Message:
             check_secagg_range(new_state, examples, run)
             # Flower quantises with stochastic rounding from numpy's global RNG: seed it per site and round so a
             # resumed run reproduces the uninterrupted one (the masks come from separate, secret randomness).
-            from client.site import site_seed
+            from shared.seeds import site_seed
 
-            np.random.seed(site_seed(run.seed, task.node.site, server_round, "secagg-rounding"))
+            np.random.seed(site_seed(run.seed, task.node.site, "secagg-rounding", server_round))
             return [np.asarray(new_state[n]) for n in names], examples, scalar_metrics(metrics)
 
     reply = handle_legacy_message_from_msgtype(lambda _: PretrainClient().to_client(), msg, context)

@@ -8,7 +8,6 @@ the site's work directory: the prepared store, the last central weights, the ada
 from __future__ import annotations
 
 import json
-import zlib
 from functools import cached_property
 from pathlib import Path
 
@@ -16,17 +15,13 @@ import numpy as np
 
 from shared.config import NodeConfig, RunConfig
 from shared.errors import FedstError
+from shared.seeds import site_seed
 
 CENTRAL = "central.safetensors"
 ADAPTER = "adapter.safetensors"
 SYNTHETIC = "synthetic-store"
 PAIRED = "paired-store"  # the store without the downstream phase's held-out section (adaptation, synthesis)
 METRICS = "metrics.json"
-
-
-def site_seed(seed: int, site: str, server_round: int, phase: str) -> int:
-    """A seed that differs per site, round and phase and is the same in every run with the same config."""
-    return (seed * 1_000_003 + zlib.crc32(f"{site}/{phase}".encode()) + server_round * 7919) % (2**31 - 1)
 
 
 def open_store(node: NodeConfig, run: RunConfig, panel: list[str] | None = None):
@@ -113,7 +108,7 @@ class SiteTask:
     def pretrain(self, state: dict[str, np.ndarray], server_round: int, prox_mu: float = 0.0):
         import time
 
-        seed = site_seed(self.run.seed, self.node.site, server_round, "pretrain")
+        seed = site_seed(self.run.seed, self.node.site, "pretrain", server_round)
         _ = self.store  # opening/preparing the store is not training time
         started = time.perf_counter()
         new_state, metrics = self.backend.pretrain(state, self.store, self.run.pretrain, seed=seed, prox_mu=prox_mu)
@@ -125,7 +120,7 @@ class SiteTask:
         from safetensors.numpy import save_file
 
         _save(self.work / CENTRAL, central, save_file)
-        seed = site_seed(self.run.seed, self.node.site, server_round, "adapt")
+        seed = site_seed(self.run.seed, self.node.site, "adapt", server_round)
         adapter_state, metrics = self.backend.adapt(
             central,
             self.paired_store,
@@ -145,7 +140,7 @@ class SiteTask:
         for name in (CENTRAL, ADAPTER):
             if not (self.work / name).is_file():
                 raise FedstError(f"site {self.node.site}: {self.work / name} is missing; run the adapt phase first")
-        seed = site_seed(self.run.seed, self.node.site, 0, "synthesize")
+        seed = site_seed(self.run.seed, self.node.site, "synthesize")
         synthetic = self.backend.synthesize(
             load_file(str(self.work / CENTRAL)),
             load_file(str(self.work / ADAPTER)),
@@ -162,7 +157,7 @@ class SiteTask:
         from shared.store.format import PatchStore, is_store
 
         synthetic = PatchStore(self.work / SYNTHETIC) if is_store(self.work / SYNTHETIC) else None
-        seed = site_seed(self.run.seed, self.node.site, 0, "downstream")
+        seed = site_seed(self.run.seed, self.node.site, "downstream")
         metrics = self.backend.downstream(self.store, synthetic, seed=seed, predictor=self.run.predictor)
         self._record("downstream", 0, metrics)
         self.write_report()

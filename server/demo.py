@@ -10,6 +10,7 @@ from server.results import load_results
 from server.superlink import REPO, SuperLink
 from shared.config import RunConfig
 from shared.errors import FedstError
+from shared.tomlio import write_toml
 
 HER2ST_GROUPS = [["C2", "C3"], ["C4", "C5", "C6"]]  # sections with images; >= 2 per site (one is held out)
 HER2ST_MPP = 0.72
@@ -33,19 +34,18 @@ def her2st_consortium(data: Path, out: Path, n_sites: int) -> Path:
     for i, group in enumerate(HER2ST_GROUPS):
         site = out / f"site-{i}"
         site.mkdir(exist_ok=True)
-        lines = [f'site = "her2st-{i}"', 'panel = "../panel.txt"', ""]
-        for section in group:
-            lines += [
-                "[[sections]]",
-                f'id = "{section}"',
-                'format = "legacy-st"',
-                f'counts = "{data / "counts" / f"{section}.tsv.gz"}"',
-                f'spots = "{data / "spots" / f"{section}_selection.tsv"}"',
-                f'image = "{data / "images" / f"{section}.jpg"}"',
-                f"mpp = {HER2ST_MPP}",
-                "",
-            ]
-        (site / "site.toml").write_text("\n".join(lines))
+        sections = [
+            {
+                "id": section,
+                "format": "legacy-st",
+                "counts": data / "counts" / f"{section}.tsv.gz",
+                "spots": data / "spots" / f"{section}_selection.tsv",
+                "image": data / "images" / f"{section}.jpg",
+                "mpp": HER2ST_MPP,
+            }
+            for section in group
+        ]
+        write_toml(site / "site.toml", {"site": f"her2st-{i}", "panel": "../panel.txt", "sections": sections})
     return out
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from server.procs import FLWR_IN_MEMORY_STATE, free_port, start, stop_tree
+from shared import tomlio
 from shared.errors import FedstError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,17 +42,9 @@ def flwr_env(home: Path, http_port: int | None = None, control_port: int | None 
     return env
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def write_overrides(path: Path, overrides: dict[str, Any]) -> Path:
     """A TOML file for `flwr run -c FILE` (safe for paths with spaces, unlike inline key=value pairs)."""
-    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in overrides.items()))
+    path.write_text("".join(f"{key} = {tomlio.value(value)}\n" for key, value in overrides.items()))
     return path
 
 
@@ -59,9 +52,9 @@ def add_connection(home: Path, name: str, address: str, root_certificates: Path 
     """Add ``[superlink.<name>]`` to ``$FLWR_HOME/config.toml`` (created when missing)."""
     home.mkdir(parents=True, exist_ok=True)
     config = home / "config.toml"
-    text = config.read_text() if config.is_file() else f'[superlink]\ndefault = "{name}"\n'
-    block = f'\n[superlink.{name}]\naddress = "{address}"\n'
-    block += f'root-certificates = "{root_certificates}"\n' if root_certificates else "insecure = true\n"
+    text = config.read_text() if config.is_file() else f"[superlink]\ndefault = {tomlio.value(name)}\n"
+    block = f"\n[superlink.{name}]\naddress = {tomlio.value(address)}\n"
+    block += f"root-certificates = {tomlio.value(root_certificates)}\n" if root_certificates else "insecure = true\n"
     config.write_text(text + block)
 
 
@@ -212,7 +205,7 @@ def supernode_command(
     superlink: str, node_config: dict[str, Any], port: int, *, ca: Path | None = None, key: Path | None = None
 ) -> list[str]:
     """`flower-supernode` for one site (TLS + auth when ``ca``/``key`` are given, else --insecure)."""
-    pairs = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
+    pairs = " ".join(f"{k}={tomlio.value(v)}" for k, v in node_config.items())
     cmd = [
         "flower-supernode",
         "--superlink",

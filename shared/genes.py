@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shared import keys
+from shared.arrays import dense
 from shared.errors import FedstError, require
 
 if TYPE_CHECKING:
@@ -137,8 +138,7 @@ class GenePanel(Sequence[str]):
             (np.ones(len(rows), dtype=np.float64), (rows, targets)), shape=(adata.n_vars, len(self))
         )
         product = adata.X @ selector
-        product = product.toarray() if sparse.issparse(product) else np.asarray(product)
-        counts = product.astype(np.float32)
+        counts = dense(product, np.float32)
         return counts, measured
 
 
@@ -213,7 +213,7 @@ def select_hvg(
         keyed = {_key(n): j for j, n in reversed(list(enumerate(adata.var_names)))}
         cols = [keyed[k] for k in ordered]
         matrix = adata.X[:, cols]
-        matrix = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+        matrix = dense(matrix)
         part = ad.AnnData(
             np.asarray(matrix, dtype=np.float32), obs=pd.DataFrame(index=[f"{i}:{j}" for j in range(adata.n_obs)])
         )

@@ -15,7 +15,7 @@ SMALL = dict(sample_size=16, block_out_channels=(16, 32), norm_num_groups=4)
 def toy_store(tmp_path_factory):
     from shared.c2l.toy import write_toy_store
 
-    return write_toy_store(tmp_path_factory.mktemp("toy") / "store", n_spots=64, n_tiles=64, px=32, seed=0)
+    return write_toy_store(tmp_path_factory.mktemp("toy") / "store", n_spots=64, n_tiles=64, patch_px=32, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -233,17 +233,33 @@ def test_ddim_with_all_steps_matches_ddpm_on_toy_distribution():
     assert collapsed > 0.4
 
 
-def test_ema_tracks_weights():
-    from shared.c2l.ema import EMA
+def test_ema_follows_a_known_weight_sequence_with_the_warmed_up_decay():
+    """Weights w_n = w_0 + n after the n-th update; the shadow follows s_n = d_n s_(n-1) + (1 - d_n) w_n with
+    d_n = min(decay, (1 + n) / (10 + n)), so after the warm-up it lags the live weights by d / (1 - d)."""
+    from shared.c2l.ema import create_ema
 
-    layer = torch.nn.Linear(2, 2)
-    ema = EMA(layer, decay=0.5)
-    with torch.no_grad():
-        layer.weight.add_(1.0)
-    ema.update(layer)
-    d = min(0.5, 2 / 11)
-    expected = (layer.weight - 1.0) * d + layer.weight * (1 - d)
-    assert torch.allclose(ema.shadow["weight"], expected)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    start = {n: p.detach().double().clone() for n, p in layer.named_parameters()}
+    decay = 0.5  # reached once (1 + n) / (10 + n) >= 0.5, i.e. from n = 8 on
+    ema = create_ema(layer, decay)
+    shadow = {n: v.clone() for n, v in start.items()}
+    decays = []
+    for n in range(1, 16):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(1.0)
+        ema.step(layer.parameters())
+        d = min(decay, (1 + n) / (10 + n))
+        decays.append(ema.cur_decay_value)
+        shadow = {k: d * v + (1 - d) * (start[k] + n) for k, v in shadow.items()}
+    assert decays[0] == pytest.approx(2 / 11) and decays[-1] == decay and decays[6] == pytest.approx(8 / 17)
+    for (name, live), averaged in zip(layer.named_parameters(), ema.shadow_params):
+        np.testing.assert_allclose(averaged.double().numpy(), shadow[name].numpy(), atol=1e-5)
+        lag = (live.detach() - averaged).double().numpy()
+        assert lag.min() > 0.99 and lag.max() < 1.01  # d / (1 - d) = 1 behind the weights, not equal to them
+    ema.copy_to(layer.parameters())
+    assert torch.equal(layer.weight, ema.shadow_params[0])
 
 
 def test_lora_keeps_zero_init_contract_and_counts_in_trainable_fraction(central):
@@ -321,3 +337,19 @@ def test_probe_inputs_are_clipped_to_the_real_feature_range():
     real = np.array([[0.0, 1.0], [0.0, 3.0], [1e-6, 2.0]])  # first feature: an (almost) always empty bin
     syn = np.array([[0.5, 2.5], [-1.0, 9.0]])
     assert np.array_equal(clip_to_support(syn, real), np.array([[1e-6, 2.5], [0.0, 3.0]]))
+
+
+def test_audit_features_are_rotation_and_flip_invariant_unlike_the_stats_encoder():
+    """Why the audit keeps its own hand-crafted features (shared.c2l.audit.image_features)."""
+    from shared.c2l.audit import image_features
+    from shared.downstream.encoders import create_encoder
+
+    rng = np.random.default_rng(0)
+    patches = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    patches[:, :, :16] //= 3  # a vertical edge: orientation matters to an oriented filter
+    turned, flipped = np.rot90(patches, 1, axes=(1, 2)).copy(), patches[:, :, ::-1].copy()
+    base = image_features(patches, 32)
+    np.testing.assert_allclose(image_features(turned, 32), base, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(image_features(flipped, 32), base, rtol=1e-5, atol=1e-6)
+    encoder = create_encoder("stats", device="cpu")
+    assert not np.allclose(encoder.embed(turned), encoder.embed(patches), rtol=1e-3, atol=1e-4)

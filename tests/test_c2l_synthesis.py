@@ -90,7 +90,7 @@ def test_cli_pretrain_adapt_synthesize_audit(tmp_path):
     from shared.errors import FedstError
     from shared.store.format import PatchStore
 
-    write_toy_store(tmp_path / "site", n_spots=32, n_tiles=32, px=32, seed=1)
+    write_toy_store(tmp_path / "site", n_spots=32, n_tiles=32, patch_px=32, seed=1)
     runner = CliRunner()
 
     def run(*args):

@@ -349,19 +349,6 @@ def test_cli_reports_bad_config_as_one_error_line(tmp_path):
     assert not (tmp_path / "o").exists()  # nothing written for an invalid config
 
 
-def test_site_seeds_differ_per_site_and_are_reproducible():
-    from server.experiment.arms import site_seed
-
-    seeds = {site: site_seed(3, site, "adapt") for site in ("site-0", "site-1", "site-2", "her2st-a")}
-    assert len(set(seeds.values())) == len(seeds)  # every site draws its own noise
-    assert site_seed(3, "site-0", "adapt") == seeds["site-0"]  # same in every call / process (crc32, not hash)
-    assert (
-        site_seed(3, "site-0", "adapt") != site_seed(3, "site-0", "synthesize") != site_seed(4, "site-0", "synthesize")
-    )
-    assert all(0 <= s < 2**31 - 1 for s in seeds.values())
-    assert site_seed(0, "site-0", "adapt") == (1_000_003 * 0 + __import__("zlib").crc32(b"site-0/adapt")) % (2**31 - 1)
-
-
 def _paired_store(path: Path, expression: np.ndarray, brightness: np.ndarray, seed: int = 0):
     """A store whose patch brightness is a known function of ``brightness`` (one value per spot)."""
     import anndata

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.backends import toy
+from shared.c2l.toy import write_toy_store
 from shared.config import NodeConfig, RunConfig
 
 pytest.importorskip("diffusers")
@@ -18,7 +18,9 @@ def test_c2l_site_task_all_phases(tmp_path):
     from client.site import SiteTask
     from shared.backends.c2l import C2LBackend
 
-    store = toy.write_toy_store(tmp_path / "store", n_spots=40, n_tiles=16, panel=PANEL, patch_px=32, seed=0)
+    store = write_toy_store(
+        tmp_path / "store", n_spots=40, n_tiles=16, panel=PANEL, patch_px=32, seed=0, missing_gene_in_section_b=False
+    )
     run = RunConfig.from_mapping(
         {
             "preset": "tiny",
@@ -70,7 +72,9 @@ def test_federated_adaptation_starts_from_the_averaged_modulation(tmp_path):
     from shared.c2l.adapt import adapt
     from shared.errors import FedstError
 
-    store = toy.write_toy_store(tmp_path / "store", n_spots=24, n_tiles=4, panel=PANEL, patch_px=32, seed=0)
+    store = write_toy_store(
+        tmp_path / "store", n_spots=24, n_tiles=4, panel=PANEL, patch_px=32, seed=0, missing_gene_in_section_b=False
+    )
     backend = C2LBackend(RunConfig(patch_px=32))
     central_state = backend.initial_state(0)
     start = {k: torch.from_numpy(np.array(v)) + 0.01 for k, v in backend.initial_adapter(central_state, PANEL).items()}

@@ -28,6 +28,7 @@ from server.strategy import make_strategy, numpy_to_arrays  # noqa: E402
 from server.validate import update_problems, weighted_mean  # noqa: E402
 from server.workflow import Workflow  # noqa: E402
 from shared.backends import toy  # noqa: E402
+from shared.c2l.toy import write_toy_store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PANEL = [f"G{i}" for i in range(6)]
@@ -39,7 +40,15 @@ def stores(tmp_path_factory) -> list[Path]:
     sizes = [(24, 16), (30, 8), (18, 20)]
     out = []
     for i, (spots, tiles) in enumerate(sizes):
-        toy.write_toy_store(root / f"site-{i}", n_spots=spots, n_tiles=tiles, panel=PANEL, patch_px=16, seed=i)
+        write_toy_store(
+            root / f"site-{i}",
+            n_spots=spots,
+            n_tiles=tiles,
+            panel=PANEL,
+            patch_px=16,
+            seed=i,
+            missing_gene_in_section_b=False,
+        )
         out.append(root / f"site-{i}")
     return out
 
@@ -324,7 +333,14 @@ def test_a_site_with_the_wrong_panel_is_excluded_with_its_reason(stores, tmp_pat
     consortium = tmp_path / "consortium"
     consortium.mkdir()
     (consortium / "panel.txt").write_text("\n".join(PANEL) + "\n")
-    other = toy.write_toy_store(tmp_path / "other", panel=[*PANEL[:-1], "XIST"], patch_px=16)
+    other = write_toy_store(
+        tmp_path / "other",
+        n_spots=24,
+        n_tiles=16,
+        panel=[*PANEL[:-1], "XIST"],
+        patch_px=16,
+        missing_gene_in_section_b=False,
+    )
     config = toy_config(tmp_path, phases="pretrain", consortium=str(consortium))
     _, results = run_workflow([stores[0], stores[1], other.path], tmp_path, config)
     row = results.phases["pretrain"].rounds[0]

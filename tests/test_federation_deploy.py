@@ -14,7 +14,7 @@ import pytest
 
 from server.procs import FLWR_IN_MEMORY_STATE, family, free_port, start, stop_tree
 from server.superlink import REPO, SuperLink, supernode_command
-from shared.backends import toy
+from shared.c2l.toy import write_toy_store
 
 pytestmark = pytest.mark.slow
 PANEL = [f"G{i}" for i in range(6)]
@@ -33,7 +33,18 @@ def test_tls_and_node_auth_multi_phase_run(tmp_path):
     _script("make-certs.sh", certs)
     for name in ("site-0", "site-1", "rogue"):
         _script("make-node-key.sh", keys, name)
-    stores = [toy.write_toy_store(tmp_path / f"store-{i}", panel=PANEL, patch_px=16, seed=i).path for i in range(2)]
+    stores = [
+        write_toy_store(
+            tmp_path / f"store-{i}",
+            n_spots=24,
+            n_tiles=16,
+            panel=PANEL,
+            patch_px=16,
+            seed=i,
+            missing_gene_in_section_b=False,
+        ).path
+        for i in range(2)
+    ]
     started: list[subprocess.Popen] = []
     link = SuperLink(
         tmp_path / "flwr",

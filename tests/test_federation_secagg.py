@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from shared.backends import toy
+from shared.c2l.toy import write_toy_store
 from shared.config import NodeConfig, RunConfig
 from shared.errors import FedstError
 
@@ -47,7 +48,15 @@ SIZES = [(24, 16), (30, 8), (18, 20)]  # (spots, tiles): num-examples 40, 38, 38
 def stores(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("secagg-stores")
     for i, (spots, tiles) in enumerate(SIZES):
-        toy.write_toy_store(root / f"site-{i}", n_spots=spots, n_tiles=tiles, panel=PANEL, patch_px=16, seed=i)
+        write_toy_store(
+            root / f"site-{i}",
+            n_spots=spots,
+            n_tiles=tiles,
+            panel=PANEL,
+            patch_px=16,
+            seed=i,
+            missing_gene_in_section_b=False,
+        )
     return [root / f"site-{i}" for i in range(len(SIZES))]
 
 

@@ -91,6 +91,34 @@ def test_js_divergence_and_distance_are_distinct_and_match_scipy():
     assert M.js_divergence(both, np.hstack([truth, np.ones((2, 1))])) == pytest.approx(expected)
 
 
+def test_js_of_near_identical_distributions_is_zero_not_nan():
+    """scipy's jensenshannon returns NaN (sqrt of a -1e-17 divergence) for about half of these columns; the
+    metric reports 0 for them, the reason js_per_gene wraps it."""
+    rng = np.random.default_rng(1)
+    truth = rng.random((30, 200))
+    pred = truth * (1 + 1e-12 * rng.standard_normal(truth.shape))
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(jensenshannon(pred, truth, base=2, axis=0)).any()
+    div, dist = M.js_per_gene(pred, truth)
+    assert np.isfinite(div).all() and np.isfinite(dist).all()
+    assert dist.max() < 1e-5 and M.js_divergence(pred, truth) < 1e-10
+
+
+def test_masked_pcc_uses_only_measured_spots():
+    truth = np.array([[1.0, 1.0, 1.0], [2.0, 2.0, 5.0], [3.0, 3.0, 5.0], [9.0, 4.0, 5.0]])
+    pred = np.array([[1.0, 4.0, 2.0], [2.0, 3.0, 1.0], [4.0, 2.0, 3.0], [0.0, 1.0, 2.0]])
+    measured = np.array([[1, 1, 0], [1, 1, 1], [1, 1, 1], [0, 1, 1]])
+    r = M.pcc_per_gene_masked(pred, truth, measured)
+    assert r[0] == pytest.approx(pearsonr([1, 2, 4], [1, 2, 3])[0], abs=1e-12)  # spot 3 unmeasured: ignored
+    assert r[1] == pytest.approx(-1.0)
+    assert np.isnan(r[2])  # measured truth (5, 5, 5) is constant: undefined
+    # fewer than min_spots measured: undefined; a constant prediction on varying truth: 0 (zero-variance rule)
+    assert np.isnan(M.pcc_per_gene_masked(pred, truth, measured, min_spots=4)[0])
+    assert M.pcc_per_gene_masked(np.ones((4, 1)), truth[:, :1], np.ones((4, 1)))[0] == 0.0
+    with pytest.raises(FedstError, match="measured has shape"):
+        M.pcc_per_gene_masked(pred, truth, measured[:, :2])
+
+
 def test_gsc_hand_computed():
     truth = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 0.0], [3.0, 6.0, 2.0], [4.0, 8.0, 1.0]])
     assert M.gsc(truth, truth) == pytest.approx(1.0)

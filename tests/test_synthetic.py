@@ -101,13 +101,10 @@ def test_bad_arguments_are_clear_errors(tmp_path):
 
 
 def _patch_features(patches: np.ndarray) -> np.ndarray:
-    """Optical density downsampled to 4 x 4 x 3 plus per-channel mean, sd and quantiles (no learning)."""
-    od = -np.log(np.clip(patches.astype(np.float32) / 255.0, 1 / 255, 1.0))
-    n, p = od.shape[:2]
-    blocks = od.reshape(n, 4, p // 4, 4, p // 4, 3).mean(axis=(2, 4)).reshape(n, -1)
-    flat = od.reshape(n, -1, 3)
-    quantiles = np.quantile(flat, [0.5, 0.9, 0.99], axis=1).transpose(1, 0, 2).reshape(n, -1)
-    return np.concatenate([blocks, flat.mean(1), flat.std(1), quantiles], axis=1)
+    """The downstream's non-learned encoder ("stats": optical-density statistics, Gabor and gradient energy)."""
+    from shared.downstream.encoders import create_encoder
+
+    return create_encoder("stats", device="cpu").embed(patches)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,22 +22,11 @@ from server.experiment.config import ExperimentConfig
 from server.experiment.data import CACHE, SiteData, prepare_sites
 from server.experiment.planner import Cell
 from shared import keys
+from shared.arrays import dense
 from shared.errors import FedstError, require
+from shared.seeds import site_seed  # the real-spot subset (fraction_rows) keeps the plain cell seed
 from shared.store.format import PatchStore
 from shared.store.subset import subset_store
-
-
-def _dense(matrix: Any) -> np.ndarray:
-    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float32)
-
-
-def site_seed(seed: int, site: str, purpose: str) -> int:
-    """The cell's seed made distinct per site and purpose, identical in every run (crc32 is stable across
-    processes, unlike ``hash``). Sites must not share noise: with one seed every site would draw the same
-    adaptation batches order and the same diffusion noise, correlating their "independent" synthetic sets.
-    The real-spot subset (``fraction_rows``) keeps the plain cell seed so that every arm trains on the same
-    real spots of a site."""
-    return (int(seed) * 1_000_003 + zlib.crc32(f"{site}/{purpose}".encode())) % (2**31 - 1)
 
 
 def fraction_rows(site: SiteData, fraction: float, seed: int) -> np.ndarray:
@@ -129,7 +117,7 @@ class ArmRunner:
             f"predictor returned {pred.shape}, expected {(site.test.n_spots, len(site.test.panel))}",
         )
         spots = site.test.spots
-        truth = _dense(spots.X)[:, site.gene_index]
+        truth = dense(spots.X, np.float32)[:, site.gene_index]
         pred = pred[:, site.gene_index]
         coords = np.asarray(spots.obsm[keys.SPATIAL], dtype=np.float64)
         sections = spots.obs[keys.SECTION].astype(str).to_numpy()

@@ -7,7 +7,6 @@ pretraining, adaptation, synthesis or gene selection: it exists only to be predi
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,11 +14,12 @@ from typing import Any, Callable
 import numpy as np
 
 from server.experiment.config import ExperimentConfig, ResolvedSite, resolve_sites
-from server.superlink import toml_value
 from shared import keys
+from shared.arrays import dense
 from shared.errors import FedstError, require
 from shared.store.format import PatchStore
 from shared.store.subset import subset_store
+from shared.tomlio import write_toml
 
 CACHE = "cache"
 
@@ -59,23 +59,11 @@ def ensure_consortium(config: ExperimentConfig, out: Path, log: Callable[[str], 
 
 def write_site_toml(site: ResolvedSite, path: Path, panel: Path | None) -> Path:
     """A SITE.toml with absolute paths holding exactly the site's sections (train and held-out)."""
-    lines = [f"site = {toml_value(site.name)}"]
+    table: dict[str, Any] = {"site": site.name}
     if panel is not None:
-        lines.append(f"panel = {toml_value(panel)}")
-    for table in site.sections:
-        lines.append("")
-        lines.append("[[sections]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    text = "\n".join(lines) + "\n"
-    tomllib.loads(text)  # what we write must parse
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or path.read_text() != text:  # keep mtime stable so prepare_store stays a no-op
-        path.write_text(text)
-    return path
-
-
-def _dense(matrix: Any) -> np.ndarray:
-    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix)
+        table["panel"] = panel
+    table["sections"] = [dict(section) for section in site.sections]
+    return write_toml(path, table)  # unchanged text keeps its mtime, so prepare_store stays a no-op
 
 
 def select_genes(train: PatchStore, test: PatchStore, top_k: int) -> tuple[list[str], np.ndarray]:
@@ -92,11 +80,11 @@ def select_genes(train: PatchStore, test: PatchStore, top_k: int) -> tuple[list[
     measured = np.ones(len(panel), dtype=bool)
     for store in (train, test):
         if keys.MEASURED in store.spots.layers:
-            measured &= _dense(store.spots.layers[keys.MEASURED]).min(axis=0) > 0
+            measured &= dense(store.spots.layers[keys.MEASURED]).min(axis=0) > 0
     candidates = [g for g, m in zip(panel, measured) if m]
     require(len(candidates) >= 2, f"{train.path}: fewer than 2 genes are measured in every section of the site")
     spots = train.spots
-    counts = _dense(spots.layers[keys.COUNTS]).astype(np.float32)
+    counts = dense(spots.layers[keys.COUNTS]).astype(np.float32)
     index = {g: i for i, g in enumerate(panel)}
     cols = [index[g] for g in candidates]
     parts = []

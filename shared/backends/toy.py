@@ -2,7 +2,7 @@
 
 Central model: a two-layer convolutional denoiser trained on a site's tiles and spot patches. Adapter:
 zero-initialised gene-conditioned FiLM on its hidden layer (central frozen). Synthesis: denoise noisy
-site-mean patches under the site's gene conditions. Downstream: ridge regression from pooled pixels to
+site-mean patches under the site's gene conditions. Downstream: the ridge baseline on "stats" encoder features to
 expression, real-only vs real+synthetic, on a held-out section. Every step is seeded, so two runs with the
 same config (and the same torch thread count, which the caller sets) give bit-identical weights.
 """
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shared.arrays import dense
 from shared.backends.base import register_backend
 from shared.store.format import PatchStore
 
@@ -87,15 +88,15 @@ def _conditioned(central, film, x, genes):
 
 def _expression(store: PatchStore) -> np.ndarray:
     x = store.spots.X
-    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-    return np.nan_to_num(x.astype(np.float32))
+    return np.nan_to_num(dense(x, np.float32))
 
 
 def features(store: PatchStore, rows: np.ndarray | None = None) -> np.ndarray:
-    patches = np.asarray(store.patches if rows is None else store.patches[rows], dtype=np.float32) / 255.0
-    n, p = len(patches), patches.shape[1]
-    pooled = patches.reshape(n, 4, p // 4, 4, p // 4, 3).mean(axis=(2, 4)).reshape(n, -1)
-    return np.concatenate([pooled, patches.std(axis=(1, 2))], axis=1)
+    """The downstream's non-learned "stats" encoder on the store's patches (on the CPU, like the toy)."""
+    from shared.downstream.encoders import create_encoder
+
+    patches = np.asarray(store.patches if rows is None else store.patches[rows])
+    return create_encoder("stats", device="cpu").embed(patches)
 
 
 @register_backend("toy")
@@ -257,69 +258,16 @@ class ToyBackend:
         return out
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alpha: float = 1.0) -> np.ndarray:
-    mu_x, mu_y = x.mean(0), y.mean(0)
-    xc = x - mu_x
-    w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - mu_y))
-    return (x_new - mu_x) @ w + mu_y
+def _ridge(x: np.ndarray, y: np.ndarray, x_new: np.ndarray) -> np.ndarray:
+    """The downstream's ridge (shared.downstream.baselines.RidgeBaseline), fitted on (x, y), applied to x_new."""
+    from shared.downstream.baselines import RidgeBaseline
+
+    return RidgeBaseline().fit(x, y).predict(x_new)
 
 
 def _mean_pcc(pred: np.ndarray, truth: np.ndarray) -> float:
-    pc, tc = pred - pred.mean(0), truth - truth.mean(0)
-    denom = np.sqrt((pc**2).sum(0) * (tc**2).sum(0))
-    ok = denom > 0
-    return float(np.mean((pc * tc).sum(0)[ok] / denom[ok])) if ok.any() else 0.0
+    """Mean per-gene PCC (shared.downstream.metrics' zero-variance rule); 0.0 when no gene is defined."""
+    from shared.downstream.metrics import pcc_per_gene
 
-
-def write_toy_store(
-    out: Path,
-    *,
-    n_spots: int = 24,
-    n_tiles: int = 16,
-    panel: list[str] | None = None,
-    sections: int = 2,
-    patch_px: int = 16,
-    seed: int = 0,
-) -> PatchStore:
-    """A small valid patch store whose pixels carry the expression signal (for tests and benchmarks)."""
-    import anndata
-    import pandas as pd
-
-    from shared import keys
-    from shared.store.format import StoreWriter
-
-    rng = np.random.default_rng(seed)
-    panel = panel or [f"G{i}" for i in range(6)]
-    expr = rng.gamma(2.0, 1.0, size=(n_spots, len(panel))).astype(np.float32)
-    section = np.array([f"S{i % sections}" for i in range(n_spots)])
-    base = rng.integers(60, 200, size=(1, 1, 1, 3))
-    spots_img = np.clip(
-        base + 20 * expr[:, None, None, :3] + rng.normal(0, 10, (n_spots, patch_px, patch_px, 3)), 0, 255
-    )
-    tiles_img = np.clip(base + rng.normal(0, 25, (n_tiles, patch_px, patch_px, 3)), 0, 255)
-    adata = anndata.AnnData(
-        X=np.log1p(expr),
-        obs=pd.DataFrame(
-            {keys.SECTION: section, keys.PATCH_INDEX: np.arange(n_spots), keys.SYNTHETIC: False},
-            index=[f"spot-{i}" for i in range(n_spots)],
-        ),
-        var=pd.DataFrame(index=panel),
-    )
-    adata.layers[keys.COUNTS] = expr.round()
-    adata.layers[keys.MEASURED] = np.ones_like(expr, dtype=bool)
-    adata.obsm[keys.SPATIAL] = rng.uniform(0, 1000, size=(n_spots, 2))
-    with StoreWriter(out, patch_px=patch_px) as writer:
-        writer.allocate_patches(n_spots)[:] = spots_img.astype(np.uint8)
-        writer.allocate_tiles(n_tiles)[:] = tiles_img.astype(np.uint8)
-        writer.set_tile_table(
-            pd.DataFrame(
-                {
-                    keys.SECTION: [f"S{i % sections}" for i in range(n_tiles)],
-                    "x": np.arange(n_tiles, dtype=float),
-                    "y": np.zeros(n_tiles),
-                }
-            )
-        )
-        writer.set_spots(adata)
-        writer.manifest.update(provenance={"generator": "fedst toy store", "seed": seed})
-    return PatchStore(out)
+    r = pcc_per_gene(pred, truth)
+    return float(np.nanmean(r)) if np.isfinite(r).any() else 0.0

@@ -20,7 +20,7 @@ _EXPORTS = {
     "create_conditioned": "shared.c2l.modulation",
     "save_adapter": "shared.c2l.modulation",
     "load_adapter": "shared.c2l.modulation",
-    "EMA": "shared.c2l.ema",
+    "create_ema": "shared.c2l.ema",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -14,8 +14,9 @@ from shared.c2l.data import PairedSpots, augment
 from shared.c2l.dp import DPConfig, plan
 from shared.c2l.modulation import ConditionedDiffusion, create_conditioned
 from shared.c2l.progress import StepBar
-from shared.c2l.schedule import train_scheduler, training_target
+from shared.c2l.schedule import training_target
 from shared.c2l.train import default_device, diffusion_loss
+from shared.diffusion import train_scheduler
 from shared.errors import FedstError
 from shared.store.format import PatchStore
 from shared.weights import load_state_strict

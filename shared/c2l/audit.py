@@ -13,12 +13,19 @@ import numpy as np
 
 from shared import keys
 from shared.c2l.data import expression_and_mask, to_model_images
+from shared.downstream.baselines import RidgeBaseline
+from shared.downstream.metrics import pcc_per_gene_masked
 from shared.errors import FedstError
 from shared.store.format import PatchStore
 
 
 def image_features(patches: np.ndarray, px: int = 32, chunk: int = 512) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, F) float64 colour/texture features at resolution `px`."""
+    """(N, H, W, 3) uint8 -> (N, F) float64 colour/texture features at resolution `px`.
+
+    Not the downstream's "stats" encoder (shared.downstream.encoders): the audit compares synthetic patches
+    with real ones that trained the generator under rotations and flips, so its features must not change when
+    a patch is rotated or flipped; the encoder's oriented Gabor bank does (both tested in test_c2l_core.py).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -41,25 +48,17 @@ def image_features(patches: np.ndarray, px: int = 32, chunk: int = 512) -> np.nd
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-def _pcc_per_gene(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    values = []
-    for g in range(truth.shape[1]):
-        rows = mask[:, g] > 0
-        a, b = pred[rows, g], truth[rows, g]
-        if rows.sum() < 3 or a.std() == 0 or b.std() == 0:
-            values.append(np.nan)
-        else:
-            values.append(float(np.corrcoef(a, b)[0, 1]))
-    return np.array(values)
+PROBE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
 
 
-def fit_expression_probe(features: np.ndarray, expression: np.ndarray, seed: int = 0):
-    """Ridge (alpha by CV) from standardised image features to expression, fitted on real pairs."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def fit_expression_probe(features: np.ndarray, expression: np.ndarray) -> RidgeBaseline:
+    """Ridge (alpha by CV) from standardised image features to expression, fitted on real pairs.
 
-    return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(features, expression)
+    fedst's one ridge (the downstream baseline) keeping every principal component: with all of them PCA is a
+    rotation, which ridge and its leave-one-out alpha choice are invariant to, so this is ridge on the
+    standardised features themselves.
+    """
+    return RidgeBaseline(n_components=features.shape[1], alphas=PROBE_ALPHAS).fit(features, expression)
 
 
 def clip_to_support(features: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -91,9 +90,9 @@ def conditional_consistency(
     order = rng.permutation(len(real_x))
     cut = max(int(0.8 * len(order)), 1)
     holdout = fit_expression_probe(real_f[order[:cut]], real_x[order[:cut]])
-    real_pcc = _pcc_per_gene(holdout.predict(real_f[order[cut:]]), real_x[order[cut:]], real_m[order[cut:]])
+    real_pcc = pcc_per_gene_masked(holdout.predict(real_f[order[cut:]]), real_x[order[cut:]], real_m[order[cut:]])
     probe = fit_expression_probe(real_f, real_x)
-    syn_pcc = _pcc_per_gene(probe.predict(clip_to_support(syn_f, real_f)), syn_x, syn_m)
+    syn_pcc = pcc_per_gene_masked(probe.predict(clip_to_support(syn_f, real_f)), syn_x, syn_m)
     return {
         "pcc_mean": float(np.nanmean(syn_pcc)) if np.isfinite(syn_pcc).any() else float("nan"),
         "pcc_per_gene": dict(zip(panel, [None if np.isnan(v) else float(v) for v in syn_pcc])),

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from shared import keys
+from shared.arrays import dense
 from shared.errors import FedstError
 from shared.store.format import PatchStore
 
@@ -70,10 +71,10 @@ def expression_and_mask(store: PatchStore) -> tuple[np.ndarray, np.ndarray]:
     """Dense float32 normalised expression and measured mask (all ones when the store has no mask)."""
     spots = store.spots
     x = spots.X
-    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+    x = dense(x, np.float32)
     if keys.MEASURED in spots.layers:
         m = spots.layers[keys.MEASURED]
-        m = np.asarray(m.toarray() if hasattr(m, "toarray") else m, dtype=np.float32)
+        m = dense(m, np.float32)
     else:
         m = np.ones_like(x)
     if not np.isfinite(x).all():

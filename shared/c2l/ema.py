@@ -1,35 +1,23 @@
-"""Exponential moving average of model weights (kept as a plain state dict the federation can ship)."""
+"""Exponential moving average of the central model's weights: diffusers' EMAModel with fedst's warm-up."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
+    from torch import nn
 
 
-class EMA:
-    """Shadow copy of a model's floating-point tensors, updated as shadow = d * shadow + (1 - d) * weights.
+def create_ema(model: nn.Module, decay: float = 0.999) -> EMAModel:
+    """An EMA of ``model``'s parameters whose n-th ``step`` uses d_n = min(decay, (1 + n) / (10 + n)):
+    shadow <- shadow - (1 - d_n) * (shadow - weights), so early shadows are not stuck at the initial weights.
 
-    The effective decay warms up as min(decay, (1 + n) / (10 + n)) so early shadows are not stuck at init.
+    diffusers starts that warm-up one update later by default (d_1 = 0, d_n = n / (9 + n));
+    ``update_after_step=-1`` keeps the schedule fedst has always used (pinned in tests/test_c2l_core.py).
+    The central model has no buffers and trains every parameter, so the shadow parameters are its whole
+    state dict.
     """
+    from diffusers.training_utils import EMAModel
 
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        self.decay = float(decay)
-        self.num_updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for name, value in model.state_dict().items():
-            shadow = self.shadow[name]
-            if value.dtype.is_floating_point:
-                shadow.mul_(d).add_(value.detach().to(shadow.device), alpha=1 - d)
-            else:
-                shadow.copy_(value)
-
-    def copy_to(self, model: nn.Module) -> None:
-        model.load_state_dict(self.shadow)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.shadow.items()}
+    return EMAModel(model.parameters(), decay=float(decay), update_after_step=-1)

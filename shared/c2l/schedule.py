@@ -1,4 +1,4 @@
-"""Noise schedules (diffusers): cosine DDPM for training; DDIM / DPM-Solver++ / ancestral DDPM for sampling."""
+"""C2L-ST's use of the noise schedules (shared.diffusion): training targets, the seeded reverse process."""
 
 from __future__ import annotations
 
@@ -6,38 +6,10 @@ from typing import Any, Callable
 
 import torch
 
+from shared.diffusion import sampling_scheduler
 from shared.errors import FedstError
 
-SAMPLERS = ("ddim", "dpm", "ddpm")
 DEFAULT_STEPS = {"ddim": 50, "dpm": 25, "ddpm": 1000}
-
-
-def train_scheduler(config: dict[str, Any]):
-    """The DDPM forward process of a central config (num_train_timesteps, beta_schedule, prediction_type)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(
-        num_train_timesteps=config.get("num_train_timesteps", 1000),
-        beta_schedule=config.get("beta_schedule", "squaredcos_cap_v2"),
-        prediction_type=config.get("prediction_type", "epsilon"),
-        clip_sample=config.get("clip_sample", True),
-    )
-
-
-def sampling_scheduler(config: dict[str, Any], sampler: str):
-    """A fresh scheduler for `sampler` sharing the training schedule (fast samplers are deterministic)."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    base = train_scheduler(config).config
-    if sampler == "ddpm":
-        return DDPMScheduler.from_config(base)
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(base, set_alpha_to_one=True, timestep_spacing="trailing")
-    if sampler == "dpm":
-        return DPMSolverMultistepScheduler.from_config(
-            base, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
-        )
-    raise FedstError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
 
 
 def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,9 @@ from shared.c2l.data import expression_and_mask
 from shared.c2l.modulation import ConditionedDiffusion, load_adapter
 from shared.c2l.progress import StepBar
 from shared.c2l.sampling import sample_conditioned
-from shared.c2l.schedule import DEFAULT_STEPS, SAMPLERS, to_uint8
+from shared.c2l.schedule import DEFAULT_STEPS, to_uint8
 from shared.c2l.train import default_device
+from shared.diffusion import SAMPLERS
 from shared.errors import FedstError
 from shared.store.format import PatchStore, StoreWriter
 

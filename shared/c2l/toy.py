@@ -33,13 +33,21 @@ def write_toy_store(
     n_spots: int = 256,
     n_tiles: int = 256,
     n_genes: int = 8,
-    px: int = 32,
+    panel: list[str] | None = None,
+    patch_px: int = 32,
     seed: int = 0,
     missing_gene_in_section_b: bool = True,
 ) -> PatchStore:
+    """fedst's one generated patch store (tests, benchmarks, the toy backend's federations): sections A and B
+    (half the spots each), genes ``panel`` (default GENE0..GENE<n_genes - 1>), ``patch_px`` a multiple of 4.
+
+    ``missing_gene_in_section_b`` marks the last gene unmeasured in section B (a panel gap, like real sites).
+    """
     import anndata
     import pandas as pd
 
+    genes = list(panel) if panel is not None else [f"GENE{g}" for g in range(n_genes)]
+    n_genes, px = len(genes), patch_px
     rng = np.random.default_rng(seed)
     weights = np.random.default_rng(1234).normal(scale=1.5, size=(n_genes, 2))  # same genes in every toy store
     a, b = rng.uniform(size=n_spots), rng.uniform(size=n_spots)
@@ -65,7 +73,7 @@ def write_toy_store(
             },
             index=[f"spot{i}" for i in range(n_spots)],
         ),
-        var=pd.DataFrame(index=[f"GENE{g}" for g in range(n_genes)]),
+        var=pd.DataFrame(index=genes),
         layers={keys.COUNTS: counts, keys.MEASURED: measured},
         obsm={keys.SPATIAL: rng.uniform(0, 1000, size=(n_spots, 2))},
         uns={keys.MPP: {"A": 0.5, "B": 0.5}},
@@ -105,7 +113,7 @@ def mixture_denoiser(config: dict):
     """
     import torch
 
-    from shared.c2l.schedule import train_scheduler
+    from shared.diffusion import train_scheduler
 
     alphas = train_scheduler({**config, "prediction_type": "epsilon"}).alphas_cumprod.double()
     means = torch.tensor(MIXTURE_MEANS, dtype=torch.float64)

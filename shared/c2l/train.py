@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from shared.c2l.central import CentralDiffusion
 from shared.c2l.data import PretrainImages, augment
-from shared.c2l.ema import EMA
 from shared.c2l.progress import StepBar
-from shared.c2l.schedule import train_scheduler, training_target
+from shared.c2l.schedule import training_target
+from shared.diffusion import train_scheduler
 from shared.errors import FedstError
 from shared.store.format import PatchStore
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 
 def default_device(device: str | torch.device | None) -> torch.device:
@@ -38,7 +41,7 @@ def train_central(
     device: str | torch.device | None = None,
     prox_mu: float = 0.0,
     prox_reference: Mapping[str, torch.Tensor] | None = None,
-    ema: EMA | None = None,
+    ema: EMAModel | None = None,
     progress: bool = True,
     use_patches: bool = True,
     augmentation: bool = True,
@@ -57,6 +60,8 @@ def train_central(
     dev = default_device(device)
     home = next(model.parameters()).device
     model.to(dev).train()
+    if ema is not None:
+        ema.to(dev)  # its shadow follows the weights it averages
     scheduler = train_scheduler(model.config)
     gen = torch.Generator().manual_seed(int(seed))
     if prox_mu > 0:
@@ -85,11 +90,13 @@ def train_central(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             if ema is not None:
-                ema.update(model)
+                ema.step(model.parameters())
             losses.append(float(loss.detach()))
             bar.advance(step + 1, loss=losses[-1])
     seconds = time.perf_counter() - start
     model.to(home)
+    if ema is not None:
+        ema.to(home)
     return {
         "losses": losses,
         "mean_loss": float(sum(losses) / len(losses)),

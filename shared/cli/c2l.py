@@ -33,7 +33,7 @@ def pretrain(
     import torch
 
     from shared.c2l.central import CentralDiffusion, create_central
-    from shared.c2l.ema import EMA
+    from shared.c2l.ema import create_ema
     from shared.c2l.plots import image_grid, loss_curve
     from shared.c2l.sampling import sample_central
     from shared.c2l.schedule import to_uint8
@@ -49,10 +49,10 @@ def pretrain(
         overrides["norm_num_groups"] = min(8, min(overrides["block_out_channels"]) // 4)
     torch.manual_seed(seed)
     model = CentralDiffusion.from_pretrained(init) if init else create_central(preset, **overrides)
-    ema = EMA(model, ema_decay) if ema_decay > 0 else None
+    ema = create_ema(model, ema_decay) if ema_decay > 0 else None
     summary = train_central(model, opened, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, ema=ema)
     if ema is not None:
-        ema.copy_to(model)
+        ema.copy_to(model.parameters())
     model.save_pretrained(out)
     samples = to_uint8(sample_central(model, 8, sampler="ddim", steps=25, seed=seed))
     real = opened[0].tiles[:8] if opened[0].n_tiles else opened[0].patches[:8]

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from shared import keys
+from shared.arrays import dense
 from shared.errors import FedstError, require
 
 Method = Literal["chebyshev", "expm_multiply", "dense"]
@@ -104,8 +105,7 @@ def heat_kernel_apply(
         from scipy.linalg import expm
 
         require(n <= DENSE_MAX_SPOTS, f"dense DRIFT: {n} spots exceed {DENSE_MAX_SPOTS}; use method='chebyshev'")
-        dense = lap.toarray() if sp.issparse(lap) else np.asarray(lap)
-        return expm(-t * dense) @ x
+        return expm(-t * dense(lap)) @ x
     lap = sp.csr_matrix(lap, dtype=np.float64)
     if method == "expm_multiply":
         from scipy.sparse.linalg import expm_multiply
@@ -205,8 +205,8 @@ def drift_matrix(
         x = sp.csc_matrix(x)
         blocks = []
         for start in range(0, x.shape[1], gene_block):
-            dense = x[:, start : start + gene_block].toarray().astype(np.float64)
-            out = heat_kernel_apply(lap, dense, t, method=method, kind=laplacian_kind)
+            block = dense(x[:, start : start + gene_block], np.float64)
+            out = heat_kernel_apply(lap, block, t, method=method, kind=laplacian_kind)
             blocks.append(sp.csr_matrix(out))
         result: np.ndarray | sp.csr_matrix = sp.hstack(blocks, format="csr") if blocks else sp.csr_matrix(x.shape)
         result.eliminate_zeros()

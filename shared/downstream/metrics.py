@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from shared.arrays import dense
 from shared.errors import FedstError, require
 
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -45,10 +46,8 @@ AS_METRICS = ("pcc_per_slide_mean", "ssim", "rmse_minmax", "js_divergence")
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _dense(a: Any, name: str) -> np.ndarray:
-    if sp.issparse(a):
-        a = a.toarray()
-    arr = np.asarray(a, dtype=np.float64)
+def _matrix(a: Any, name: str) -> np.ndarray:
+    arr = dense(a, np.float64)
     if arr.ndim == 1:
         arr = arr[:, None]
     require(arr.ndim == 2, f"{name}: expected a (n_spots, n_genes) matrix, got shape {arr.shape}")
@@ -57,7 +56,7 @@ def _dense(a: Any, name: str) -> np.ndarray:
 
 
 def _pair(pred: Any, truth: Any) -> tuple[np.ndarray, np.ndarray]:
-    p, t = _dense(pred, "pred"), _dense(truth, "truth")
+    p, t = _matrix(pred, "pred"), _matrix(truth, "truth")
     require(
         p.shape == t.shape, f"pred has shape {p.shape} but truth has shape {t.shape}: expected the same (spots x genes)"
     )
@@ -107,6 +106,21 @@ def pcc_per_gene(pred: Any, truth: Any) -> np.ndarray:
     r = np.clip(r, -1.0, 1.0)
     r[_constant(p)] = 0.0
     r[_constant(t)] = np.nan
+    return r
+
+
+def pcc_per_gene_masked(pred: Any, truth: Any, measured: Any, min_spots: int = 3) -> np.ndarray:
+    """:func:`pcc_per_gene` of each gene over only the spots where it was measured (``measured > 0``).
+
+    NaN where fewer than ``min_spots`` spots are measured or the measured truth is constant; 0.0 where only the
+    prediction is constant (the zero-variance rule). For panels whose sections measure different genes.
+    """
+    p, t = _pair(pred, truth)
+    m = _matrix(measured, "measured") > 0
+    require(m.shape == p.shape, f"measured has shape {m.shape} but pred has shape {p.shape}: expected the same")
+    r = np.full(p.shape[1], np.nan)
+    for g in np.flatnonzero(m.sum(axis=0) >= max(2, min_spots)):
+        r[g] = pcc_per_gene(p[m[:, g], g], t[m[:, g], g])[0]
     return r
 
 
@@ -228,24 +242,21 @@ def js_per_gene(pred: Any, truth: Any) -> tuple[np.ndarray, np.ndarray]:
 
     Each gene's vector over spots is made a distribution by clipping negatives to 0 and dividing by its sum;
     a gene whose pred or truth sums to 0 has no distribution: NaN, excluded by the aggregates. JS divergence
-    = (KL(p||m) + KL(q||m)) / 2 with m = (p + q) / 2; JS distance = sqrt(divergence) (= scipy's
-    ``jensenshannon(p, q, base=2)``).
+    = (KL(p||m) + KL(q||m)) / 2 with m = (p + q) / 2; JS distance = sqrt(divergence) = scipy's
+    ``jensenshannon(p, q, base=2)``, which computes it.
     """
+    from scipy.spatial.distance import jensenshannon
+
     p, t = _pair(pred, truth)
     p, t = np.clip(p, 0, None), np.clip(t, 0, None)
-    sp_, st = p.sum(axis=0), t.sum(axis=0)
-    ok = (sp_ > 0) & (st > 0)
-    pd = np.divide(p, sp_, out=np.zeros_like(p), where=ok)
-    qd = np.divide(t, st, out=np.zeros_like(t), where=ok)
-    m = 0.5 * (pd + qd)
-
-    def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        terms = np.where(a > 0, a * np.log2(np.divide(a, b, out=np.ones_like(a), where=a > 0)), 0.0)
-        return terms.sum(axis=0)
-
-    div = np.clip(0.5 * (kl(pd, m) + kl(qd, m)), 0.0, 1.0)
-    div[~ok] = np.nan
-    return div, np.sqrt(div)
+    ok = (p.sum(axis=0) > 0) & (t.sum(axis=0) > 0)
+    dist = np.full(p.shape[1], np.nan)
+    if ok.any():
+        # scipy takes sqrt of a divergence that rounding can leave at -1e-17 for near-identical distributions
+        # (NaN plus a RuntimeWarning, tested); such a divergence is 0.
+        with np.errstate(invalid="ignore"):
+            dist[ok] = np.clip(np.nan_to_num(jensenshannon(p[:, ok], t[:, ok], base=2, axis=0), nan=0.0), 0.0, 1.0)
+    return dist**2, dist
 
 
 def js_divergence(pred: Any, truth: Any, sections: Any = None) -> float:
@@ -292,7 +303,7 @@ def morans_i(x: Any, weights: sp.spmatrix) -> np.ndarray:
 
     NaN for a constant column (z^T z = 0: undefined). ``weights`` is any (N, N) sparse matrix.
     """
-    xx = _dense(x, "x")
+    xx = _matrix(x, "x")
     w = sp.csr_matrix(weights, dtype=np.float64)
     n = xx.shape[0]
     require(w.shape == (n, n), f"weights: expected ({n}, {n}) for {n} spots, got {w.shape}")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from shared import keys
+from shared.arrays import dense
 from shared.errors import FedstError, require
 from shared.persistence import Writer, check_keys, json_file, model_directory, read_config, tensor_file, write_artifact
 from shared.store.format import PatchStore
@@ -59,10 +60,6 @@ class SpotBatch:
     sections: np.ndarray  # (N,) str, unique across stores
     mpp: dict[str, float]
     features: np.ndarray | None = None  # (N, D) precomputed
-
-
-def _dense(matrix: Any) -> np.ndarray:
-    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float32)
 
 
 def _open(store: PatchStore | str | os.PathLike) -> PatchStore:
@@ -281,10 +278,12 @@ def _rows_for(store: PatchStore, spot_indices: Mapping[Any, np.ndarray] | None) 
 
 
 def _targets(subs: list[Any], genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    Y = np.concatenate([_dense(s.X) for s in subs])
+    Y = np.concatenate([dense(s.X, np.float32) for s in subs])
     M = np.concatenate(
         [
-            _dense(s.layers[keys.MEASURED]) if keys.MEASURED in s.layers else np.ones((s.n_obs, len(genes)), np.float32)
+            dense(s.layers[keys.MEASURED], np.float32)
+            if keys.MEASURED in s.layers
+            else np.ones((s.n_obs, len(genes)), np.float32)
             for s in subs
         ]
     )
@@ -461,7 +460,7 @@ def evaluate_predictor(
         require(not unknown, f"{store.path}: no section(s) {unknown} (has {sorted(set(section_of))})")
         rows = np.flatnonzero(np.isin(section_of, wanted))
     pred = predictor.predict(store)[rows]
-    truth = _dense(spots.X)[rows]
+    truth = dense(spots.X, np.float32)[rows]
     coords = np.asarray(spots.obsm[keys.SPATIAL], dtype=np.float64)[rows]
     return evaluate_predictions(pred, truth, coords, section_of[rows], list(store.panel))
 
@@ -479,9 +478,9 @@ def prediction_adata(predictor: Predictor, store: PatchStore | str | os.PathLike
     )
     out.obsm[keys.SPATIAL] = np.asarray(spots.obsm[keys.SPATIAL], dtype=np.float64)
     out.layers[keys.PREDICTED] = pred.copy()
-    measured = _dense(spots.layers[keys.MEASURED]) if keys.MEASURED in spots.layers else np.zeros_like(pred)
+    measured = dense(spots.layers[keys.MEASURED], np.float32) if keys.MEASURED in spots.layers else np.zeros_like(pred)
     if measured.any():
-        out.layers[keys.NORMALISED] = _dense(spots.X)
+        out.layers[keys.NORMALISED] = dense(spots.X, np.float32)
         out.layers[keys.MEASURED] = measured
     if keys.MPP in spots.uns:
         out.uns[keys.MPP] = spots.uns[keys.MPP]
@@ -505,8 +504,8 @@ def plot_prediction(adata: Any, out_png: Path, n_genes: int = 4, section: str | 
     sec = adata.obs[keys.SECTION].astype(str).to_numpy()
     section = section or sec[0]
     rows = sec == section
-    pred = _dense(adata.X)[rows]
-    truth = _dense(adata.layers[keys.NORMALISED])[rows] if keys.NORMALISED in adata.layers else None
+    pred = dense(adata.X, np.float32)[rows]
+    truth = dense(adata.layers[keys.NORMALISED], np.float32)[rows] if keys.NORMALISED in adata.layers else None
     ref = truth if truth is not None else pred
     genes = np.argsort(-ref.var(0))[: min(n_genes, ref.shape[1])]
     xy = np.asarray(adata.obsm[keys.SPATIAL])[rows]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from shared.errors import require
 from shared.synthetic import model
 from shared.synthetic.layout import make_layout, spot_mixtures
 from shared.synthetic.render import render_section
+from shared.tomlio import write_toml
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +78,16 @@ def generate_section(
     return rgb, adata
 
 
-def _site_toml(site: str, sections: list[str]) -> str:
-    lines = [f'site = "{site}"', f'panel = "../{PANEL_FILE}"', ""]
-    for section in sections:
-        lines += [
-            "[[sections]]",
-            f'id = "{section}"',
-            'format = "hest"',
-            f'h5ad = "{section}.h5ad"',
-            f'image = "{section}.tif"',
-            "",
-        ]
-    return "\n".join(lines)
+def _site_table(site: str, sections: list[str]) -> dict[str, Any]:
+    """The SITE.toml of a generated site: its sections in HEST format, paths relative to the site folder."""
+    return {
+        "site": site,
+        "panel": f"../{PANEL_FILE}",
+        "sections": [
+            {"id": section, "format": "hest", "h5ad": f"{section}.h5ad", "image": f"{section}.tif"}
+            for section in sections
+        ],
+    }
 
 
 def generate_consortium(
@@ -142,7 +142,7 @@ def generate_consortium(
             adata.uns[model.GROUND_TRUTH]["signatures"] = signatures.astype(np.float32)
             write_pyramidal_tiff(site_dir / f"{section}.tif", rgb, mpp)
             _write_h5ad(adata, site_dir / f"{section}.h5ad")
-        (site_dir / "site.toml").write_text(_site_toml(site, sections))
+        write_toml(site_dir / "site.toml", _site_table(site, sections))
         log.info("synthetic %s: %d sections written to %s", site, len(sections), site_dir)
     return root
 

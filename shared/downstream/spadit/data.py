@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shared import keys
+from shared.arrays import dense
 from shared.errors import FedstError, require
 
 if TYPE_CHECKING:
@@ -25,8 +26,7 @@ def dense_counts(adata: AnnData, what: str) -> np.ndarray:
         f"{what}: empty input ({adata.n_obs} observations x {adata.n_vars} genes); expected both > 0",
     )
     x = adata.X
-    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-    x = x.astype(np.float64, copy=False)
+    x = dense(x, np.float64)
     require(bool(np.isfinite(x).all()), f"{what}: X holds NaN/inf values; expected finite counts")
     require(bool((x >= 0).all()), f"{what}: X holds negative values; expected non-negative counts")
     return x

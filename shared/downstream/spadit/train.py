@@ -9,44 +9,33 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from shared.diffusion import sampling_scheduler, train_scheduler
 from shared.downstream.spadit.model import SpaDiT
+from shared.errors import FedstError
 
 log = logging.getLogger(__name__)
 
 
-def make_scheduler(num_train_timesteps: int = 1000):
-    """The training noise schedule: diffusers DDPM with the cosine ("squaredcos_cap_v2") betas."""
-    from diffusers import DDPMScheduler
+def _schedule(num_train_timesteps: int) -> dict[str, Any]:
+    """SpaDiT's schedule: cosine ("squaredcos_cap_v2") betas, epsilon prediction, no sample clipping."""
+    return {"num_train_timesteps": num_train_timesteps, "prediction_type": "epsilon", "clip_sample": False}
 
-    return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
+
+def make_scheduler(num_train_timesteps: int = 1000):
+    """The training noise schedule: diffusers DDPM with the cosine betas (shared.diffusion)."""
+    return train_scheduler(_schedule(num_train_timesteps))
 
 
 def make_sampler(kind: str, num_train_timesteps: int = 1000):
-    """DDIM (deterministic, few steps) or DDPM (ancestral) over the same cosine schedule."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    common = dict(
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
-    if kind == "ddim":
-        return DDIMScheduler(**common)
-    if kind == "ddpm":
-        return DDPMScheduler(**common)
-    from shared.errors import FedstError
-
-    raise FedstError(f"unknown sampler {kind!r}; expected 'ddim' or 'ddpm'")
+    """DDIM (deterministic, few steps, diffusers' "leading" spacing) or DDPM (ancestral), same cosine schedule."""
+    if kind not in ("ddim", "ddpm"):
+        raise FedstError(f"unknown sampler {kind!r}; expected 'ddim' or 'ddpm'")
+    return sampling_scheduler(_schedule(num_train_timesteps), kind, timestep_spacing="leading")
 
 
 @dataclass
