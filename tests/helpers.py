@@ -71,3 +71,20 @@ def write_visium_outs(adata, rgb: np.ndarray, folder: Path, mpp: float) -> Path:
     (spatial / "scalefactors_json.json").write_text(json.dumps(factors))
     Image.fromarray(rgb).save(spatial / "tissue_hires_image.png")
     return folder
+
+
+# -- the federation tests' consortium of small toy stores ------------------------------------------------------
+TOY_PANEL = [f"G{i}" for i in range(6)]
+TOY_SIZES = [(24, 16), (30, 8), (18, 20)]  # (spots, tiles) per site: num-examples 40, 38, 38
+
+
+def write_toy_consortium(root: Path, sizes=TOY_SIZES) -> list[Path]:
+    """One fully measured toy patch store per site (16 px) under ``root/site-<i>``; returns their paths."""
+    from shared.c2l.toy import write_toy_store
+
+    paths = [Path(root) / f"site-{i}" for i in range(len(sizes))]
+    for i, ((spots, tiles), path) in enumerate(zip(sizes, paths)):
+        write_toy_store(
+            path, n_spots=spots, n_tiles=tiles, panel=TOY_PANEL, patch_px=16, seed=i, missing_gene_in_section_b=False
+        )
+    return paths

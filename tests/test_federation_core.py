@@ -11,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.c2l.toy import write_toy_store
 from shared.config import NodeConfig, RunConfig
 from shared.config.legacy import ALIASES
 from shared.errors import FedstError
+from tests.helpers import REPO, TOY_PANEL, TOY_SIZES, write_toy_consortium
 
+PANEL, SIZES = TOY_PANEL, TOY_SIZES
 flwr = pytest.importorskip("flwr")
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
@@ -28,29 +31,11 @@ from server.strategy import make_strategy, numpy_to_arrays  # noqa: E402
 from server.validate import update_problems, weighted_mean  # noqa: E402
 from server.workflow import Workflow  # noqa: E402
 from shared.backends import toy  # noqa: E402
-from shared.c2l.toy import write_toy_store  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-PANEL = [f"G{i}" for i in range(6)]
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> list[Path]:
-    root = tmp_path_factory.mktemp("toy-stores")
-    sizes = [(24, 16), (30, 8), (18, 20)]
-    out = []
-    for i, (spots, tiles) in enumerate(sizes):
-        write_toy_store(
-            root / f"site-{i}",
-            n_spots=spots,
-            n_tiles=tiles,
-            panel=PANEL,
-            patch_px=16,
-            seed=i,
-            missing_gene_in_section_b=False,
-        )
-        out.append(root / f"site-{i}")
-    return out
+    return write_toy_consortium(tmp_path_factory.mktemp("toy-stores"))
 
 
 def make_grid(stores, tmp_path, run_config, **kwargs) -> LocalGrid:

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 
 from shared.backends import toy
-from shared.c2l.toy import write_toy_store
 from shared.config import NodeConfig, RunConfig
 from shared.errors import FedstError
+from tests.helpers import REPO, TOY_PANEL, TOY_SIZES, write_toy_consortium
 
+PANEL, SIZES = TOY_PANEL, TOY_SIZES
 flwr = pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, Message, RecordDict  # noqa: E402
@@ -39,25 +40,10 @@ from server.results import load_results  # noqa: E402
 from server.secagg import screen_reply  # noqa: E402
 from server.workflow import Workflow  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-PANEL = [f"G{i}" for i in range(6)]
-SIZES = [(24, 16), (30, 8), (18, 20)]  # (spots, tiles): num-examples 40, 38, 38
-
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> list[Path]:
-    root = tmp_path_factory.mktemp("secagg-stores")
-    for i, (spots, tiles) in enumerate(SIZES):
-        write_toy_store(
-            root / f"site-{i}",
-            n_spots=spots,
-            n_tiles=tiles,
-            panel=PANEL,
-            patch_px=16,
-            seed=i,
-            missing_gene_in_section_b=False,
-        )
-    return [root / f"site-{i}" for i in range(len(SIZES))]
+    return write_toy_consortium(tmp_path_factory.mktemp("secagg-stores"), SIZES)
 
 
 def toy_config(out: Path, **overrides) -> dict:
