@@ -18,7 +18,7 @@ def experiment(
         None,
         "--set",
         help="Override a config value, KEY=VALUE in "
-        "TOML syntax (repeatable), e.g. --set seeds=[0] --set model.adapt_steps=20.",
+        "TOML syntax (repeatable), e.g. --set seeds=[0] --set run.adapt.steps=20.",
     ),
     max_cells: int | None = typer.Option(
         None, "--max-cells", min=0, help="Stop after running this many cells (the rest run on the next --resume)."
