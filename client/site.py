@@ -15,6 +15,7 @@ import numpy as np
 
 from shared.config import NodeConfig, RunConfig
 from shared.errors import FedstError
+from shared.io import write_json_atomic
 from shared.seeds import site_seed
 
 CENTRAL = "central.safetensors"
@@ -169,7 +170,7 @@ class SiteTask:
         history = json.loads(path.read_text()) if path.is_file() else []
         history = [h for h in history if not (h["phase"] == phase and h["round"] == server_round)]
         history.append({"phase": phase, "round": server_round, **{k: float(v) for k, v in metrics.items()}})
-        path.write_text(json.dumps(history, indent=2))
+        write_json_atomic(path, history)
 
     def write_report(self) -> Path:
         """The site's own report (never sent): real vs synthetic sample grid, its metrics, its epsilon."""

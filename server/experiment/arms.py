@@ -24,6 +24,7 @@ from server.experiment.planner import Cell
 from shared import keys
 from shared.arrays import dense
 from shared.errors import FedstError, require
+from shared.io import write_json_atomic
 from shared.seeds import site_seed  # the real-spot subset (fraction_rows) keeps the plain cell seed
 from shared.store.format import PatchStore
 from shared.store.subset import subset_store
@@ -232,7 +233,7 @@ class ArmRunner:
         model, info = self._pretrain(seed, root)
         model.save_pretrained(root / "model")
         info = {**info, "seconds": round(time.perf_counter() - started, 2), "seed": seed}
-        done.write_text(json.dumps(info, indent=2))
+        write_json_atomic(done, info)
         self.log(f"central model (seed {seed}) pretrained in {info['seconds']:.1f} s via {info['route']}")
         return CentralDiffusion.from_pretrained(root / "model"), info
 

@@ -17,6 +17,7 @@ from server.experiment.config import ExperimentConfig, ResolvedSite, resolve_sit
 from shared import keys
 from shared.arrays import dense
 from shared.errors import FedstError, require
+from shared.io import write_json_atomic
 from shared.store.format import PatchStore
 from shared.store.subset import subset_store
 from shared.tomlio import write_toml
@@ -53,7 +54,7 @@ def ensure_consortium(config: ExperimentConfig, out: Path, log: Callable[[str], 
         return root
     log(f"generating synthetic consortium ({config.synthetic.n_sites} sites, seed {config.synthetic.seed}) in {root}")
     generate_consortium(root, **params)
-    marker.write_text(json.dumps(params))
+    write_json_atomic(marker, params)
     return root
 
 

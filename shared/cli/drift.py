@@ -70,7 +70,6 @@ def evaluate(
     top_k: int = typer.Option(50, "--top-k", help="k of pcc_top_k."),
 ) -> None:
     """Compare a prediction with the truth (spots and genes paired by name) and print every metric."""
-    import json
 
     from shared.downstream.metrics import evaluate_anndata
 
@@ -81,8 +80,9 @@ def evaluate(
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         typer.echo(f"{key:<24} {shown}")
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2))
+        from shared.io import write_json_atomic
+
+        write_json_atomic(json_out, result)
         typer.echo(f"metrics written to {json_out}")
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from shared import keys
 from shared.errors import FedstError
+from shared.io import json_default
 
 if TYPE_CHECKING:
     import anndata
@@ -260,7 +261,7 @@ class StoreWriter:
             files={name: sha256_file(self.tmp / name) for name in DATA_FILES},
         )
         self.manifest["params"]["patch_px"] = self.patch_px
-        (self.tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, default=_json_default))
+        (self.tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, default=json_default))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -278,15 +279,3 @@ class StoreWriter:
                 shutil.rmtree(trash, ignore_errors=True)
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shared import keys
+from shared.io import write_json_atomic
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -79,7 +79,7 @@ def write_result(result: ImputationResult, st: AnnData, out: str | Path) -> dict
         "params": result.params,
     }
     written["metrics"] = Path(f"{stem}.metrics.json")
-    written["metrics"].write_text(json.dumps(_jsonable(report), indent=2))
+    write_json_atomic(written["metrics"], _jsonable(report))
     if keys.SPATIAL in st.obsm:
         order = np.argsort(~result.has_truth, kind="stable")  # genes with truth first
         panels = {
