@@ -115,12 +115,18 @@ class PhaseMixin:
             f"{self.action} round {global_round}", global_round, self._sent, self.sites.label, started=self._started
         )
         accepted: list[Message] = []
-        for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+        replies = list(replies)
+        for msg in replies:
+            if not msg.has_error():
+                self.sites.learn(msg.metadata.src_node_id, msg.content)
+        # Aggregate in the order of the sites' declared names: Flower sums the updates in list order, float
+        # addition is not associative, and node ids (random per run in simulation) would make the same seed
+        # give different weights in the last bits from run to run.
+        for msg in sorted(replies, key=lambda m: (self.sites.label(m.metadata.src_node_id), m.metadata.src_node_id)):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 tally.fail(node, f"error: {msg.error.reason}")
                 continue
-            self.sites.learn(node, msg.content)
             problems = self._screen(msg)
             if problems:
                 tally.reject(node, "; ".join(problems))

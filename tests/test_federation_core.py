@@ -219,6 +219,33 @@ def test_fedavg_equals_hand_computed_weighted_mean(stores, tmp_path):
         assert metrics["loss"] == pytest.approx(1.0)
 
 
+def test_fedavg_aggregates_in_site_name_order_whatever_the_node_ids(stores, tmp_path):
+    """Flower sums updates in list order and float addition is not associative: with node ids drawn at random
+    per run (simulation), ordering by node id made the same seed give different weights in the last bits."""
+    rng = np.random.default_rng(1)
+    base = {"w": np.zeros(4096, np.float32)}
+    scales = {"basel": 1e6, "geneva": 1.0, "zurich": 1e-3}  # magnitudes whose float32 sums depend on the order
+    updates = {name: {"w": (rng.normal(size=4096) * scale).astype(np.float32)} for name, scale in scales.items()}
+
+    def aggregate(node_of: dict[str, int]) -> np.ndarray:
+        with make_grid(stores, tmp_path, toy_config(tmp_path)) as grid:
+            run = RunConfig.from_mapping(toy_config(tmp_path, **{"max-update-norm": 1e12}))
+            strategy = make_strategy(run, 3)
+            strategy.setup_phase("pretrain", run)
+            _prime(strategy, grid, base)
+            replies = []
+            for name, node in node_of.items():
+                reply = _reply(node, updates[name], 1.0 + len(name))
+                reply.content["site"] = ConfigRecord({"name": name})
+                replies.append(reply)
+            arrays, _ = strategy.aggregate_train(1, replies)
+            return arrays["w"].numpy()
+
+    first = aggregate({"basel": 101, "geneva": 102, "zurich": 103})
+    np.testing.assert_array_equal(first, aggregate({"zurich": 101, "basel": 103, "geneva": 102}))
+    np.testing.assert_array_equal(first, aggregate({"geneva": 103, "zurich": 102, "basel": 101}))
+
+
 def test_update_problems_detects_nan_shape_names_and_norm():
     ref = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
     assert update_problems({"a": np.ones((2, 2)), "b": np.ones(3)}, ref, 10.0) == []
