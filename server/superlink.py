@@ -49,13 +49,28 @@ def write_overrides(path: Path, overrides: dict[str, Any]) -> Path:
 
 
 def add_connection(home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
-    """Add ``[superlink.<name>]`` to ``$FLWR_HOME/config.toml`` (created when missing)."""
+    """Set ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml`` (created when missing), replacing an earlier
+    connection of that name: `fedst demo` re-run in the same folder must not append a second table of the same
+    name, which Flower then refuses as invalid TOML."""
+    import tomllib
+
+    from shared.errors import FedstError
+
     home.mkdir(parents=True, exist_ok=True)
     config = home / "config.toml"
-    text = config.read_text() if config.is_file() else f"[superlink]\ndefault = {tomlio.value(name)}\n"
-    block = f"\n[superlink.{name}]\naddress = {tomlio.value(address)}\n"
-    block += f"root-certificates = {tomlio.value(root_certificates)}\n" if root_certificates else "insecure = true\n"
-    config.write_text(text + block)
+    try:
+        data = tomllib.loads(config.read_text()) if config.is_file() else {}
+    except tomllib.TOMLDecodeError as exc:
+        raise FedstError(f"{config}: not valid TOML ({exc}); delete it or fix it") from None
+    superlink = data.setdefault("superlink", {})
+    superlink.setdefault("default", name)
+    connection: dict[str, Any] = {"address": address}
+    if root_certificates:
+        connection["root-certificates"] = str(root_certificates)
+    else:
+        connection["insecure"] = True
+    superlink[name] = connection
+    tomlio.write_toml(config, data)
 
 
 class SuperLink:

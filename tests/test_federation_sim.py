@@ -30,40 +30,47 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.timeout(400)
-def test_fedst_demo_simulation_runs_every_phase(tmp_path):
-    out = tmp_path / "demo"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shared.cli.main",
-            "demo",
-            "--backend",
-            "toy",
-            "--sites",
-            "3",
-            "--rounds",
-            "2",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=380,
+def _demo(out: Path) -> subprocess.CompletedProcess:
+    argv = ["demo", "--backend", "toy", "--sites", "3", "--rounds", "2", "--out", str(out)]
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli.main", *argv], cwd=REPO, capture_output=True, text=True, timeout=380
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "pretrain round 2: 3 sites" in done.stdout and "downstream: done on 3 sites" in done.stdout
-    report = Path(done.stdout.split("[fedst demo] report: ")[1].splitlines()[0])
-    assert report.is_file() and report.parent.parent == out / "runs"
-    results = load_results(report.parent / "results.json")
-    assert results.status == "completed" and results.config["backend"] == "toy"
-    assert results.config["pretrain.rounds"] == 2  # `--rounds` reached the apps through `flwr run -c`
-    assert set(results.phases) == {"pretrain", "adapt", "synthesize", "downstream"}
-    assert len(results.phases["downstream"].last.sites) == 3
-    assert all(len(r.sites) == 3 for r in results.phases["pretrain"].rounds)
+
+
+def _site_metrics(results) -> dict:
+    """Every per-site metric of every round, without the wall-clock ones."""
+    return {
+        (phase, row.round, site, key): value
+        for phase, block in results.phases.items()
+        for row in block.rounds
+        for site, metrics in row.sites.items()
+        for key, value in metrics.items()
+        if "seconds" not in key
+    }
+
+
+@pytest.mark.timeout(800)
+def test_fedst_demo_simulation_runs_every_phase_twice_in_one_folder_with_the_same_numbers(tmp_path):
+    out = tmp_path / "demo"
+    runs = []
+    for attempt in range(2):  # a re-run in the same folder reuses its Flower home and consortium
+        done = _demo(out)
+        assert done.returncode == 0, f"run {attempt + 1}: " + done.stdout[-3000:] + done.stderr[-3000:]
+        assert "pretrain round 2: 3 sites" in done.stdout and "downstream: done on 3 sites" in done.stdout
+        report = Path(done.stdout.split("[fedst demo] report: ")[1].splitlines()[0])
+        assert report.is_file() and report.parent.parent == out / "runs"
+        runs.append(load_results(report.parent / "results.json"))
+    first, second = runs
+    assert first.run_dir != second.run_dir
+    for results in runs:
+        assert results.status == "completed" and results.config["backend"] == "toy"
+        assert results.config["pretrain.rounds"] == 2  # `--rounds` reached the apps through `flwr run -c`
+        assert set(results.phases) == {"pretrain", "adapt", "synthesize", "downstream"}
+        assert len(results.phases["downstream"].last.sites) == 3
+        assert all(len(r.sites) == 3 for r in results.phases["pretrain"].rounds)
+    # same seed, same numbers: every per-site metric of every phase is bit-identical across the two runs
+    assert _site_metrics(first) == _site_metrics(second) and len(_site_metrics(first)) > 30
     # each simulated site prepared its store from its SITE.toml into its own work dir and wrote its report
     site_reports = sorted((out / "sites").glob("*/*/report/report.md"))
-    assert len(site_reports) == 3
+    assert len(site_reports) == 6
     assert not _processes_mentioning(str(out))  # the private SuperLink and its children are gone

@@ -85,3 +85,16 @@ def test_flower_files_and_flags_survive_awkward_paths(tmp_path: Path):
     cmd = supernode_command("127.0.0.1:9092", {"site": "site-0", "data-path": str(spaced), "rounds": 2}, 9100)
     pairs = cmd[cmd.index("--node-config") + 1]
     assert parse_config_args([pairs]) == {"site": "site-0", "data-path": str(spaced), "rounds": 2}
+
+
+def test_add_connection_twice_keeps_one_valid_table_per_name(tmp_path):
+    """`fedst demo` re-run in one folder used to append a second [superlink.fedst-demo] (invalid TOML for flwr)."""
+    add_connection(tmp_path, "fedst-demo", "127.0.0.1:1111")
+    add_connection(tmp_path, "fedst-demo", "127.0.0.1:2222")
+    add_connection(tmp_path, "tls", "127.0.0.1:3333", root_certificates=tmp_path / 'ca "x".crt')
+    config = tomllib.loads((tmp_path / "config.toml").read_text())
+    assert config["superlink"] == {
+        "default": "fedst-demo",
+        "fedst-demo": {"address": "127.0.0.1:2222", "insecure": True},
+        "tls": {"address": "127.0.0.1:3333", "root-certificates": str(tmp_path / 'ca "x".crt')},
+    }
