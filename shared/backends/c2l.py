@@ -122,11 +122,8 @@ class C2LBackend:
         )
 
     def pretrain(self, state, store, settings: PretrainConfig, *, seed: int, prox_mu: float = 0.0):
-        import torch
-
         from shared.c2l.train import train_central
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         model = self.central(state)
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
         summary = train_central(
