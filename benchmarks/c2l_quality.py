@@ -94,33 +94,40 @@ def load_data(work: Path, sites: int) -> tuple[list[PatchStore], np.ndarray]:
     return stores, held_out
 
 
-def train_recipe(name: str, stores, args, minutes: list[float], at_steps: list[int]) -> tuple[list[dict], dict]:
-    """Train one recipe, snapshotting raw and EMA weights at each budget; stops after the last one."""
+def train_recipe(name: str, stores, args, minutes: list[float], at_steps: list[int], on_snapshot) -> dict:
+    """Train one recipe; at each budget `on_snapshot(snapshot)` scores the raw and EMA weights right away.
+
+    The scoring time is excluded from the snapshot's training seconds (so a snapshot's wall time is what the
+    training alone took); training stops after the last budget.
+    """
     torch.manual_seed(args.seed)
     model = create_central("tiny", **model_overrides(args))
     ema = EMA(model, args.ema_decay)
     budgets = sorted(m * 60 for m in minutes)
     steps_left = sorted(at_steps)
-    snapshots: list[dict] = []
+    paused = [0.0]
 
     def on_step(step: int, seconds: float) -> bool:
+        trained = seconds - paused[0]
         hit = []
-        while budgets and seconds >= budgets[0]:
+        while budgets and trained >= budgets[0]:
             hit.append(f"{budgets.pop(0) / 60:g}min")
         while steps_left and step >= steps_left[0]:
             hit.append(f"{steps_left.pop(0)}steps")
         if hit:
-            snapshots.append(
+            start = time.perf_counter()
+            on_snapshot(
                 {
                     "label": "+".join(hit),
                     "steps": step,
-                    "seconds": round(seconds, 1),
-                    "steps_per_s": round(step / seconds, 3),
+                    "seconds": round(trained, 1),
+                    "steps_per_s": round(step / trained, 3),
                     "load": [round(v, 2) for v in os.getloadavg()],
                     "raw": copy.deepcopy(model.state_dict()),
                     "ema": ema.state_dict(),
                 }
             )
+            paused[0] += time.perf_counter() - start
         return not budgets and not steps_left
 
     summary = train_central(
@@ -137,7 +144,8 @@ def train_recipe(name: str, stores, args, minutes: list[float], at_steps: list[i
         on_step=on_step,
         **RECIPES[name],
     )
-    return snapshots, {k: summary[k] for k in ("steps", "seconds", "steps_per_s", "n_examples")}
+    seconds = summary["seconds"] - paused[0]
+    return {"steps": summary["steps"], "seconds": seconds, "steps_per_s": summary["steps"] / seconds}
 
 
 def model_overrides(args) -> dict[str, Any]:
@@ -216,6 +224,7 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-models", action="store_true", help="save EMA weights of DDPM-type snapshots")
     parser.add_argument(
         "--merge", nargs="+", type=Path, default=None, help="only merge these results.json (runs of one recipe each)"
     )
@@ -254,23 +263,30 @@ def main() -> None:
     print(f"floor KID {floor:.4f} +- {floor_std:.4f}; real nuclei fraction {real_stats['nuclei_fraction']:.3f}")
     real_row = ("real held-out patches", held_out[np.random.default_rng(1).choice(len(held_out), 10, replace=False)])
     for name in args.recipes.split(","):
-        snapshots, summary = train_recipe(name, stores, args, minutes, at_steps)
-        result["training"][name] = summary
-        print(f"[{name}] trained {summary['steps']} steps in {summary['seconds']:.0f} s, load {os.getloadavg()}")
         grid_rows = [real_row]
-        for snap in snapshots:
+
+        def on_snapshot(snap: dict, name: str = name, grid_rows: list = grid_rows) -> None:
+            if args.save_models and RECIPES[name].get("parametrization") != "edm":  # adapt needs a DDPM model
+                model = create_central("tiny", **model_overrides(args))
+                model.load_state_dict(snap["ema"])
+                model.save_pretrained(out / "models" / f"{name}-{snap['steps']}-ema")
             for weights in ("raw", "ema"):
                 for spec in args.samplers.split(","):
                     row, images = evaluate(name, snap, weights, spec, args, real_f, h_threshold)
                     result["rows"].append(row)
                     print(
-                        f"  {snap['label']:>12} {snap['steps']:>5} steps {weights:>3} {row['sampler']:>12} "
+                        f"  {snap['label']:>12} {snap['steps']:>5} steps {snap['seconds']:>6.0f} s "
+                        f"load {snap['load'][0]:.1f} {weights:>3} {row['sampler']:>12} "
                         f"KID {row['kid']:9.4f} nuclei {row['nuclei_fraction']:.3f}"
                     )
                     if weights == "ema":
                         grid_rows.append((f"{snap['label']} ({snap['steps']} steps) EMA {row['sampler']}", images[:10]))
-        image_grid(grid_rows, out / f"samples_{name}.png", f"{name}: samples by snapshot")
-        (out / "results.json").write_text(json.dumps(result, indent=1))
+            image_grid(grid_rows, out / f"samples_{name}.png", f"{name}: samples by snapshot")
+            (out / "results.json").write_text(json.dumps(result, indent=1))
+
+        summary = train_recipe(name, stores, args, minutes, at_steps, on_snapshot)
+        result["training"][name] = summary
+        print(f"[{name}] trained {summary['steps']} steps in {summary['seconds']:.0f} s, load {os.getloadavg()}")
     curve(result["rows"], floor, out / "curve.png", "ema", "dpm")
     curve(result["rows"], floor, out / "curve_ddim.png", "ema", "ddim")
     result["load_end"] = os.getloadavg()
@@ -298,12 +314,13 @@ def print_table(result: dict) -> None:
         if r["recipe"] == "ddpm"
     }
     print(
-        f"\nKID floor {floor:.4f}; real nuclei fraction {result['real']['nuclei_fraction']:.3f}, "
+        f"\nKID floor {floor:.4f} +- {result['kid_floor_std']:.4f}; "
+        f"real nuclei fraction {result['real']['nuclei_fraction']:.3f}, "
         f"RGB mean {result['real']['rgb_mean']}"
     )
     print(
         f"{'recipe':>8} {'snapshot':>12} {'steps':>6} {'min':>5} {'st/s':>5} {'load1':>5} {'w':>3} "
-        f"{'sampler':>12} {'KID':>9} {'/floor':>7} {'/ddpm':>6} {'nuclei':>6} rgb_mean"
+        f"{'sampler':>12} {'KID':>9} {'-floor':>8} {'/ddpm':>6} {'nuclei':>6} rgb_mean"
     )
     for r in rows:
         b = base.get((r["snapshot"], r["weights"], r["sampler"].split(":")[1], _kind(r["sampler"])))
@@ -311,7 +328,7 @@ def print_table(result: dict) -> None:
         print(
             f"{r['recipe']:>8} {r['snapshot']:>12} {r['steps']:>6} {r['train_seconds'] / 60:5.1f} "
             f"{r['steps_per_s']:5.2f} {r['load'][0]:5.2f} {r['weights']:>3} {r['sampler']:>12} {r['kid']:9.4f} "
-            f"{r['kid'] / max(abs(floor), 1e-3):7.1f} {ratio} {r['nuclei_fraction']:6.3f} {r['rgb_mean']}"
+            f"{r['kid'] - floor:8.4f} {ratio} {r['nuclei_fraction']:6.3f} {r['rgb_mean']}"
         )
 
 
