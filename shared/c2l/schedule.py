@@ -1,4 +1,10 @@
-"""C2L-ST's use of the noise schedules (shared.diffusion): training targets, the seeded reverse process."""
+"""C2L-ST's use of the noise schedules (shared.diffusion): training targets, the seeded reverse process.
+
+Two training recipes beside the default DDPM one (uniform t, unweighted MSE on the prediction target):
+min-SNR-gamma loss weighting (Hang et al. 2023) of the DDPM loss, and the EDM parametrisation (Karras et al.
+2022: preconditioned denoiser, log-normal noise levels, unit-weighted loss on the network output), sampled
+with diffusers' EDM schedulers (`edm_dpm`: DPM-Solver++ 2M, `edm_euler`; shared.diffusion).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,44 @@ from typing import Any, Callable
 
 import torch
 
-from shared.diffusion import sampling_scheduler
+from shared.diffusion import EDM, EDM_SAMPLERS, sampling_scheduler
 from shared.errors import FedstError
 
-DEFAULT_STEPS = {"ddim": 50, "dpm": 25, "ddpm": 1000}
+DEFAULT_STEPS = {"ddim": 50, "dpm": 25, "ddpm": 1000, "edm_dpm": 20, "edm_euler": 40}
+
+
+def min_snr_weight(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-example weight of the DDPM loss so the implied x0 loss is weighted by min(SNR, gamma) (Hang et al.).
+
+    The v-MSE already equals (SNR + 1) times the x0-MSE and the epsilon-MSE equals SNR times it, hence
+    min(SNR, gamma) / (SNR + 1) for v-prediction and min(SNR, gamma) / SNR for epsilon.
+    """
+    abar = scheduler.alphas_cumprod.to(t.device)[t].double()
+    snr = abar / (1 - abar)
+    base = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    return (snr.clamp(max=gamma) / base).float()
+
+
+def edm_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Log-normal training noise levels, ln sigma ~ N(p_mean, p_std^2)."""
+    return (EDM["p_mean"] + EDM["p_std"] * torch.randn(n, generator=gen)).exp()
+
+
+def edm_training_pair(
+    x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(network input c_in * x, c_noise, F target) for x = x0 + sigma * noise (Karras et al. eq. 7-8).
+
+    The EDM loss weight lambda(sigma) = 1 / c_out^2 turns the denoiser loss lambda ||D - x0||^2 into the
+    unit-weighted ||F - (x0 - c_skip x) / c_out||^2, the form trained here.
+    """
+    sd = EDM["sigma_data"]
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    x = x0 + s * noise
+    c_skip = sd**2 / (s**2 + sd**2)
+    c_out = s * sd / (s**2 + sd**2).sqrt()
+    c_in = 1 / (s**2 + sd**2).sqrt()
+    return c_in * x, 0.25 * sigma.log(), (x0 - c_skip * x) / c_out
 
 
 def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -44,7 +84,10 @@ def sample(
     x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
         model_in = scheduler.scale_model_input(x, t)
-        t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
+        if sampler in EDM_SAMPLERS:  # the timestep is EDM's c_noise = ln(sigma) / 4
+            t_batch = torch.full((shape[0],), float(t), device=device)
+        else:
+            t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
         out = model_fn(model_in, t_batch)
         kwargs = {"generator": generator} if sampler == "ddpm" else {}
         if sampler == "ddpm" and x.device.type != "cpu":

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
 from shared.c2l.central import CentralDiffusion
 from shared.c2l.data import PretrainImages, augment
 from shared.c2l.progress import StepBar
-from shared.c2l.schedule import training_target
+from shared.c2l.schedule import edm_sigmas, edm_training_pair, min_snr_weight, training_target
 from shared.diffusion import train_scheduler
 from shared.errors import FedstError
 from shared.store.format import PatchStore
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
+
+LOSS_WEIGHTINGS = ("none", "min_snr")
+PARAMETRIZATIONS = ("ddpm", "edm")
 
 
 def default_device(device: str | torch.device | None) -> torch.device:
@@ -45,17 +48,36 @@ def train_central(
     progress: bool = True,
     use_patches: bool = True,
     augmentation: bool = True,
+    loss_weighting: str = "none",
+    min_snr_gamma: float = 5.0,
+    parametrization: str = "ddpm",
+    on_step: Callable[[int, float], bool] | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place for `steps` optimizer steps; deterministic given `seed` on CPU.
 
     With `prox_mu > 0` the loss adds mu/2 * ||w - w_ref||^2 over the parameters (FedProx), `prox_reference`
     being the global state dict (defaults to the weights at the start of this call). The model is returned
     to the device it came from, so the caller's `model.state_dict()` is what was trained.
+
+    `loss_weighting="min_snr"` weights the DDPM loss by min-SNR-`min_snr_gamma` (shared.c2l.schedule);
+    `parametrization="edm"` trains the network as the EDM denoiser's F (log-normal noise levels, c_noise as
+    the timestep input), to be sampled with the `edm_*` samplers. The defaults are the DDPM recipe, unchanged.
+    `on_step(step, seconds)` runs after each optimizer step (and EMA update); returning True stops training
+    there (benchmarks snapshot the model at wall-clock budgets this way).
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise FedstError(f"train_central: steps ({steps}) and batch_size ({batch_size}) must be >= 1, lr ({lr}) > 0")
     if prox_mu < 0:
         raise FedstError(f"train_central: prox_mu must be >= 0, got {prox_mu}")
+    if loss_weighting not in LOSS_WEIGHTINGS or parametrization not in PARAMETRIZATIONS:
+        raise FedstError(
+            f"train_central: loss_weighting {loss_weighting!r} (expected {LOSS_WEIGHTINGS}) / parametrization "
+            f"{parametrization!r} (expected {PARAMETRIZATIONS})"
+        )
+    if parametrization == "edm" and loss_weighting != "none":
+        raise FedstError(
+            "train_central: the EDM parametrisation carries its own loss weighting (loss_weighting='none')"
+        )
     images = PretrainImages(stores, model.sample_size, use_patches=use_patches)
     dev = default_device(device)
     home = next(model.parameters()).device
@@ -77,10 +99,19 @@ def train_central(
             if augmentation:
                 x0 = augment(x0, gen)
             noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-            x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
-            x_t = scheduler.add_noise(x0, noise, t)
-            loss = diffusion_loss(model(x_t, t), training_target(scheduler, x0, noise, t)).mean()
+            if parametrization == "edm":
+                sigma = edm_sigmas(batch_size, gen)
+                x0, noise, sigma = x0.to(dev), noise.to(dev), sigma.to(dev)
+                model_in, c_noise, target = edm_training_pair(x0, noise, sigma)
+                per_example = diffusion_loss(model(model_in, c_noise), target)
+            else:
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+                x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
+                x_t = scheduler.add_noise(x0, noise, t)
+                per_example = diffusion_loss(model(x_t, t), training_target(scheduler, x0, noise, t))
+                if loss_weighting == "min_snr":
+                    per_example = per_example * min_snr_weight(scheduler, t, min_snr_gamma)
+            loss = per_example.mean()
             total = loss
             if prox_mu > 0:
                 prox = sum((p - reference[n]).pow(2).sum() for n, p in model.named_parameters())
@@ -93,6 +124,8 @@ def train_central(
                 ema.step(model.parameters())
             losses.append(float(loss.detach()))
             bar.advance(step + 1, loss=losses[-1])
+            if on_step is not None and on_step(step + 1, time.perf_counter() - start):
+                break
     seconds = time.perf_counter() - start
     model.to(home)
     if ema is not None:
@@ -101,10 +134,10 @@ def train_central(
         "losses": losses,
         "mean_loss": float(sum(losses) / len(losses)),
         "n_examples": len(images),
-        "steps": steps,
+        "steps": len(losses),
         "batch_size": batch_size,
         "seconds": seconds,
-        "steps_per_s": steps / seconds,
+        "steps_per_s": len(losses) / seconds,
         "device": str(dev),
         "prox_mu": prox_mu,
     }
