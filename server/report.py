@@ -77,7 +77,7 @@ def summary_markdown(results: RunRecord) -> str:
     lines = [f"# fedst run `{results.run}`", "", f"status: **{results.status}**", ""]
     cfg = results.config
     lines += [
-        f"backend `{cfg.get('backend')}`, preset `{cfg.get('preset')}`, strategy `{cfg.get('strategy')}`, "
+        f"backend `{cfg.get('backend')}`, preset `{cfg.get('preset')}`, strategy `{cfg.get('aggregation.strategy')}`, "
         f"patch {cfg.get('patch-px')} px, seed {cfg.get('seed')}",
         "",
     ]

@@ -427,6 +427,7 @@ def test_run_directory_and_site_reports(stores, tmp_path):
         assert (report / "samples_real_vs_synthetic.png").is_file() and "DP" in (report / "report.md").read_text()
     summary = (run_dir / "summary.md").read_text()
     assert "| site-0 |" in summary and "| site-2 |" in summary and "node-10" not in summary
+    assert "backend `toy`, preset `tiny`, strategy `fedavg`, patch 16 px, seed 0" in summary
 
 
 # -- site names in reports ---------------------------------------------------------------------------------
