@@ -10,7 +10,7 @@ federation_app = typer.Typer(help="Inspect federated runs.", no_args_is_help=Tru
 
 
 def demo(
-    sites: int = typer.Option(3, "--sites", help="number of simulated sites"),
+    sites: int = typer.Option(0, "--sites", min=0, help="number of simulated sites (0: 3, or 2 with --preset her2st)"),
     out: Path = typer.Option(Path("fedst-demo"), "--out", help="folder for the consortium, runs and site work dirs"),
     preset: str = typer.Option(
         "synthetic", "--preset", help="synthetic (generated consortium) | her2st (../shared/data)"
@@ -27,8 +27,9 @@ def demo(
     timeout: float = typer.Option(3600.0, "--timeout", help="seconds before the run is stopped"),
 ) -> None:
     """Run the whole consortium workflow (pretrain, adapt, synthesize, downstream) as a Flower simulation."""
-    from server.demo import run_demo
+    from server.demo import HER2ST_GROUPS, run_demo
 
+    sites = sites or (len(HER2ST_GROUPS) if preset == "her2st" else 3)
     overrides: dict = {"backend": backend}
     if rounds:
         overrides["pretrain.rounds"] = rounds

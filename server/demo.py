@@ -8,6 +8,7 @@ from typing import Any
 
 from server.results import load_results
 from server.superlink import REPO, SuperLink
+from shared.backends import create_backend
 from shared.config import RunConfig
 from shared.errors import FedstError
 from shared.tomlio import write_toml
@@ -74,20 +75,21 @@ def run_demo(
 ) -> Path:
     """Generate/point at the consortium, run the workflow as a Flower simulation, return the run directory."""
     out = out.absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    echo(f"[fedst demo] consortium ({preset}, {sites} sites) ...")
-    consortium = prepare_consortium(out, preset, sites, data)
     run_name = f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = {
-        "paths.consortium": str(consortium),
         "paths.out-dir": str(out / "runs"),
         "paths.run-name": run_name,
         "paths.sites-root": str(out / "sites" / run_name),
         "min-sites": min(2, sites),
+        **(overrides or {}),
     }
-    config.update(overrides or {})
-    run = RunConfig.from_mapping(config)  # a bad override is an error before anything starts
+    # A bad value, or a setting the chosen backend cannot honour, is an error before anything is generated/started.
+    run = RunConfig.from_mapping(config)
+    create_backend(run.backend, run)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    echo(f"[fedst demo] consortium ({preset}, {sites} sites) ...")
+    config["paths.consortium"] = str(prepare_consortium(out, preset, sites, data))
     run_dir = Path(run.paths.out_dir) / run.paths.run_name
     echo(f"[fedst demo] starting a private Flower SuperLink (simulation runtime, FLWR_HOME={out / '.flwr'}) ...")
     with SuperLink(out / ".flwr", simulation=True, name="fedst-demo") as link:

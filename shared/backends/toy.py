@@ -16,6 +16,7 @@ import numpy as np
 
 from shared.arrays import dense
 from shared.backends.base import register_backend
+from shared.errors import FedstError
 from shared.store.format import PatchStore
 
 if TYPE_CHECKING:
@@ -104,6 +105,12 @@ class ToyBackend:
     """The toy workflow; the model shape is fixed, so the run config only supplies the phase sections."""
 
     def __init__(self, run: RunConfig):
+        # Settings this backend has no use for are refused, never silently dropped ("DP: not used" after asking
+        # for DP would be a privacy surprise).
+        if run.dp.epsilon > 0:
+            raise FedstError("run config key 'dp.epsilon': the toy backend has no DP-SGD; use backend 'c2l' or 0")
+        if run.predictor != "ridge":
+            raise FedstError(f"run config key 'predictor' is {run.predictor!r}; the toy backend has only 'ridge'")
         self.run = run
 
     def initial_state(self, seed: int) -> dict[str, np.ndarray]:

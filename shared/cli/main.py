@@ -28,6 +28,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"fedst {version('fedst')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print fedst's version and exit.", is_eager=True, callback=_print_version
+    ),
+) -> None:
+    """Federated histology-to-gene-expression learning for spatial transcriptomics."""
+
+
 def _register() -> None:
     found = sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name)
     if not found:
