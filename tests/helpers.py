@@ -88,3 +88,21 @@ def write_toy_consortium(root: Path, sizes=TOY_SIZES) -> list[Path]:
             path, n_spots=spots, n_tiles=tiles, panel=TOY_PANEL, patch_px=16, seed=i, missing_gene_in_section_b=False
         )
     return paths
+
+
+def toy_config(out: Path, **overrides) -> dict:
+    """The federation tests' run config: the toy backend at a few steps, the run directory under ``out/runs/r``.
+    Written with the legacy flat keys on purpose (they are a supported interface: shared/config/legacy.py)."""
+    config = {
+        "backend": "toy",
+        "patch-px": 16,
+        "rounds-pretrain": 2,
+        "local-steps": 2,
+        "adapt-steps": 2,
+        "synthetic-count": 8,
+        "out-dir": str(Path(out) / "runs"),
+        "run-name": "r",
+        "lr": 1e-3,
+    }
+    config.update(overrides)
+    return config

@@ -15,7 +15,7 @@ from shared.c2l.toy import write_toy_store
 from shared.config import NodeConfig, RunConfig
 from shared.config.legacy import ALIASES
 from shared.errors import FedstError
-from tests.helpers import REPO, TOY_PANEL, TOY_SIZES, write_toy_consortium
+from tests.helpers import REPO, TOY_PANEL, TOY_SIZES, toy_config, write_toy_consortium
 
 PANEL, SIZES = TOY_PANEL, TOY_SIZES
 flwr = pytest.importorskip("flwr")
@@ -41,22 +41,6 @@ def stores(tmp_path_factory) -> list[Path]:
 def make_grid(stores, tmp_path, run_config, **kwargs) -> LocalGrid:
     nodes = {101 + i: {"data-path": str(p), "work-dir": str(tmp_path / f"work-{i}")} for i, p in enumerate(stores)}
     return LocalGrid(client_app, nodes, run_config, **kwargs)
-
-
-def toy_config(tmp_path: Path, **overrides) -> dict:
-    config = {
-        "backend": "toy",
-        "patch-px": 16,
-        "rounds-pretrain": 2,
-        "local-steps": 2,
-        "adapt-steps": 2,
-        "synthetic-count": 8,
-        "out-dir": str(tmp_path / "runs"),
-        "run-name": "r",
-        "lr": 1e-3,
-    }
-    config.update(overrides)
-    return config
 
 
 def run_workflow(stores, tmp_path, config, **grid_kwargs):

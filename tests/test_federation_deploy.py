@@ -15,6 +15,7 @@ import pytest
 from server.procs import FLWR_IN_MEMORY_STATE, family, free_port, start, stop_tree
 from server.superlink import REPO, SuperLink, supernode_command
 from shared.c2l.toy import write_toy_store
+from tests.helpers import toy_config
 
 pytestmark = pytest.mark.slow
 PANEL = [f"G{i}" for i in range(6)]
@@ -78,17 +79,7 @@ def test_tls_and_node_auth_multi_phase_run(tmp_path):
                 env=link.env,
             )
             started.append(rogue)
-            overrides = {
-                "backend": "toy",
-                "patch-px": 16,
-                "rounds-pretrain": 2,
-                "local-steps": 2,
-                "adapt-steps": 2,
-                "synthetic-count": 8,
-                "out-dir": str(tmp_path / "runs"),
-                "run-name": "deploy",
-                "min-sites": 2,
-            }
+            overrides = toy_config(tmp_path, **{"run-name": "deploy", "min-sites": 2})
             run_id = link.submit(REPO, overrides)
             info = link.wait(run_id, timeout=300)
             assert info["status"] == "finished:completed", link.logs(run_id)[-3000:]

@@ -24,6 +24,7 @@ import pytest
 from shared.backends import toy
 from shared.config import NodeConfig, RunConfig
 from shared.errors import FedstError
+from tests import helpers
 from tests.helpers import REPO, TOY_PANEL, TOY_SIZES, write_toy_consortium
 
 PANEL, SIZES = TOY_PANEL, TOY_SIZES
@@ -47,18 +48,9 @@ def stores(tmp_path_factory) -> list[Path]:
 
 
 def toy_config(out: Path, **overrides) -> dict:
-    config = {
-        "backend": "toy",
-        "patch-px": 16,
-        "phases": "pretrain",
-        "rounds-pretrain": 1,
-        "local-steps": 3,
-        "out-dir": str(out / "runs"),
-        "run-name": "r",
-        "lr": 1e-2,
-    }
-    config.update(overrides)
-    return config
+    """Pretraining only, one round of 3 steps at lr 0.01 (the SecAgg+ comparisons need a visible update)."""
+    secagg_defaults = {"phases": "pretrain", "rounds-pretrain": 1, "local-steps": 3, "lr": 1e-2}
+    return helpers.toy_config(out, **{**secagg_defaults, **overrides})
 
 
 def run_local(stores, out: Path, config: dict, **grid_kwargs):
