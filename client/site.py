@@ -77,26 +77,40 @@ class SiteTask:
         return open_store(self.node, self.run, self.panel)
 
     @cached_property
-    def paired_store(self):
-        """The paired spots adaptation and synthesis may use: every section but the one downstream evaluates on.
+    def labelled_rows(self) -> np.ndarray:
+        """Rows of the store whose expression adaptation, synthesis and the real-only predictor may use.
 
-        Without this the held-out section's expression would condition the synthetic pairs that the
-        real+synthetic predictor trains on (test labels in the training data).
+        Every section but the one downstream evaluates on (else the held-out section's expression would
+        condition the synthetic pairs the real+synthetic predictor trains on: test labels in the training data),
+        and of those a seeded, nested subset when the site declares a ``labelled-fraction`` below 1. With node
+        config ``hold-out = false`` (a store of training sections only) every section counts.
         """
         from shared import keys
-        from shared.splits import downstream_held_out
-        from shared.store.subset import subset_store
+        from shared.splits import downstream_held_out, fraction_subset
 
         sections = self.store.spots.obs[keys.SECTION].astype(str).to_numpy()
-        held_out = downstream_held_out(sections)
-        if held_out is None:
+        held_out = downstream_held_out(sections) if self.node.hold_out else None
+        rows = np.arange(len(sections)) if held_out is None else np.flatnonzero(sections != held_out)
+        if self.node.labelled_fraction < 1.0:
+            rows = fraction_subset(
+                rows, self.node.labelled_fraction, seed=site_seed(self.run.seed, self.node.site, "labelled")
+            )
+        return rows
+
+    @cached_property
+    def paired_store(self):
+        """The store of the labelled rows: what adaptation and synthesis see."""
+        from shared.store.subset import subset_store
+
+        if len(self.labelled_rows) == self.store.n_spots:
             return self.store
         return subset_store(
             self.store,
-            np.flatnonzero(sections != held_out),
+            self.labelled_rows,
             self.work / PAIRED,
             tile_sections=[],
-            note=f"paired spots without the downstream held-out section {held_out}",
+            note=f"{len(self.labelled_rows)} labelled training spots (labelled-fraction "
+            f"{self.node.labelled_fraction:g}), without the downstream held-out section",
         )
 
     @cached_property
@@ -112,7 +126,9 @@ class SiteTask:
         seed = site_seed(self.run.seed, self.node.site, "pretrain", server_round)
         _ = self.store  # opening/preparing the store is not training time
         started = time.perf_counter()
-        new_state, metrics = self.backend.pretrain(state, self.store, self.run.pretrain, seed=seed, prox_mu=prox_mu)
+        new_state, metrics = self.backend.pretrain(
+            state, self.store, self.run.pretrain, seed=seed, prox_mu=prox_mu, server_round=server_round
+        )
         metrics = {**metrics, "compute-seconds": time.perf_counter() - started}
         self._record("pretrain", server_round, metrics)
         return new_state, metrics
@@ -151,6 +167,7 @@ class SiteTask:
             seed=seed,
         )
         metrics = {"synthetic-pairs": float(synthetic.n_spots), "num-examples": float(synthetic.n_spots)}
+        metrics.update(self.audit(synthetic))
         self._record("synthesize", 0, metrics)
         return metrics
 
@@ -159,10 +176,28 @@ class SiteTask:
 
         synthetic = PatchStore(self.work / SYNTHETIC) if is_store(self.work / SYNTHETIC) else None
         seed = site_seed(self.run.seed, self.node.site, "downstream")
-        metrics = self.backend.downstream(self.store, synthetic, seed=seed, predictor=self.run.predictor)
+        metrics = self.backend.downstream(
+            self.store, synthetic, seed=seed, predictor=self.run.predictor, train_rows=self.labelled_rows
+        )
+        metrics = {
+            **metrics,
+            "labelled-fraction": self.node.labelled_fraction,
+            "labelled-spots": float(len(self.labelled_rows)),
+        }
         self._record("downstream", 0, metrics)
         self.write_report()
         return metrics
+
+    def audit(self, synthetic) -> dict[str, float]:
+        """Do the synthetic images show their expression? (shared.c2l.audit.synthesis_audit: a probe fitted on
+        the labelled real spots, read back on the synthetic ones). Scalars only; a key is left out where the
+        probe is undefined (e.g. no expressed gene)."""
+        from shared.c2l.audit import synthesis_audit
+
+        found = synthesis_audit(self.paired_store, synthetic, seed=site_seed(self.run.seed, self.node.site, "audit"))
+        names = {"audit_real_pcc": "audit-real-pcc", "audit_synthetic_pcc": "audit-synthetic-pcc"}
+        names["audit_passed"] = "audit-passed"
+        return {names[k]: float(v) for k, v in found.items() if v is not None}
 
     # -- local record and report --------------------------------------------------------------------------
     def _record(self, phase: str, server_round: int, metrics: dict[str, float]) -> None:

@@ -24,6 +24,13 @@ def demo(
         min=0.0,
         help="DP-SGD target epsilon of each site's adaptation (0: DP off; the epsilon spent is reported per site)",
     ),
+    labelled_fraction: float = typer.Option(
+        0.25,
+        "--labelled-fraction",
+        help="share of the first site's training spots that keep their expression: the data-limited site "
+        "(1: every site fully labelled)",
+    ),
+    seed: int = typer.Option(-1, "--seed", help="run seed (-1: run config default)"),
     timeout: float = typer.Option(3600.0, "--timeout", help="seconds before the run is stopped"),
 ) -> None:
     """Run the whole consortium workflow (pretrain, adapt, synthesize, downstream) as a Flower simulation."""
@@ -37,9 +44,19 @@ def demo(
         overrides["aggregation.strategy"] = strategy
     if dp_epsilon:
         overrides["dp.epsilon"] = dp_epsilon
+    if seed >= 0:
+        overrides["seed"] = seed
     if preset == "her2st":
         overrides.setdefault("patch-px", 32)
-    run_demo(out, sites=sites, preset=preset, overrides=overrides, timeout=timeout, echo=typer.echo)
+    run_demo(
+        out,
+        sites=sites,
+        preset=preset,
+        overrides=overrides,
+        timeout=timeout,
+        labelled_fraction=labelled_fraction,
+        echo=typer.echo,
+    )
 
 
 @federation_app.command("status")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+from server.headline import HEADLINE_FILE, headline_markdown
 from server.results import load_results
 from server.superlink import REPO, SuperLink
 from shared.backends import create_backend
@@ -50,6 +52,19 @@ def her2st_consortium(data: Path, out: Path, n_sites: int) -> Path:
     return out
 
 
+def limit_first_site(consortium: Path, fraction: float) -> None:
+    """Declare (or clear, at 1.0) the first site's ``labelled-fraction`` in its SITE.toml."""
+    from shared.config.node import LABELLED_FRACTION
+    from shared.ingest.site import read_toml
+
+    path = consortium / "site-0" / "site.toml"
+    doc = read_toml(path)
+    doc.pop(LABELLED_FRACTION, None)
+    if fraction < 1.0:
+        doc = {LABELLED_FRACTION: float(fraction), **doc}
+    write_toml(path, doc)
+
+
 def prepare_consortium(out: Path, preset: str, n_sites: int, data: Path | None) -> Path:
     if preset == "synthetic":
         consortium = out / "consortium"
@@ -71,9 +86,16 @@ def run_demo(
     overrides: dict[str, Any] | None = None,
     timeout: float = 3600.0,
     data: Path | None = None,
+    labelled_fraction: float = 1.0,
     echo=print,
 ) -> Path:
-    """Generate/point at the consortium, run the workflow as a Flower simulation, return the run directory."""
+    """Generate/point at the consortium, run the workflow as a Flower simulation, return the run directory.
+
+    ``labelled_fraction`` < 1 makes the first site the consortium's data-limited site: it uses only that share
+    of its training spots' expression (SITE.toml ``labelled-fraction``), the others keep all of theirs.
+    """
+    if not 0.0 < labelled_fraction <= 1.0:
+        raise FedstError(f"--labelled-fraction is {labelled_fraction:g}; expected a fraction in (0, 1]")
     out = out.absolute()
     run_name = f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = {
@@ -89,7 +111,9 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     echo(f"[fedst demo] consortium ({preset}, {sites} sites) ...")
-    config["paths.consortium"] = str(prepare_consortium(out, preset, sites, data))
+    consortium = prepare_consortium(out, preset, sites, data)
+    limit_first_site(consortium, labelled_fraction)
+    config["paths.consortium"] = str(consortium)
     run_dir = Path(run.paths.out_dir) / run.paths.run_name
     echo(f"[fedst demo] starting a private Flower SuperLink (simulation runtime, FLWR_HOME={out / '.flwr'}) ...")
     with SuperLink(out / ".flwr", simulation=True, name="fedst-demo") as link:
@@ -113,6 +137,11 @@ def run_demo(
                 f"(full log: FLWR_HOME={out / '.flwr'} flwr log {run_id} fedst-demo --show)"
             )
     echo(f"[fedst demo] finished in {time.perf_counter() - started:.0f} s")
+    if (found := headline_of(run_dir)) is not None:
+        echo("")
+        for line in headline_markdown(found):
+            echo(line.replace("**", ""))
+        echo(f"[fedst demo] headline: {run_dir / HEADLINE_FILE}")
     echo(f"[fedst demo] report: {run_dir / 'summary.md'}")
     echo(f"[fedst demo] site reports (stay on each site): {Path(run.paths.sites_root)}/<site>/report/report.md")
     return run_dir
@@ -140,3 +169,8 @@ def _progress_lines(path: Path) -> list[str]:
     if results.status in ("completed", "failed"):
         lines.append(f"status: {results.status}")
     return lines
+
+
+def headline_of(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / HEADLINE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from server.headline import headline, headline_markdown, write_headline
 from server.results import RunRecord, save_results
 from shared.io import write_text_atomic
 
@@ -75,6 +76,8 @@ def plot_downstream(results: RunRecord, out: Path) -> Path | None:
 
 def summary_markdown(results: RunRecord) -> str:
     lines = [f"# fedst run `{results.run}`", "", f"status: **{results.status}**", ""]
+    if (found := headline(results)) is not None:
+        lines += headline_markdown(found) + [""]
     cfg = results.config
     lines += [
         f"backend `{cfg.get('backend')}`, preset `{cfg.get('preset')}`, strategy `{cfg.get('aggregation.strategy')}`, "
@@ -128,5 +131,6 @@ def write_run_report(run_dir: Path, results: RunRecord) -> RunRecord:
     plots = [p for p in (plot_losses(results, run_dir), plot_downstream(results, run_dir)) if p is not None]
     results.plots = [str(p) for p in plots]
     save_results(run_dir, results)
+    write_headline(run_dir, results)
     write_text_atomic(run_dir / "summary.md", summary_markdown(results))
     return results

@@ -29,6 +29,7 @@ from server.rounds import RoundPolicy, RoundTally, weighted
 from server.secagg import SecAggContext, secagg_train
 from server.sites import SiteNames, contract_problems
 from server.strategy import arrays_to_numpy, make_strategy, numpy_to_arrays
+from shared.backends import create_backend
 from shared.config import RunConfig
 from shared.errors import FedstError
 from shared.io import write_json_atomic
@@ -50,7 +51,7 @@ def load_panel(run: RunConfig) -> list[str] | None:
 
 
 def initial_central(run: RunConfig) -> dict[str, np.ndarray]:
-    """Fresh central weights (seeded), or the warm-start weights the operator named."""
+    """The initial pretraining state: fresh (seeded), or from the warm-start weights the operator named."""
     if run.paths.warm_start:
         path = Path(run.paths.warm_start).expanduser()
         if not path.exists():
@@ -64,20 +65,19 @@ def initial_central(run: RunConfig) -> dict[str, np.ndarray]:
                 raise FedstError(f"run config 'paths.warm-start': no .safetensors weights in {path}")
             file = candidates[0]
         state = load_file(str(file))
-        expected = _fresh_central(run)
+        backend = create_backend(run.backend, run)
+        expected = backend.sampling_state(_fresh_central(run))
         problems = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
         if problems or set(state) != set(expected):
             raise FedstError(
                 f"run config 'paths.warm-start': {file} does not match the {run.backend}/{run.preset} model "
                 f"(first mismatching tensor: {(problems or sorted(set(state) ^ set(expected)))[0]!r})"
             )
-        return {k: state[k] for k in expected}
+        return backend.training_state({k: state[k] for k in expected})
     return _fresh_central(run)
 
 
 def _fresh_central(run: RunConfig) -> dict[str, np.ndarray]:
-    from shared.backends import create_backend
-
     return create_backend(run.backend, run).initial_state(run.seed)
 
 
@@ -87,8 +87,6 @@ def initial_adapter(run: RunConfig, central: dict[str, np.ndarray], panel: list[
             "run config 'adapt.federated' needs the consortium panel (set 'paths.consortium' to a folder with "
             "panel.txt)"
         )
-    from shared.backends import create_backend
-
     return create_backend(run.backend, run).initial_adapter(central, panel)
 
 
@@ -143,7 +141,7 @@ class Workflow:
                     central = self.pretrain()
                 elif phase == "adapt":
                     central = central if central is not None else self._latest_central()
-                    self.adapt(central)
+                    self.adapt(create_backend(self.run.backend, self.run).sampling_state(central))
                 elif phase == "synthesize":
                     self.broadcast(phase, "query.synthesize", RecordDict())
                 elif phase == "downstream":

@@ -262,6 +262,35 @@ def test_ema_follows_a_known_weight_sequence_with_the_warmed_up_decay():
     assert torch.equal(layer.weight, ema.shadow_params[0])
 
 
+def test_a_resumed_ema_continues_the_same_average_across_rounds():
+    """Federated pretraining restarts the EMA each round from the averaged shadow: resumed after S steps it must
+    give exactly the shadow one uninterrupted run of 2S steps gives (same warm-up position, same decays)."""
+    from shared.c2l.ema import create_ema, resume_ema, shadow_state
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    weights = [{n: torch.randn_like(p) for n, p in layer.named_parameters()} for _ in range(12)]
+
+    def feed(ema, sequence):
+        for w in sequence:
+            with torch.no_grad():
+                for n, p in layer.named_parameters():
+                    p.copy_(w[n])
+            ema.step(layer.parameters())
+
+    whole, first = create_ema(layer, 0.9), create_ema(layer, 0.9)  # both from the initial weights
+    feed(whole, weights)
+    feed(first, weights[:6])
+    resumed = resume_ema(layer, shadow_state(first, layer), 0.9, steps_done=6)
+    feed(resumed, weights[6:])
+    for a, b in zip(whole.shadow_params, resumed.shadow_params):
+        torch.testing.assert_close(a, b)
+    restarted = create_ema(layer, 0.9)  # forgetting the position would weight the second half far more
+    restarted.shadow_params = [s.clone() for s in first.shadow_params]
+    feed(restarted, weights[6:])
+    assert max((a - b).abs().max() for a, b in zip(whole.shadow_params, restarted.shadow_params)) > 1e-2
+
+
 def test_lora_keeps_zero_init_contract_and_counts_in_trainable_fraction(central):
     from shared.c2l.central import create_central
     from shared.c2l.modulation import create_conditioned, lora_layers

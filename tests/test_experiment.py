@@ -370,7 +370,7 @@ def _paired_store(path: Path, expression: np.ndarray, brightness: np.ndarray, se
 
 
 def test_synthesis_audit_tells_faithful_from_unfaithful_synthetic_pairs(tmp_path):
-    from server.experiment.arms import synthesis_audit
+    from shared.c2l.audit import synthesis_audit
 
     rng = np.random.default_rng(0)
     signal = rng.uniform(0, 1, 80)

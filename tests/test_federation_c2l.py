@@ -64,6 +64,34 @@ def test_c2l_site_task_all_phases(tmp_path):
     assert (tmp_path / "work" / "report" / "samples_real_vs_synthetic.png").is_file()
 
 
+def test_federated_pretraining_carries_an_ema_that_adaptation_and_sampling_use(tmp_path):
+    """The pretraining state is the weights plus ``ema.<name>`` (same keys out as in, so the privacy contract and
+    FedAvg hold); the shadow moves more slowly than the weights; sampling_state is the shadow, as a model."""
+    from shared.backends.c2l import C2LBackend
+    from shared.c2l.ema import EMA_PREFIX
+
+    store = write_toy_store(
+        tmp_path / "store", n_spots=12, n_tiles=4, panel=PANEL, patch_px=32, seed=0, missing_gene_in_section_b=False
+    )
+    run = RunConfig.from_mapping({"patch-px": 32, "pretrain.steps": 3, "pretrain.batch-size": 2})
+    backend = C2LBackend(run)
+    start = backend.initial_state(0)
+    weights = {k for k in start if not k.startswith(EMA_PREFIX)}
+    assert set(start) == weights | {EMA_PREFIX + k for k in weights}
+    assert all(np.array_equal(start[k], start[EMA_PREFIX + k]) for k in weights)
+    new, _ = backend.pretrain(start, store, run.pretrain, seed=1, server_round=50)
+    assert set(new) == set(start)
+    moved = sum(float(np.abs(new[k] - start[k]).sum()) for k in weights)
+    shadow_moved = sum(float(np.abs(new[EMA_PREFIX + k] - start[EMA_PREFIX + k]).sum()) for k in weights)
+    # round 50 of 3 steps: the warm-up is at n = 148..150, 1 - d_n = 9 / (10 + n) ~ 0.057 per step
+    assert 0 < shadow_moved < 0.3 * moved
+    sampling = backend.sampling_state(new)
+    assert set(sampling) == weights and all(np.array_equal(sampling[k], new[EMA_PREFIX + k]) for k in weights)
+    backend.central(sampling)  # loads as the central model
+    plain = C2LBackend(RunConfig.from_mapping({"patch-px": 32, "pretrain.ema-decay": 0.0}))
+    assert set(plain.initial_state(0)) == weights and plain.sampling_state(plain.initial_state(0)).keys() == weights
+
+
 def test_federated_adaptation_starts_from_the_averaged_modulation(tmp_path):
     """With federated-adapt, a site's round starts from the server's modulation weights, not from zero."""
     import torch

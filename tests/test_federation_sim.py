@@ -3,6 +3,7 @@ whole workflow on the generated consortium, and leaves no process behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,16 @@ def test_fedst_demo_simulation_runs_every_phase_twice_in_one_folder_with_the_sam
         assert set(results.phases) == {"pretrain", "adapt", "synthesize", "downstream"}
         assert len(results.phases["downstream"].last.sites) == 3
         assert all(len(r.sites) == 3 for r in results.phases["pretrain"].rounds)
+    # the first site is the data-limited one (25% of its training spots labelled); the run's answer leads the
+    # output and headline.json, from the sites' own scalars
+    headline = json.loads((Path(first.run_dir) / "headline.json").read_text())
+    assert headline["limited_site"] == "site-0" and set(headline["sites"]) == {"site-0", "site-1", "site-2"}
+    limited, full = headline["sites"]["site-0"], headline["sites"]["site-1"]
+    assert limited["labelled_fraction"] == 0.25 and full["labelled_fraction"] == 1.0
+    assert limited["labelled_spots"] < 0.3 * full["labelled_spots"]
+    assert {"real_pcc", "augmented_pcc", "audit_real_pcc", "audit_synthetic_pcc", "audit_passed"} <= set(limited)
+    assert f"data-limited site site-0 (25% labelled, {limited['labelled_spots']} spots)" in done.stdout
+    assert (Path(first.run_dir) / "summary.md").read_text().splitlines()[4].startswith("**data-limited site site-0")
     # same seed, same numbers: every per-site metric of every phase is bit-identical across the two runs
     assert _site_metrics(first) == _site_metrics(second) and len(_site_metrics(first)) > 30
     # each simulated site prepared its store from its SITE.toml into its own work dir and wrote its report

@@ -23,6 +23,7 @@ from server.experiment.data import CACHE, SiteData, prepare_sites
 from server.experiment.planner import Cell
 from shared import keys
 from shared.arrays import dense
+from shared.c2l.audit import synthesis_audit
 from shared.errors import FedstError, require
 from shared.io import write_json_atomic
 from shared.seeds import site_seed  # the real-spot subset (fraction_rows) keeps the plain cell seed
@@ -242,17 +243,19 @@ class ArmRunner:
 
         from shared.backends.c2l import central_overrides
         from shared.c2l.central import create_central
+        from shared.c2l.ema import sampling_weights
 
         run = self.config.run
         panel = self.sites[0].train.panel
         model = create_central(run.preset, panel=panel, **central_overrides(run))
-        state = federated_pretrain(self.config, self.sites, seed, root, log=self.log)
+        state = sampling_weights(federated_pretrain(self.config, self.sites, seed, root, log=self.log))
         model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}, strict=True)
         return model, {
             "route": "flower (server.workflow.Workflow over server.localgrid.LocalGrid, client.app)",
             "rounds": run.pretrain.rounds,
             "local_steps": run.pretrain.steps,
             "strategy": run.aggregation.strategy,
+            "ema_decay": run.pretrain.ema_decay,
         }
 
 
@@ -296,32 +299,6 @@ def federated_pretrain(
     if found is None:
         raise FedstError(f"federated pretraining wrote no checkpoint under {run_dir}")
     return found[1]
-
-
-AUDIT_PASS_RATIO = 0.5
-"""Synthetic pairs pass the audit when an image->expression probe fitted on the real pairs reads their
-conditioning vectors back with a PCC of at least this share of what it achieves on held-out real pairs."""
-
-
-def synthesis_audit(real: PatchStore, synthetic: PatchStore, gene_index: np.ndarray, *, seed: int) -> dict[str, Any]:
-    """Conditional consistency (shared.c2l.audit's probe) on the genes the site is evaluated on.
-
-    A ridge probe on colour/texture features is fitted on the real spots the synthesis was conditioned on:
-    ``audit_real_pcc`` is its PCC on an 80/20 split of those real spots (how much of the expression the image
-    features carry at all), ``audit_synthetic_pcc`` the PCC between what it reads off the synthetic images and
-    the expression they were generated for. If the second is far below the first, the synthetic images do not
-    show their expression, and adding them can only add noise to the predictor.
-    """
-    from shared.c2l.audit import conditional_consistency
-
-    found = conditional_consistency(real, synthetic, real.patch_px, seed=seed, genes=gene_index)
-    real_pcc, syn_pcc = (
-        float(found[k]) if np.isfinite(found[k]) else None for k in ("real_holdout_pcc_mean", "pcc_mean")
-    )
-    passed = None
-    if real_pcc is not None and syn_pcc is not None:
-        passed = bool(real_pcc > 0 and syn_pcc >= AUDIT_PASS_RATIO * real_pcc)
-    return {"audit_real_pcc": real_pcc, "audit_synthetic_pcc": syn_pcc, "audit_passed": passed}
 
 
 METRIC_KEYS = {"PCC": "pcc_per_slide_mean", "MSE": "mse", "GSC": "gsc", "SSC": "ssc"}

@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from server.experiment.arms import AUDIT_PASS_RATIO
 from server.experiment.config import ExperimentConfig
 from server.experiment.planner import Cell
+from shared.c2l.audit import AUDIT_PASS_RATIO
 from shared.io import write_json_atomic
 
 METRICS = ("PCC", "MSE", "GSC", "SSC")

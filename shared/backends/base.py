@@ -27,15 +27,29 @@ class Backend(Protocol):
     """What the server (initial models) and a site's task (phases) ask of a backend."""
 
     def initial_state(self, seed: int) -> State:
-        """The central model's initial weights (identical for every party with the same seed)."""
+        """The central model's initial training state (identical for every party with the same seed)."""
+
+    def training_state(self, weights: State) -> State:
+        """A model's weights (a warm start) as the state federated pretraining carries (e.g. plus an EMA)."""
+
+    def sampling_state(self, state: State) -> State:
+        """The weights of a pretraining state that adaptation and synthesis use (e.g. its EMA)."""
 
     def initial_adapter(self, central: State, panel: list[str]) -> State:
         """The initial adapter (modulation) weights for the consortium's gene panel (federated adaptation)."""
 
     def pretrain(
-        self, state: State, store: PatchStore, settings: PretrainConfig, *, seed: int, prox_mu: float = 0.0
+        self,
+        state: State,
+        store: PatchStore,
+        settings: PretrainConfig,
+        *,
+        seed: int,
+        prox_mu: float = 0.0,
+        server_round: int = 1,
     ) -> tuple[State, Metrics]:
-        """Local pretraining steps from ``state``; ``prox_mu`` > 0 adds FedProx's proximal term."""
+        """Local pretraining steps from ``state`` in (global) round ``server_round``; ``prox_mu`` > 0 adds
+        FedProx's proximal term."""
 
     def adapt(
         self,
@@ -62,8 +76,17 @@ class Backend(Protocol):
     ) -> PatchStore:
         """Write synthetic pairs conditioned on the site's spots as a store flagged synthetic."""
 
-    def downstream(self, store: PatchStore, synthetic: PatchStore | None, *, seed: int, predictor: str) -> Metrics:
-        """Real-only vs real+synthetic predictor scored on the held-out section (scalars only)."""
+    def downstream(
+        self,
+        store: PatchStore,
+        synthetic: PatchStore | None,
+        *,
+        seed: int,
+        predictor: str,
+        train_rows: np.ndarray | None = None,
+    ) -> Metrics:
+        """Real-only vs real+synthetic predictor scored on the held-out section (scalars only), trained on the
+        store's ``train_rows`` (default: every spot outside the held-out section)."""
 
 
 _REGISTRY: dict[str, Callable[[RunConfig], Backend]] = {}

@@ -108,7 +108,20 @@ class C2LBackend:
         import torch
 
         torch.manual_seed(seed)
-        return _to_numpy(self.central().state_dict())
+        return self.training_state(_to_numpy(self.central().state_dict()))
+
+    def training_state(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The weights plus the EMA shadow federated pretraining carries across rounds (pretrain.ema-decay > 0)."""
+        from shared.c2l.ema import with_ema
+
+        return with_ema(weights, self.run.pretrain.ema_decay)
+
+    def sampling_state(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What adaptation and sampling use: the EMA weights when pretraining kept them (much better samples at
+        CPU budgets: docs/benchmarks.md), else the weights."""
+        from shared.c2l.ema import sampling_weights
+
+        return sampling_weights(state)
 
     def initial_adapter(self, central: dict[str, np.ndarray], panel: list[str]) -> dict[str, np.ndarray]:
         import torch
@@ -121,10 +134,17 @@ class C2LBackend:
             create_conditioned(self.central(central), panel, a.hidden_dim, a.embed_dim).modulation.state_dict()
         )
 
-    def pretrain(self, state, store, settings: PretrainConfig, *, seed: int, prox_mu: float = 0.0):
+    def pretrain(
+        self, state, store, settings: PretrainConfig, *, seed: int, prox_mu: float = 0.0, server_round: int = 1
+    ):
+        from shared.c2l.ema import EMA_PREFIX, resume_ema, shadow_state, split_ema
         from shared.c2l.train import train_central
 
-        model = self.central(state)
+        weights, shadow = split_ema(state)
+        model = self.central(weights)
+        ema = None
+        if shadow is not None:
+            ema = resume_ema(model, shadow, settings.ema_decay, (server_round - 1) * settings.steps)
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
         summary = train_central(
             model,
@@ -136,9 +156,13 @@ class C2LBackend:
             prox_mu=prox_mu,
             prox_reference=reference,
             augmentation=settings.augmentation,
+            ema=ema,
             progress=False,
         )
-        return _to_numpy(model.state_dict()), {
+        new_state = _to_numpy(model.state_dict())
+        if ema is not None:
+            new_state.update({EMA_PREFIX + k: v for k, v in _to_numpy(shadow_state(ema, model)).items()})
+        return new_state, {
             "loss": float(summary["mean_loss"]),
             "num-examples": float(summary["n_examples"]),
         }
@@ -183,7 +207,7 @@ class C2LBackend:
         model = self.conditioned(central, adapter_state, store.panel)
         return synthesize_pairs(model.central, model, store, settings.count, out, settings, seed=seed)
 
-    def downstream(self, store, synthetic, *, seed: int, predictor: str) -> dict[str, float]:
+    def downstream(self, store, synthetic, *, seed: int, predictor: str, train_rows=None) -> dict[str, float]:
         from shared import keys
         from shared.downstream.predictor import evaluate_predictor, train_predictor
         from shared.splits import downstream_held_out
@@ -195,7 +219,10 @@ class C2LBackend:
                 f"{store.path}: the downstream phase needs >= 2 sections (one is held out), "
                 f"found {sorted(set(sections))}"
             )
-        train_rows = np.flatnonzero(sections != held_out)
+        if train_rows is None:
+            train_rows = np.flatnonzero(sections != held_out)
+        if np.any(sections[train_rows] == held_out):
+            raise FedstError(f"{store.path}: the predictor's training rows include the held-out section {held_out}")
         out: dict[str, float] = {"num-examples": float((sections == held_out).sum())}
         arms = {"real": []} if synthetic is None else {"real": [], "augmented": [synthetic]}
         for arm, extra in arms.items():

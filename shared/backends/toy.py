@@ -116,6 +116,12 @@ class ToyBackend:
     def initial_state(self, seed: int) -> dict[str, np.ndarray]:
         return initial_state(seed)
 
+    def training_state(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(weights)
+
+    def sampling_state(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(state)
+
     def initial_adapter(self, central: dict[str, np.ndarray], panel: list[str]) -> dict[str, np.ndarray]:
         return _export(build_adapter(len(panel)))
 
@@ -127,6 +133,7 @@ class ToyBackend:
         *,
         seed: int,
         prox_mu: float = 0.0,
+        server_round: int = 1,
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Local denoising steps from ``state``; with ``prox_mu`` > 0 a FedProx term pulls toward ``state``."""
         torch = _torch()
@@ -236,10 +243,16 @@ class ToyBackend:
         return PatchStore(out)
 
     def downstream(
-        self, store: PatchStore, synthetic: PatchStore | None, *, seed: int, predictor: str
+        self,
+        store: PatchStore,
+        synthetic: PatchStore | None,
+        *,
+        seed: int,
+        predictor: str,
+        train_rows: np.ndarray | None = None,
     ) -> dict[str, float]:
-        """Ridge predictor on real-only vs real+synthetic training spots, scored on a held-out section (this backend
-        has only ridge: ``predictor`` is part of the interface, unused)."""
+        """Ridge predictor on real-only vs real+synthetic training spots (``train_rows``, default all outside the
+        test spots), scored on a held-out section (this backend has only ridge: ``predictor`` is unused)."""
         from shared import keys
         from shared.splits import downstream_held_out
 
@@ -251,12 +264,13 @@ class ToyBackend:
             test = np.random.default_rng(seed).random(len(sections)) < 0.25
         y = _expression(store)
         x = features(store)
+        train = ~test if train_rows is None else np.isin(np.arange(len(test)), train_rows) & ~test
         out: dict[str, float] = {"num-examples": float(test.sum())}
-        arms = {"real": (x[~test], y[~test])}
+        arms = {"real": (x[train], y[train])}
         if synthetic is not None:
             arms["augmented"] = (
-                np.concatenate([x[~test], features(synthetic)]),
-                np.concatenate([y[~test], _expression(synthetic)]),
+                np.concatenate([x[train], features(synthetic)]),
+                np.concatenate([y[train], _expression(synthetic)]),
             )
         for arm, (xt, yt) in arms.items():
             pred = _ridge(xt, yt, x[test])

@@ -213,3 +213,29 @@ def audit(
         "memorisation": memorisation(real_patches, syn_patches, px, memorisation_threshold),
         "provenance": synthetic.manifest.get("provenance", {}),
     }
+
+
+AUDIT_PASS_RATIO = 0.5
+"""Synthetic pairs pass the audit when an image->expression probe fitted on the real pairs reads their
+conditioning vectors back with a PCC of at least this share of what it achieves on held-out real pairs."""
+
+
+def synthesis_audit(
+    real: PatchStore, synthetic: PatchStore, gene_index: np.ndarray | None = None, *, seed: int
+) -> dict[str, Any]:
+    """Conditional consistency (shared.c2l.audit's probe) on the genes the site is evaluated on.
+
+    A ridge probe on colour/texture features is fitted on the real spots the synthesis was conditioned on:
+    ``audit_real_pcc`` is its PCC on an 80/20 split of those real spots (how much of the expression the image
+    features carry at all), ``audit_synthetic_pcc`` the PCC between what it reads off the synthetic images and
+    the expression they were generated for. If the second is far below the first, the synthetic images do not
+    show their expression, and adding them can only add noise to the predictor.
+    """
+    found = conditional_consistency(real, synthetic, real.patch_px, seed=seed, genes=gene_index)
+    real_pcc, syn_pcc = (
+        float(found[k]) if np.isfinite(found[k]) else None for k in ("real_holdout_pcc_mean", "pcc_mean")
+    )
+    passed = None
+    if real_pcc is not None and syn_pcc is not None:
+        passed = bool(real_pcc > 0 and syn_pcc >= AUDIT_PASS_RATIO * real_pcc)
+    return {"audit_real_pcc": real_pcc, "audit_synthetic_pcc": syn_pcc, "audit_passed": passed}

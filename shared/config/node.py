@@ -30,6 +30,10 @@ class NodeConfig:
     data_path: Path
     work_dir: Path
     site: str = ""
+    labelled_fraction: float = 1.0
+    hold_out: bool = True
+    """False: the store holds training sections only (a harness evaluates elsewhere, e.g. the experiment), so
+    adaptation and synthesis use every section and no section is held out for the downstream phase."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -69,8 +73,47 @@ class NodeConfig:
             work_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FedstError(f"node config 'work-dir': cannot create {work_dir} ({exc.strerror})") from None
-        extra = {k: v for k, v in values.items() if k not in ("data-path", "work-dir", "site")}
-        return cls(data_path=data_path.absolute(), work_dir=work_dir, site=site, extra=extra)
+        fraction = _labelled_fraction(values, data_path)
+        hold_out = values.get(HOLD_OUT, True)
+        if not isinstance(hold_out, bool):
+            raise FedstError(f"node config {HOLD_OUT!r} is {hold_out!r} (expected true or false)")
+        known = ("data-path", "work-dir", "site", LABELLED_FRACTION, HOLD_OUT)
+        extra = {k: v for k, v in values.items() if k not in known}
+        return cls(
+            data_path=data_path.absolute(),
+            work_dir=work_dir,
+            site=site,
+            labelled_fraction=fraction,
+            hold_out=hold_out,
+            extra=extra,
+        )
+
+
+LABELLED_FRACTION = "labelled-fraction"
+HOLD_OUT = "hold-out"
+
+
+def _labelled_fraction(values: Mapping[str, Any], data_path: Path) -> float:
+    """The share of the site's training spots whose expression it uses (node config, else SITE.toml; default 1).
+
+    Below 1 the site behaves as a data-limited site: adaptation, synthesis and the real-only predictor see a
+    seeded subset of its paired spots, the rest are images only (pretraining still uses every image). The demo's
+    limited site and the experiment's fractions are made this way; the held-out section is always fully labelled.
+    """
+    value, where = values.get(LABELLED_FRACTION), f"node config {LABELLED_FRACTION!r}"
+    if value is None and data_path.suffix == ".toml":
+        from shared.ingest.site import read_toml
+
+        value, where = read_toml(data_path).get(LABELLED_FRACTION), f"{data_path}: field {LABELLED_FRACTION!r}"
+    if value is None:
+        return 1.0
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = float("nan")
+    if isinstance(value, bool) or not 0.0 < fraction <= 1.0:
+        raise FedstError(f"{where} is {value!r} (expected a fraction in (0, 1])")
+    return fraction
 
 
 def _site_name(data_path: Path) -> str:

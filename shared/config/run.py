@@ -34,11 +34,17 @@ class Section(BaseModel):
 class PretrainConfig(Section):
     """Federated pretraining of the central diffusion model on the sites' unlabeled tiles and patches."""
 
-    rounds: int = Field(4, ge=1, description="federated pretraining rounds")
-    steps: int = Field(30, ge=1, description="optimiser steps per site per round")
+    rounds: int = Field(2, ge=1, description="federated pretraining rounds")
+    steps: int = Field(150, ge=1, description="optimiser steps per site per round")
     batch_size: int = Field(16, ge=1, description="images per optimiser step")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of pretraining (sites)")
     augmentation: bool = Field(True, description="random flips/rotations of the training images")
+    ema_decay: float = Field(
+        0.999,
+        ge=0,
+        lt=1,
+        description="EMA of the weights, carried across rounds; adaptation and sampling use it (0: raw weights)",
+    )
     prediction_type: str = Field(
         "",
         description="diffusion target of the central model: '' (the preset's, v_prediction) | epsilon | v_prediction",
@@ -48,11 +54,11 @@ class PretrainConfig(Section):
 class AdaptConfig(Section):
     """Gene-conditioned adaptation (the central model frozen, a small modulation network trained per site)."""
 
-    rounds: int = Field(1, ge=1, description="adaptation rounds (> 1 only meaningful with adapt.federated)")
-    steps: int = Field(60, ge=1, description="optimiser steps per site per round")
+    rounds: int = Field(2, ge=1, description="adaptation rounds (> 1 only meaningful with adapt.federated)")
+    steps: int = Field(125, ge=1, description="optimiser steps per site per round")
     batch_size: int = Field(16, ge=1, description="paired spots per optimiser step")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of adaptation")
-    federated: bool = Field(False, description="average the modulation weights across sites (else they stay on site)")
+    federated: bool = Field(True, description="average the modulation weights across sites (else they stay on site)")
     cond_dropout: float = Field(0.1, ge=0, le=1, description="probability of dropping a spot's condition (CFG)")
     timestep_power: float = Field(0.3, gt=0, description="timesteps drawn as T * u**power (< 1: more high-noise steps)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the central model's attention (0: off)")
@@ -66,9 +72,9 @@ class SynthesizeConfig(Section):
     """Synthetic pairs sampled on each site from its adapted model."""
 
     count: int = Field(64, ge=1, description="synthetic pairs per site")
-    steps: int = Field(15, ge=1, description="sampler steps per image (cost is linear)")
-    sampler: Literal["ddim", "dpm", "ddpm"] = Field("ddim", description="diffusion sampler")
-    guidance: float = Field(2.0, ge=0, description="classifier-free guidance scale (1: none)")
+    steps: int = Field(20, ge=1, description="sampler steps per image (cost is linear)")
+    sampler: Literal["ddim", "dpm", "ddpm"] = Field("dpm", description="diffusion sampler")
+    guidance: float = Field(1.5, ge=0, description="classifier-free guidance scale (1: none)")
     perturb: Literal["none", "mixup", "noise"] = Field(
         "none", description="conditions: real spots as they are, mixup of two spots, or noised"
     )

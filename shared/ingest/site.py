@@ -29,7 +29,7 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "legacy-st": (("counts", "spots", "image"), ()),
 }
 COMMON_KEYS = {"id", "format", "mpp"}
-TOP_KEYS = {"site", "panel", "sections"}
+TOP_KEYS = {"site", "panel", "sections", "labelled-fraction"}  # labelled-fraction: shared/config/node.py
 
 
 def read_toml(path: Path) -> dict[str, Any]:
