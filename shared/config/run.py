@@ -54,11 +54,15 @@ class PretrainConfig(Section):
 class AdaptConfig(Section):
     """Gene-conditioned adaptation (the central model frozen, a small modulation network trained per site)."""
 
-    rounds: int = Field(2, ge=1, description="adaptation rounds (> 1 only meaningful with adapt.federated)")
-    steps: int = Field(125, ge=1, description="optimiser steps per site per round")
+    rounds: int = Field(1, ge=1, description="adaptation rounds (> 1 only meaningful with adapt.federated)")
+    steps: int = Field(250, ge=1, description="optimiser steps per site per round")
     batch_size: int = Field(16, ge=1, description="paired spots per optimiser step")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of adaptation")
-    federated: bool = Field(True, description="average the modulation weights across sites (else they stay on site)")
+    federated: bool = Field(
+        False,
+        description="average the modulation weights across sites (else they stay on site); needs paths.consortium's "
+        "panel.txt on the server",
+    )
     cond_dropout: float = Field(0.1, ge=0, le=1, description="probability of dropping a spot's condition (CFG)")
     timestep_power: float = Field(0.3, gt=0, description="timesteps drawn as T * u**power (< 1: more high-noise steps)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the central model's attention (0: off)")
