@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ BASE = """
 def test_config_parses_any_split_of_sections(tmp_path):
     config = load_config(_config(tmp_path, BASE))
     assert config.fractions == (0.1, 0.5, 1.0)  # sorted
-    assert config.arms == ("local", "federated", "pooled") and config.dp == (False, True)
+    assert config.arms == ("local", "federated", "federated-adapt", "pooled") and config.dp == (False, True)
     sites = resolve_sites(config)
     assert [s.name for s in sites] == ["hospital-a", "hospital-b"]
     assert sites[0].section_ids == ["A1", "A2", "B2"] and sites[0].train_sections == ["A1", "B2"]
@@ -125,12 +126,35 @@ def test_bad_sites_are_clear_errors(tmp_path, patch, message):
         (BASE + "\n[run.adapt]\nstep = 3\n", r"\[run\]: run config: unknown key 'adapt.step'"),
         (BASE + "\n[model]\nadapt_steps = 3\n", r"unknown key\(s\) model .*run"),
         (BASE.replace("epsilon = 8.0", "epsilon = 0.0"), r"\[run.dp\]: epsilon must be > 0"),
+        (
+            BASE.replace("epsilon = 8.0", "epsilon = 0.0").replace("seeds = [0, 1]", 'arms = ["federated-adapt"]'),
+            r"\[run.dp\]: epsilon must be > 0 for the DP variants of the federated arms \(federated-adapt;",
+        ),
         (BASE.replace('name = "hospital-b"', 'name = "hospital b/2"'), r"'hospital b/2' is not a site name"),
     ],
 )
 def test_bad_values_are_clear_errors(tmp_path, patch, message):
     with pytest.raises(FedstError, match=message):
         load_config(_config(tmp_path, patch))
+
+
+def test_config_accepts_the_federated_adapt_arm(tmp_path):
+    from server.experiment.config import adapt_steps_per_round
+
+    path = _config(tmp_path, BASE + "\n[run.adapt]\nsteps = 30\nrounds = 2\n")
+    config = load_config(path, ["arms=['local', 'federated-adapt']"])
+    assert config.arms == ("local", "federated-adapt") and config.dp == (False, True)
+    # epsilon 0 is fine while no DP variant is asked for
+    assert load_config(path, ["arms=['federated-adapt']", "dp=false", "run.dp.epsilon=0.0"]).dp == (False,)
+    with pytest.raises(FedstError, match=r"unknown arm 'federated_adapt' .*federated, federated-adapt, pooled"):
+        load_config(path, ["arms=['federated_adapt']"])
+    # the same optimiser steps per site as the federated arm: rounds x ceil(steps / rounds)
+    assert adapt_steps_per_round(30, 2) == 15 and adapt_steps_per_round(3, 2) == 2 and adapt_steps_per_round(1, 4) == 1
+    for name in ("synthetic", "her2st"):  # read as TOML: her2st's data need not be present for this
+        raw = tomllib.loads(resolve_config_path(name).read_text())
+        adapt = RunConfig.from_mapping(raw["run"]).adapt
+        assert "federated-adapt" in raw["arms"] and adapt.federated
+        assert adapt.rounds >= 2 and adapt.rounds * adapt_steps_per_round(adapt.steps, adapt.rounds) == adapt.steps
 
 
 def test_shipped_configs_resolve_by_name():
@@ -153,14 +177,27 @@ def test_her2st_config_sites_are_patient_c_sections(shared_data):
 def test_planner_grid(tmp_path):
     config = load_config(_config(tmp_path, BASE))
     cells = plan(config)
-    # local and pooled: dp off only; federated: both DP variants
-    assert len(cells) == 2 * 3 * (1 + 2 + 1)
+    # local and pooled: dp off only; federated and federated-adapt: both DP variants
+    assert len(cells) == 2 * 3 * (1 + 2 + 2 + 1)
     assert len({c.key for c in cells}) == len(cells)
-    assert not any(c.dp for c in cells if c.arm != "federated")
-    assert {(c.dp, c.fraction) for c in cells if c.arm == "federated" and c.seed == 1} == {
-        (dp, f) for dp in (False, True) for f in (0.1, 0.5, 1.0)
-    }
+    assert not any(c.dp for c in cells if c.arm not in ("federated", "federated-adapt"))
+    for arm in ("federated", "federated-adapt"):
+        assert {(c.dp, c.fraction) for c in cells if c.arm == arm and c.seed == 1} == {
+            (dp, f) for dp in (False, True) for f in (0.1, 0.5, 1.0)
+        }
     assert [c.seed for c in cells] == sorted(c.seed for c in cells)  # seed-major
+    # within a seed: local, federated, federated-adapt (adjacent to federated: one cached central), pooled
+    assert list(dict.fromkeys(c.arm for c in cells if c.seed == 0)) == [
+        "local",
+        "federated",
+        "federated-adapt",
+        "pooled",
+    ]
+    adapt_dp = Cell(seed=0, arm="federated-adapt", dp=True, fraction=0.1)
+    assert adapt_dp.key == "federated-adapt-dp-f0.1000-s0" and adapt_dp.variant == "federated-adapt+dp"
+    assert adapt_dp.key != Cell(seed=0, arm="federated", dp=True, fraction=0.1).key
+    only_adapt = plan(load_config(_config(tmp_path, BASE), ["arms=['federated-adapt']", "dp=true"]))
+    assert {(c.arm, c.dp) for c in only_adapt} == {("federated-adapt", True)} and len(only_adapt) == 6
     only_local = plan(load_config(_config(tmp_path, BASE), ["arms=['local']", "dp=true"]))
     assert {c.arm for c in only_local} == {"local"} and len(only_local) == 6
 
@@ -171,7 +208,7 @@ def _fake_cell_factory(calls: list[str]):
     def cell_fn(cell: Cell, workdir: Path) -> dict:
         calls.append(cell.key)
         rng = np.random.default_rng([cell.seed, int(cell.fraction * 1000), len(cell.arm), int(cell.dp)])
-        base = {"local": 0.2, "federated": 0.3, "pooled": 0.4}[cell.arm] + 0.2 * cell.fraction
+        base = {"local": 0.2, "federated": 0.3, "federated-adapt": 0.35, "pooled": 0.4}[cell.arm] + 0.2 * cell.fraction
         sites = {}
         for site in ("s1", "s2"):
             sites[site] = {"PCC": base + 0.01 * rng.standard_normal(), "MSE": 1 - base, "GSC": base, "SSC": base / 2}
@@ -242,17 +279,29 @@ def test_report_aggregates_mean_sd_and_per_seed(tmp_path):
     seeds = [entry["per_seed"]["0"], entry["per_seed"]["1"]]
     assert entry["mean"] == pytest.approx(np.mean(seeds)) and entry["sd"] == pytest.approx(np.std(seeds, ddof=1))
     assert results["sites"]["s2"]["federated"]["dp"]["0.5"]["epsilon"]["mean"] == pytest.approx(2.5)
-    assert set(results["overall"]) == {"local", "federated", "federated+dp", "pooled"}
+    assert set(results["overall"]) == {
+        "local",
+        "federated",
+        "federated+dp",
+        "federated-adapt",
+        "federated-adapt+dp",
+        "pooled",
+    }
+    # per-site epsilon per DP variant (both federated arms report one)
+    assert set(results["epsilon"]["s1"]) == {"federated+dp", "federated-adapt+dp"}
+    assert results["epsilon"]["s1"]["federated-adapt+dp"]["0.5"]["mean"] == pytest.approx(2.5)
     overall = results["overall"]["pooled"]["1"]["MSE"]
     assert overall["mean"] == pytest.approx(1 - 0.6) and overall["sd"] == pytest.approx(0.0)
     text = report.read_text()
     for phrase in ("## Protocol", "gene_selection", "training sections only", "log1p", "held-out", "per slide"):
         assert phrase in text
+    assert "| federated-adapt+dp | 0.1 |" in text and "federated-adapt = the same central model" in text
     assert (out / "report" / "metrics_vs_fraction.png").stat().st_size > 10_000
     assert (out / "report" / "epsilon_per_site.png").is_file()
 
 
 MICRO = [  # the shipped `synthetic` config, scaled down to about a minute (the full one: README, "experiment")
+    "arms=['local', 'federated', 'pooled']",  # federated-adapt: test_federated_adapt_cell_goes_through_flower
     "synthetic.n_sites=2",
     "fractions=[0.1, 1.0]",
     "seeds=[0]",
@@ -330,6 +379,119 @@ def test_micro_experiment_end_to_end(tmp_path):
     run_experiment(config, out, log=again.append)
     assert sum("skipped (finished earlier)" in line for line in again) == 6
     assert json.loads((out / "results.json").read_text())["sites"] == results["sites"]
+
+
+ADAPT_MICRO = [  # one fraction of the shipped `synthetic` config, the three arms that adapt or compare to local
+    "arms=['local', 'federated', 'federated-adapt']",
+    "synthetic.n_sites=2",
+    "fractions=[0.5]",
+    "seeds=[0]",
+    "dp=[true]",
+    "run.patch-px=16",
+    "store.max_tiles_per_section=16",
+    "run.pretrain.rounds=1",
+    "run.pretrain.steps=2",
+    "run.adapt.steps=4",
+    "run.adapt.rounds=2",
+    "federated.min_synthetic=8",
+    "federated.synthetic_per_spot=0.25",
+    "run.synthesize.steps=2",
+    "predictor.top_k=12",
+    "report.heatmap_genes=2",
+    "report.grid_patches=4",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_federated_adapt_cell_goes_through_flower(tmp_path, one_torch_thread):
+    """A federated-adapt cell adapts through the federation's Workflow (LocalGrid, the real ClientApp): the inner
+    run's adapt phase has rounds x sites accepted updates, the server's average is what every site's last round
+    started from (reproduced here from the round-1 checkpoint), the records match the federated arm's plus
+    adapt_rounds, and the DP epsilon is the sum over rounds."""
+    from safetensors.numpy import load_file
+
+    from server.results import load_results
+    from shared.backends.c2l import C2LBackend
+    from shared.seeds import site_seed
+    from shared.store.format import PatchStore
+
+    config = load_config("synthetic", ADAPT_MICRO)
+    out = tmp_path / "run"
+    report = run_experiment(config, out, log=lambda s: None)
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and results["cells_total"] == 1 + 1 + 1
+    assert set(results["overall"]) == {"local", "federated+dp", "federated-adapt+dp"}
+    key = Cell(seed=0, arm="federated-adapt", dp=True, fraction=0.5).key
+    cell = json.loads((out / "cells" / f"{key}.json").read_text())
+    federated = json.loads((out / "cells" / f"{Cell(0, 'federated', True, 0.5).key}.json").read_text())
+    sites = ["site-0", "site-1"]
+
+    # it went through Flower: the inner run's adapt phase, 2 rounds, every site accepted in each
+    root = out / "cells" / key / "flower"
+    run_dir = root / "flower-run"
+    assert cell["adaptation"]["route"].startswith("flower") and cell["adaptation"]["run_dir"].endswith("flower-run")
+    record = load_results(run_dir)
+    assert record.status == "completed" and list(record.phases) == ["adapt"]
+    phase = record.phases["adapt"]
+    assert phase.kind == "train" and [r.round for r in phase.rounds] == [1, 2]
+    for r in phase.rounds:
+        assert sorted(r.sites) == sites and not r.failed and not r.rejected
+    inner = RunConfig.from_mapping(json.loads((run_dir / "resolved-config.json").read_text()))
+    assert inner.adapt.federated and inner.phase_list == ["adapt"] and inner.adapt.steps == 2  # 2 rounds x 2 = 4
+    assert inner.paths.warm_start.endswith("cache/central/seed-0/model/model.safetensors")
+    assert (Path(inner.paths.consortium) / "panel.txt").read_text().split() == PatchStore(
+        out / "cache" / "sites" / "site-0" / "train"
+    ).panel
+
+    # per-site records: the federated arm's keys plus adapt_rounds; the same optimiser steps per site
+    for site in sites:
+        mine, theirs = cell["sites"][site], federated["sites"][site]
+        assert set(mine) == set(theirs) | {"adapt_rounds"}, set(mine) ^ set(theirs)
+        assert mine["adapt_rounds"] == 2 and mine["adapt_steps"] == theirs["adapt_steps"] == 4
+        assert mine["n_train_spots"] == theirs["n_train_spots"] and mine["n_synthetic"] == theirs["n_synthetic"]
+        assert math.isfinite(mine["PCC"]) and isinstance(mine["audit_passed"], bool)
+        per_round = [r.sites[site]["epsilon"] for r in phase.rounds]
+        assert all(0 < e <= 8.0 + 1e-6 for e in per_round)
+        assert mine["epsilon"] == pytest.approx(sum(per_round)) and mine["epsilon"] > max(per_round)
+        assert results["epsilon"][site]["federated-adapt+dp"]["0.5"]["mean"] == pytest.approx(mine["epsilon"])
+
+    # every site's last round started from the round-1 FedAvg of the sites' modulations: adapting that average
+    # with the site's round-2 seed reproduces its final adapter; starting from zero (a purely local adaptation
+    # with the same seed) does not; and the final average is the spot-weighted mean of the sites' adapters
+    backend = C2LBackend(inner)
+    central = load_file(str(out / "cache" / "central" / "seed-0" / "model" / "model.safetensors"))
+    average_1 = load_file(str(run_dir / "checkpoints" / "adapt" / "round-0001" / "model.safetensors"))
+    finals, weights = {}, {}
+    for site in sites:
+        store = PatchStore(out / "cells" / key / site / "real")
+        finals[site] = load_file(str(root / "sites" / site / "adapter.safetensors"))
+        weights[site] = phase.rounds[1].sites[site]["num-examples"]
+        assert weights[site] == store.n_spots == cell["sites"][site]["n_train_spots"]
+        seed = site_seed(0, site, "adapt", 2)
+        again, _ = backend.adapt(central, store, inner.adapt, inner.dp, seed=seed, adapter_state=average_1)
+        alone, _ = backend.adapt(central, store, inner.adapt, inner.dp, seed=seed)
+        assert set(again) == set(finals[site]) == set(average_1)
+        for name in finals[site]:
+            np.testing.assert_allclose(again[name], finals[site][name], rtol=0, atol=1e-6)
+        assert max(float(np.abs(alone[k] - finals[site][k]).max()) for k in alone) > 1e-4
+    average_2 = load_file(str(run_dir / "federated-adapter.safetensors"))
+    total = sum(weights.values())
+    for name, value in average_2.items():
+        expected = sum(weights[s] * finals[s][name].astype(np.float64) for s in sites) / total
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+
+    # the report shows the new arm: headline and per-site tables, audit, figures
+    text = report.read_text()
+    assert "| federated-adapt+dp | 0.5 |" in text and "| site-0 | federated-adapt+dp | 0.5 |" in text
+    for png in (
+        "metrics_vs_fraction.png",
+        "metrics_vs_fraction_per_site.png",
+        "heatmaps_site-0.png",
+        "patches_site-1.png",
+        "epsilon_per_site.png",
+    ):
+        assert (out / "report" / png).stat().st_size > 5_000, png
 
 
 def test_cli_reports_bad_config_as_one_error_line(tmp_path):

@@ -1,10 +1,10 @@
 """Typed experiment configuration read from CONFIG.toml (precedence: defaults < file < CLI overrides).
 
 A config names the sites, the sections each site holds and which of them are held out for evaluation, the
-arms to compare, the real-spot fractions, the seeds, the DP variants of the federated arm, the predictor settings
+arms to compare, the real-spot fractions, the seeds, the DP variants of the federated arms, the predictor settings
 and, in ``[run]``, the federation's run config itself (the same nested sections as ``[tool.flwr.app.config]``,
 validated by shared.config.RunConfig: ``[run.pretrain]``, ``[run.adapt]``, ``[run.synthesize]``, ``[run.dp]``...,
-reference: docs/configuration.md) and ``[federated]``, the federated arm's synthetic-pair count rule. Sites are
+reference: docs/configuration.md) and ``[federated]``, the federated arms' synthetic-pair count rule. Sites are
 arbitrary groups of sections so that new data can be evaluated without code changes. Each entry of a site's
 ``sections`` is one of:
 
@@ -34,13 +34,22 @@ from typing import Any
 from shared.config import RunConfig, site_name_problem
 from shared.errors import FedstError, require
 
-ARMS = ("local", "federated", "pooled")
+ARMS = ("local", "federated", "federated-adapt", "pooled")
+FEDERATED_ARMS = ("federated", "federated-adapt")
+"""The arms that adapt a central model and add synthetic pairs; the ``dp`` variants apply to these."""
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 CONSORTIUM_TOKEN = "{consortium}"
 CELL_PROTOCOL = 3
 """Version of what a cell computes from its config, part of the fingerprint: bump it when a code change alters
 cell results, so a resumed run never mixes cells of two versions (2: per-site adaptation/synthesis seeds;
 3: v-prediction presets and high-noise timestep sampling in adaptation)."""
+
+
+def adapt_steps_per_round(steps: int, rounds: int) -> int:
+    """Local steps per round of the federated-adapt arm: the federated arm's ``run.adapt.steps`` (one local
+    adaptation) spread over ``run.adapt.rounds`` rounds, rounded up, so both arms spend the same optimiser steps
+    per site when ``rounds`` divides ``steps`` (else federated-adapt spends fewer than ``rounds`` more)."""
+    return max(1, -(-steps // rounds))
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class StoreSettings:
 
 @dataclass(frozen=True)
 class FederatedArmSettings:
-    """How many synthetic pairs the federated arm adds per site: ``max(min_synthetic, synthetic_per_spot *
+    """How many synthetic pairs the federated arms add per site: ``max(min_synthetic, synthetic_per_spot *
     real spots)`` (the experiment's rule, in place of the run config's fixed ``synthesize.count``)."""
 
     synthetic_per_spot: float = 1.0
@@ -286,7 +295,7 @@ def _build(data: dict[str, Any], base_dir: Path, where: str, source: Path | None
         dp = [dp]
     require(
         isinstance(dp, list) and dp and all(isinstance(v, bool) for v in dp),
-        f"{where}: 'dp' must be true, false or a list of them (DP variants of the federated arm)",
+        f"{where}: 'dp' must be true, false or a list of them (DP variants of the federated arms)",
     )
     dp = sorted(set(dp))
 
@@ -315,7 +324,7 @@ def _build(data: dict[str, Any], base_dir: Path, where: str, source: Path | None
         require(isinstance(raw, dict), f"{sw}: expected a table")
         _check_keys(raw, {"name", "sections", "held_out", "held_out_last"}, sw)
         site_name = raw.get("name", f"site-{i}")
-        problem = site_name_problem(site_name)  # the federated arm sends it to the server as the site's label
+        problem = site_name_problem(site_name)  # the federated arms send it to the server as the site's label
         require(problem is None, f"{sw}: 'name' {problem}")
         sections = raw.get("sections")
         if sections is None:
@@ -352,9 +361,11 @@ def _build(data: dict[str, Any], base_dir: Path, where: str, source: Path | None
         run = RunConfig.from_mapping(raw_run)
     except FedstError as exc:
         raise FedstError(f"{where} [run]: {exc}") from None
+    federated_arms = [a for a in arms if a in FEDERATED_ARMS]
     require(
-        run.dp.epsilon > 0 or "federated" not in arms or True not in dp,
-        f"{where} [run.dp]: epsilon must be > 0 for the DP variant of the federated arm (dp = [..., true])",
+        run.dp.epsilon > 0 or not federated_arms or True not in dp,
+        f"{where} [run.dp]: epsilon must be > 0 for the DP variants of the federated arms "
+        f"({', '.join(federated_arms)}; dp = [..., true])",
     )
     federated = _section_from(FederatedArmSettings, data.get("federated"), f"{where} [federated]")
     require(

@@ -1,15 +1,16 @@
 """The grid of experiment cells: one cell = (arm, dp, fraction, seed), evaluated at every site.
 
-DP only applies to the federated arm's local adaptation, so ``local`` and ``pooled`` get dp=False only.
-Cells are ordered seed-major then arm, so that a partial run already holds complete comparisons for the
-first seeds, and federated cells of one seed are adjacent (they share one cached central model).
+DP only applies to the adaptation of the federated arms (``federated``, ``federated-adapt``), so ``local`` and
+``pooled`` get dp=False only. Cells are ordered seed-major then arm, so that a partial run already holds complete
+comparisons for the first seeds, and the federated cells of one seed are adjacent (both federated arms share one
+cached central model per seed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.experiment.config import ExperimentConfig
+from server.experiment.config import FEDERATED_ARMS, ExperimentConfig
 
 
 @dataclass(frozen=True, order=True)
@@ -27,11 +28,12 @@ class Cell:
 
     @property
     def variant(self) -> str:
-        """Arm label used in tables and plots: ``local``, ``pooled``, ``federated``, ``federated+dp``."""
+        """Arm label used in tables and plots: ``local``, ``pooled``, ``federated``, ``federated+dp``,
+        ``federated-adapt``, ``federated-adapt+dp``."""
         return f"{self.arm}+dp" if self.dp else self.arm
 
 
-ARM_ORDER = {"local": 0, "federated": 1, "pooled": 2}
+ARM_ORDER = {"local": 0, "federated": 1, "federated-adapt": 2, "pooled": 3}
 
 
 def plan(config: ExperimentConfig) -> list[Cell]:
@@ -39,7 +41,7 @@ def plan(config: ExperimentConfig) -> list[Cell]:
     cells = []
     for seed in config.seeds:
         for arm in sorted(config.arms, key=ARM_ORDER.__getitem__):
-            dps = config.dp if arm == "federated" else (False,)
+            dps = config.dp if arm in FEDERATED_ARMS else (False,)
             for dp in dps:
                 for fraction in config.fractions:
                     cells.append(Cell(seed=seed, arm=arm, dp=dp, fraction=fraction))

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from server.experiment.config import ExperimentConfig
+from server.experiment.config import FEDERATED_ARMS, ExperimentConfig, adapt_steps_per_round
 from server.experiment.planner import Cell
 from shared.c2l.audit import AUDIT_PASS_RATIO
 from shared.io import write_json_atomic
@@ -23,6 +23,9 @@ HIGHER_IS_BETTER = {"PCC": True, "MSE": False, "GSC": True, "SSC": True}
 REPORT_DIR = "report"
 EXTRAS = ("epsilon", "audit_real_pcc", "audit_synthetic_pcc", "audit_passed")
 """Per-site numbers of federated cells aggregated like the metrics (audit_passed: mean = share of seeds)."""
+VARIANT_ORDER = ("local", "federated", "federated+dp", "federated-adapt", "federated-adapt+dp", "pooled")
+MARKERS = {"local": "o", "federated": "^", "federated+dp": "v", "federated-adapt": "s", "federated-adapt+dp": "D"}
+"""Marker per arm in the line plots (the two federated arms often score alike: their points must stay apart)."""
 
 
 def protocol(config: ExperimentConfig) -> dict[str, str]:
@@ -49,7 +52,12 @@ def protocol(config: ExperimentConfig) -> dict[str, str]:
         "arms": "local = the site's own real spots at the fraction; federated = Flower-pretrained central "
         "diffusion model (once per seed, on every site's unlabeled training tiles), local "
         "gene-conditioned adaptation on the fraction's spots (with/without DP-SGD), synthetic "
-        "image-gene pairs added to the fraction's real spots; pooled = every site's real spots at the "
+        "image-gene pairs added to the fraction's real spots; federated-adapt = the same central model, the "
+        f"gene-conditioned modulation adapted through Flower ({config.run.adapt.rounds} FedAvg rounds x "
+        f"{adapt_steps_per_round(config.run.adapt.steps, config.run.adapt.rounds)} local steps on every site's "
+        f"fraction spots, which never leave their site, vs {config.run.adapt.steps} local steps in federated; with "
+        "DP-SGD per round, epsilon summed over rounds), then synthesis and real+synthetic as in federated; "
+        "pooled = every site's real spots at the "
         "fraction in one place (an upper bound no consortium may build)",
         "predictor": f"{p.kind} on {p.encoder} features, identical settings in every arm",
     }
@@ -97,7 +105,7 @@ def aggregate(config: ExperimentConfig, cells: list[Cell], results: dict[str, di
                 if values:
                     entry[extra] = {**_stats(list(values.values())), "per_seed": values}
             if "epsilon" in entry:
-                epsilon.setdefault(site, {})[fk] = entry["epsilon"]
+                epsilon.setdefault(site, {}).setdefault(group[0].variant, {})[fk] = entry["epsilon"]
             by_site.setdefault(site, {}).setdefault(arm, {}).setdefault(dp_key, {})[fk] = entry
         variant = group[0].variant
         overall.setdefault(variant, {})[fk] = {
@@ -166,7 +174,7 @@ def _plt():
 
 
 def _variant_order(variants: list[str]) -> list[str]:
-    order = ["local", "federated", "federated+dp", "pooled"]
+    order = list(VARIANT_ORDER)
     return sorted(variants, key=lambda v: order.index(v) if v in order else len(order))
 
 
@@ -182,7 +190,7 @@ def _draw_lines(ax, series: dict[str, dict[str, Any]], metric: str) -> None:
             ys.append(stat["mean"])
             es.append(stat["sd"] or 0.0)
         if xs:
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=variant)
+            ax.errorbar(xs, ys, yerr=es, marker=MARKERS.get(variant, "*"), capsize=3, label=variant, alpha=0.85)
     ax.set_xscale("log")
     ax.set_xlabel("real-spot fraction")
     ax.set_title(f"{metric} ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better)")
@@ -243,24 +251,29 @@ def _pick(cells: list[Cell], results: dict[str, Any], arm: str, dp: bool | None 
     return min(chosen, key=lambda c: (c.fraction, c.seed, c.dp)) if chosen else None
 
 
+def _examples(cells: list[Cell], results: dict[str, Any], arms: tuple[str, ...]) -> list[Cell]:
+    """One example cell per arm (without DP where there is one), all at the fraction and seed of the first."""
+    picked = [_pick(cells, results, arm, dp=False) or _pick(cells, results, arm) for arm in arms]
+    found = [c for c in picked if c is not None]
+    if not found:
+        return []
+    return [c for c in found if (c.fraction, c.seed) == (found[0].fraction, found[0].seed)]
+
+
 def plot_heatmaps(
     config: ExperimentConfig, out: Path, cells: list[Cell], results: dict[str, Any], figdir: Path
 ) -> list[Path]:
-    """Truth vs local vs federated on one held-out section, for the first genes of the site's top-k."""
+    """Truth vs local vs the federated arms on one held-out section, for the first genes of the site's top-k."""
     plt = _plt()
     paths = []
-    local, fed = (
-        _pick(cells, results, "local"),
-        _pick(cells, results, "federated", dp=False) or _pick(cells, results, "federated"),
-    )
+    examples = _examples(cells, results, ("local", *FEDERATED_ARMS))
     sites = sorted({s for r in results.values() for s in r.get("artifacts", {})})
     for site in sites:
         columns: list[tuple[str, Path]] = []
-        for cell in (local, fed):
-            if cell is not None and cell.fraction == (local or fed).fraction:  # type: ignore[union-attr]
-                path = _artifact(out, results, cell, site, "predictions")
-                if path is not None:
-                    columns.append((f"{cell.variant} (fraction {cell.fraction:g})", path))
+        for cell in examples:
+            path = _artifact(out, results, cell, site, "predictions")
+            if path is not None:
+                columns.append((f"{cell.variant} (fraction {cell.fraction:g})", path))
         if not columns:
             continue
         first = np.load(columns[0][1], allow_pickle=False)
@@ -291,49 +304,62 @@ def plot_heatmaps(
 def plot_patch_grids(
     config: ExperimentConfig, out: Path, cells: list[Cell], results: dict[str, Any], figdir: Path
 ) -> list[Path]:
-    """Real training patches (top row) next to synthetic ones (bottom row) of the federated arm."""
+    """Real training patches (top row) above the synthetic ones of each federated arm (one row per arm, the same
+    fraction and seed, so the real spots they were conditioned on are the same)."""
     from shared.c2l.plots import image_grid
 
     paths = []
-    cell = _pick(cells, results, "federated", dp=False) or _pick(cells, results, "federated")
-    if cell is None:
+    examples = _examples(cells, results, FEDERATED_ARMS)
+    if not examples:
         return []
-    for site in sorted(results[cell.key].get("artifacts", {})):
-        path = _artifact(out, results, cell, site, "patches")
-        if path is None:
+    sites = sorted({s for c in examples for s in results[c.key].get("artifacts", {})})
+    for site in sites:
+        rows: list[tuple[str, np.ndarray]] = []
+        for cell in examples:
+            path = _artifact(out, results, cell, site, "patches")
+            if path is None:
+                continue
+            data = np.load(path, allow_pickle=False)
+            if not rows:
+                rows.append(("real", data["real"]))
+            rows.append((f"synthetic: {cell.variant}", data["synthetic"]))
+        n = min([config.report.grid_patches] + [len(images) for _, images in rows])
+        if len(rows) < 2 or n == 0:
             continue
-        data = np.load(path, allow_pickle=False)
-        real, synth = data["real"], data["synthetic"]
-        n = min(config.report.grid_patches, len(real), len(synth))
-        if n == 0:
-            continue
+        cell = examples[0]
         out_path = image_grid(
-            [("real", real[:n]), ("synthetic", synth[:n])],
+            [(label, images[:n]) for label, images in rows],
             figdir / f"patches_{site}.png",
-            f"{site}: real vs synthetic patches ({cell.variant}, fraction {cell.fraction:g}, seed {cell.seed})",
+            f"{site}: real vs synthetic patches (fraction {cell.fraction:g}, seed {cell.seed})",
         )
         paths.append(out_path)
     return paths
 
 
 def plot_epsilon(payload: dict[str, Any], figdir: Path) -> list[Path]:
-    """Epsilon actually spent per site (mean over seeds) at each fraction, when DP is on."""
+    """Epsilon actually spent per site (mean over seeds) at each fraction, one panel per DP variant."""
     eps = payload.get("epsilon", {})
     if not eps:
         return []
     plt = _plt()
     sites = sorted(eps)
-    fracs = sorted({fk for s in sites for fk in eps[s]}, key=float)
-    width = 0.8 / max(len(fracs), 1)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(sites), 3.4))
-    for i, fk in enumerate(fracs):
-        values = [eps[s].get(fk, {}).get("mean") or 0.0 for s in sites]
-        ax.bar(np.arange(len(sites)) + i * width, values, width, label=f"fraction {fk}")
-    ax.set_xticks(np.arange(len(sites)) + width * (len(fracs) - 1) / 2)
-    ax.set_xticklabels(sites)
-    ax.set_ylabel("epsilon spent (adaptation)")
-    ax.legend(fontsize=7)
-    ax.set_title("Per-site DP epsilon (federated+dp)")
+    variants = _variant_order(sorted({v for s in sites for v in eps[s]}))
+    fig, axes = plt.subplots(
+        1, len(variants), figsize=((1.6 + 1.4 * len(sites)) * len(variants), 3.6), squeeze=False, sharey=True
+    )
+    for ax, variant in zip(axes[0], variants):
+        fracs = sorted({fk for s in sites for fk in eps[s].get(variant, {})}, key=float)
+        width = 0.8 / max(len(fracs), 1)
+        for i, fk in enumerate(fracs):
+            values = [eps[s].get(variant, {}).get(fk, {}).get("mean") or 0.0 for s in sites]
+            ax.bar(np.arange(len(sites)) + i * width, values, width, label=f"fraction {fk}")
+        ax.set_xticks(np.arange(len(sites)) + width * (len(fracs) - 1) / 2)
+        ax.set_xticklabels(sites)
+        ax.legend(fontsize=7)
+        summed = variant.startswith("federated-adapt")
+        ax.set_title(f"{variant}" + ("\n(sum over adapt rounds: basic composition)" if summed else ""), fontsize=9)
+    axes[0][0].set_ylabel("epsilon spent (adaptation)")
+    fig.suptitle("Per-site DP epsilon", fontsize=10)
     fig.tight_layout()
     path = figdir / "epsilon_per_site.png"
     fig.savefig(path, dpi=100)
@@ -389,7 +415,13 @@ def render_markdown(config: ExperimentConfig, payload: dict[str, Any], figures: 
             row = [_fmt(payload["overall"][variant].get(f, {}).get(metric)) for f in fracs]
             lines.append(f"| {variant} | " + " | ".join(row) + " |")
         lines.append("")
-    lines += ["## Per site", ""]
+    lines += [
+        "## Per site",
+        "",
+        "epsilon: what the site's DP accountant reported for its adaptation; for federated-adapt+dp the sum of "
+        "its per-round epsilons over the adapt rounds (basic composition, an upper bound on the whole run).",
+        "",
+    ]
     for site in sorted(payload["sites"]):
         lines += [
             f"### {site}",
@@ -425,8 +457,13 @@ def render_audit(payload: dict[str, Any]) -> list[str]:
     rows = []
     for site in sorted(payload["sites"]):
         local = payload["sites"][site].get("local", {}).get("no-dp", {})
-        for dp_key, by_frac in sorted(payload["sites"][site].get("federated", {}).items()):
-            variant = "federated+dp" if dp_key == "dp" else "federated"
+        arms = [
+            (arm, dp_key, by_frac)
+            for arm in FEDERATED_ARMS
+            for dp_key, by_frac in sorted(payload["sites"][site].get(arm, {}).items())
+        ]
+        for arm, dp_key, by_frac in arms:
+            variant = f"{arm}+dp" if dp_key == "dp" else arm
             for fk in sorted(by_frac, key=float):
                 entry = by_frac[fk]
                 if "audit_synthetic_pcc" not in entry:
@@ -442,7 +479,7 @@ def render_audit(payload: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     return [
-        "## Synthesis audit: why federated does or does not beat local",
+        "## Synthesis audit: why the federated arms do or do not beat local",
         "",
         "Conditional consistency (the probe of shared.c2l.audit) on each site's evaluated genes: a ridge probe on "
         "colour/texture features is fitted on the real spots the synthesis was conditioned on. *real probe PCC* is "
@@ -450,7 +487,8 @@ def render_audit(payload: dict[str, Any]) -> list[str]:
         "PCC* the PCC between what it reads off the synthetic images and the expression they were generated for. "
         f"A cell passes when the synthetic PCC is at least {AUDIT_PASS_RATIO:g} x the real one (and the real one "
         "is positive). Synthetic pairs that fail cannot teach the predictor the image->expression map, so "
-        "federated can then at best match local. Delta PCC = federated - local on the held-out sections.",
+        "a federated arm can then at best match local. Delta PCC = that arm (federated: local adaptation; "
+        "federated-adapt: adaptation averaged across sites through Flower) - local on the held-out sections.",
         "",
         "| site | arm | fraction | real probe PCC | synthetic probe PCC | passed (seeds) | delta PCC vs local |",
         "|---|---|---|---|---|---|---|",

@@ -85,7 +85,7 @@ def run_cells(
         log(f"data ready in {time.perf_counter() - started:.1f} s")
     ran = 0
     for index, cell in enumerate(cells, 1):
-        tag = f"[{index}/{len(cells)}] {cell.variant:<13} fraction={cell.fraction:<5g} seed={cell.seed}"
+        tag = f"[{index}/{len(cells)}] {cell.variant:<18} fraction={cell.fraction:<5g} seed={cell.seed}"
         if cell.key in results:
             log(f"{tag}  skipped (finished earlier)")
             continue
