@@ -131,7 +131,9 @@ class C2LBackend:
         torch.manual_seed(0)
         a = self.run.adapt
         return _to_numpy(
-            create_conditioned(self.central(central), panel, a.hidden_dim, a.embed_dim).modulation.state_dict()
+            create_conditioned(
+                self.central(central), panel, a.hidden_dim, a.embed_dim, a.lora_rank, a.lora_alpha or None
+            ).modulation.state_dict()
         )
 
     def pretrain(
@@ -199,7 +201,9 @@ class C2LBackend:
         from shared.c2l.modulation import create_conditioned
 
         a = self.run.adapt
-        model = create_conditioned(self.central(central), panel, a.hidden_dim, a.embed_dim)
+        model = create_conditioned(
+            self.central(central), panel, a.hidden_dim, a.embed_dim, a.lora_rank, a.lora_alpha or None
+        )
         model.modulation.load_state_dict(_to_torch(adapter_state))
         return model
 
