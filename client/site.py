@@ -146,6 +146,7 @@ class SiteTask:
             seed=seed,
             adapter_state=adapter,
             work_dir=self.work,
+            server_round=server_round,
         )
         _save(self.work / ADAPTER, adapter_state, save_file)
         self._record("adapt", server_round, metrics)

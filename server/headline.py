@@ -28,13 +28,15 @@ def _pcc(metrics: dict[str, float], arm: str) -> float | None:
 
 def headline(results: RunRecord) -> dict[str, Any] | None:
     """``{"limited_site", "verdict", "sites": {NAME: {labelled_fraction, labelled_spots, real_pcc, augmented_pcc,
-    audit_real_pcc, audit_synthetic_pcc, audit_passed}}}``; None before the downstream phase has results."""
+    audit_real_pcc, audit_synthetic_pcc, audit_passed, epsilon}}}``; None before the downstream phase has results."""
     downstream = results.phases.get("downstream")
     scores = downstream.last.sites if downstream is not None and downstream.last is not None else {}
     if not scores:
         return None
     synthesize = results.phases.get("synthesize")
     audits = synthesize.last.sites if synthesize is not None and synthesize.last is not None else {}
+    adapt = results.phases.get("adapt")
+    adapted = adapt.last.sites if adapt is not None and adapt.last is not None else {}
     sites: dict[str, dict[str, Any]] = {}
     for name, metrics in sorted(scores.items()):
         audit = audits.get(name, {})
@@ -47,6 +49,7 @@ def headline(results: RunRecord) -> dict[str, Any] | None:
             "audit_real_pcc": audit.get("audit-real-pcc"),
             "audit_synthetic_pcc": audit.get("audit-synthetic-pcc"),
             "audit_passed": None if passed is None else bool(passed),
+            "epsilon": adapted.get(name, {}).get("epsilon"),  # the site's cumulative DP spend; None: DP off
         }
     limited = min(
         sites, key=lambda s: (sites[s]["labelled_spots"] or 0, sites[s]["labelled_fraction"], s)
@@ -89,8 +92,8 @@ def headline_markdown(found: dict[str, Any]) -> list[str]:
     lines = [
         f"**{found['verdict']}**",
         "",
-        "| site | labelled | real-only PCC | real+synthetic PCC | gain | audit: real / synthetic probe PCC |",
-        "|---|---|---|---|---|---|",
+        "| site | labelled | real-only PCC | real+synthetic PCC | gain | audit: real / synthetic probe PCC | epsilon |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in order:
         s = found["sites"][name]
@@ -109,7 +112,7 @@ def headline_markdown(found: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name}{' (data-limited)' if name == found['limited_site'] else ''} | "
             f"{s['labelled_fraction']:.0%}{spots} | {_fmt(s['real_pcc'])} | {_fmt(s['augmented_pcc'])} | {gain} | "
-            f"{audit} |"
+            f"{audit} | {'DP off' if s['epsilon'] is None else format(s['epsilon'], '.3g')} |"
         )
     return lines
 

@@ -110,10 +110,15 @@ class RoundTally:
         return row
 
 
+PER_SITE_ONLY = frozenset({"epsilon", "delta"})
+"""Metrics that are never averaged across sites: a mean epsilon is not a privacy statement about any site."""
+
+
 def weighted(sites: Mapping[str, Mapping[str, float]], weight_key: str = "num-examples") -> dict[str, float]:
-    """Weighted mean of every metric across sites (by ``weight_key``); per-site values stay in the round record."""
+    """Weighted mean of every metric across sites (by ``weight_key``), privacy numbers excepted (per site only);
+    per-site values stay in the round record."""
     total = sum(m.get(weight_key, 1.0) for m in sites.values())
-    keys = sorted({k for m in sites.values() for k in m if k != weight_key})
+    keys = sorted({k for m in sites.values() for k in m if k != weight_key and k not in PER_SITE_ONLY})
     out = {}
     for key in keys:
         rows = [(m[key], m.get(weight_key, 1.0)) for m in sites.values() if key in m]

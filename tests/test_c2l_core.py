@@ -153,6 +153,58 @@ def test_dp_target_epsilon_is_met_and_infeasible_target_fails_before_training(ce
         adapt_module.adapt(central, toy_store, steps=5, dp=DPConfig(target_epsilon=8, target_delta=0.5), progress=False)
 
 
+def test_privacy_ledger_composes_rounds_calibrated_together_and_refuses_past_the_budget(tmp_path, central, toy_store):
+    """Noise calibrated for 3 planned rounds of 2 steps: the ledger's cumulative epsilon after each round is the RDP
+    composition of the rounds so far (an independent accountant agrees), the 3rd lands at the budget, and a 4th
+    round (more rounds than planned, or a replay) is refused before any step, leaving the ledger as it was."""
+    import json
+
+    from shared.c2l.adapt import adapt
+    from shared.c2l.dp import DPConfig, PrivacyLedger, rdp_epsilon
+
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    dp = DPConfig(target_epsilon=4.0, calibration_steps=6)
+    spent = []
+    for round_ in (1, 2, 3):
+        _, summary = adapt(
+            central, toy_store, steps=2, batch_size=8, seed=round_, progress=False, dp=dp, privacy_ledger=ledger
+        )
+        sigma, rate = summary["dp"]["noise_multiplier"], summary["dp"]["sample_rate"]
+        assert summary["epsilon"] == pytest.approx(rdp_epsilon(sigma, rate, 2 * round_, summary["delta"]), rel=1e-9)
+        assert summary["epsilon_round"] == pytest.approx(rdp_epsilon(sigma, rate, 2, summary["delta"]), rel=1e-9)
+        spent.append(summary["epsilon"])
+    assert spent[0] < spent[1] < spent[2] and 3.9 <= spent[2] <= 4.0
+    before = ledger.path.read_text()
+    with pytest.raises(FedstError, match=r"DP budget: this site has spent epsilon 3\.9\d* of its budget 4 .* Refused"):
+        adapt(central, toy_store, steps=2, batch_size=8, seed=4, progress=False, dp=dp, privacy_ledger=ledger)
+    assert ledger.path.read_text() == before and len(json.loads(before)["entries"]) == 3
+    ledger.path.write_text("{not json")
+    with pytest.raises(FedstError, match="privacy ledger unreadable"):
+        adapt(central, toy_store, steps=2, batch_size=8, seed=5, progress=False, dp=dp, privacy_ledger=ledger)
+
+
+def test_dp_noise_is_secret_unless_deterministic_is_asked_for(central, toy_store):
+    """The server knows the run seed: with it, the DP noise (and the Poisson sampling) would be known, so by default
+    they come from os.urandom (two runs differ); `deterministic=True` (tests) makes them bit-identical."""
+    from shared.c2l.adapt import adapt
+    from shared.c2l.dp import DPConfig
+
+    def run(deterministic: bool):
+        model, _ = adapt(
+            central,
+            toy_store,
+            steps=2,
+            batch_size=8,
+            seed=0,
+            progress=False,
+            dp=DPConfig(noise_multiplier=1.0, deterministic=deterministic),
+        )
+        return torch.cat([p.detach().flatten() for p in model.modulation.parameters()])
+
+    assert torch.equal(run(True), run(True))
+    assert not torch.equal(run(False), run(False))
+
+
 def test_bad_stores_give_clear_errors(tmp_path, central, toy_store):
     import anndata
     import pandas as pd

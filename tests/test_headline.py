@@ -18,13 +18,14 @@ from server.report import summary_markdown  # noqa: E402
 from server.results import PhaseRecord, RoundRecord, RunRecord  # noqa: E402
 
 
-def _run(downstream: dict, synthesize: dict) -> RunRecord:
+def _run(downstream: dict, synthesize: dict, adapt: dict | None = None) -> RunRecord:
     return RunRecord(
         run="1",
         status="completed",
         config={},
         run_dir="/nowhere",
         phases={
+            "adapt": PhaseRecord(kind="train", rounds=[RoundRecord(round=2, sites=adapt or {})]),
             "synthesize": PhaseRecord(kind="broadcast", rounds=[RoundRecord(round=1, sites=synthesize)]),
             "downstream": PhaseRecord(kind="broadcast", rounds=[RoundRecord(round=1, sites=downstream)]),
         },
@@ -51,6 +52,7 @@ def test_headline_names_the_site_with_fewest_labelled_spots_and_says_what_the_sy
             "basel": {"audit-real-pcc": 0.5, "audit-synthetic-pcc": 0.3, "audit-passed": 1.0},
             "geneva": {"audit-real-pcc": 0.4, "audit-synthetic-pcc": 0.1, "audit-passed": 0.0},
         },
+        {"geneva": {"epsilon": 7.99, "num-examples": 48.0}, "basel": {"epsilon": 2.0, "num-examples": 190.0}},
     )
     found = write_headline(tmp_path, results)
     assert json.loads((tmp_path / "headline.json").read_text()) == found
@@ -64,8 +66,13 @@ def test_headline_names_the_site_with_fewest_labelled_spots_and_says_what_the_sy
         "audit_real_pcc": 0.4,
         "audit_synthetic_pcc": 0.1,
         "audit_passed": False,
+        "epsilon": 7.99,
     }
     assert found["sites"]["bern"]["audit_passed"] is None  # no audit reported: unknown, not failed
+    assert found["sites"]["bern"]["epsilon"] is None and found["sites"]["basel"]["epsilon"] == 2.0
+    from server.rounds import weighted
+
+    assert "epsilon" not in weighted(results.phases["adapt"].last.sites)  # per site, never a mean
     assert found["verdict"] == (
         "data-limited site geneva (25% labelled, 48 spots): held-out PCC real+synthetic 0.340 vs real-only 0.300 "
         "(+0.040): the synthetic pairs help; audit FAILED"

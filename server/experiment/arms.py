@@ -215,13 +215,13 @@ class ArmRunner:
 
         Each site's fraction store (built as in ``run_federated``) is a node's ``data-path``; the workflow's
         ``adapt`` phase starts from the cached central model of the seed (``paths.warm-start``) and runs
-        ``run.adapt.rounds`` FedAvg rounds of ``adapt_steps_per_round`` local steps (DP-SGD per round with the
-        DP variant). Afterwards each site's work dir holds ``central.safetensors`` and ``adapter.safetensors``
-        (its adapter after its last local round, which started from the round's average); the conditioned model
+        ``run.adapt.rounds`` FedAvg rounds of ``adapt_steps_per_round`` local steps (with the DP variant, DP-SGD
+        with the noise calibrated for every round's steps together). Afterwards each site's work dir holds
+        ``central.safetensors`` and ``adapter.safetensors`` (its adapter after its last local round, which started
+        from the round's average); the conditioned model
         built from them synthesizes that site's pairs. Per-site record: the federated arm's keys, where
-        ``epsilon``/``delta`` are the sums over rounds of what the site's accountant reported per round (basic
-        composition: an upper bound on what the site spent over the whole run, until the per-site privacy ledger
-        lands), ``adapt_final_loss`` is the site's mean loss of its last round, ``adapt_seed`` the per-round seeds,
+        ``epsilon``/``delta`` are what the site's privacy ledger reported after the last round (all rounds
+        composed), ``adapt_final_loss`` is the site's mean loss of its last round, ``adapt_seed`` the per-round seeds,
         ``generation_s`` the federated adaptation's wall time (all sites, in this process) plus the site's
         synthesis; plus ``adapt_rounds``.
         """
@@ -257,7 +257,7 @@ class ArmRunner:
             central_file.unlink()  # a copy of the cached central's weights (cache/central/seed-N), ~MBs per site
             per_round = [r.sites[site.name] for r in rounds]
             adaptation = {
-                **dp_sums(per_round, cell.dp),
+                **dp_spent(per_round, cell.dp),
                 "adapt_final_loss": per_round[-1].get("loss"),
                 "trainable_fraction": per_round[-1].get("trainable-fraction"),
                 "adapt_steps": run.adapt.rounds * run.adapt.steps,
@@ -273,7 +273,7 @@ class ArmRunner:
             "local_steps": run.adapt.steps,
             "batch_size": run.adapt.batch_size,
             "strategy": "fedavg",
-            "epsilon_per_round": run.dp.epsilon,
+            "epsilon_budget": run.dp.epsilon,
             "seconds": round(adapt_seconds, 2),
             "run_dir": str(run_dir.relative_to(self.out)),
         }
@@ -467,7 +467,7 @@ def federated_adapt(
 
     Rounds: ``run.adapt.rounds`` of ``adapt_steps_per_round`` local steps, FedAvg (weighted by spots). The
     batch size is capped at (smallest store - 1) for every site (one run config for all; the federated arm caps
-    per site). DP (``dp``): ``run.dp`` per round, so a site spends up to rounds x epsilon (basic composition).
+    per site). DP (``dp``): ``run.dp.epsilon`` is each site's budget for all rounds together (its ledger).
     The consortium panel (the stores' common panel) goes to ``root/consortium/panel.txt``.
     """
     run = config.run
@@ -509,20 +509,17 @@ def adapt_rounds(record: Any, sites: list[str], rounds: int, run_dir: Path) -> l
     return list(phase.rounds)
 
 
-def dp_sums(per_round: list[dict[str, float]], dp: bool) -> dict[str, float | None]:
-    """A site's epsilon and delta over the federated adapt rounds: the sums of the per-round values its accountant
-    reported (basic composition of the rounds' mechanisms, an upper bound on the whole run's spend; the per-site
-    privacy ledger will replace it with a tighter accounting). None without DP."""
+def dp_spent(per_round: list[dict[str, float]], dp: bool) -> dict[str, float | None]:
+    """A site's epsilon and delta over the federated adapt rounds: what its privacy ledger reported after the last
+    round (the RDP composition of every round, the noise calibrated for all of them: shared.c2l.dp). None
+    without DP."""
     if not dp:
         return {"epsilon": None, "delta": None}
     require(
         all("epsilon" in r and "delta" in r for r in per_round),
         "a DP federated-adapt round reported no epsilon/delta for a site",
     )
-    return {
-        "epsilon": float(sum(r["epsilon"] for r in per_round)),
-        "delta": float(sum(r["delta"] for r in per_round)),
-    }
+    return {"epsilon": float(per_round[-1]["epsilon"]), "delta": float(per_round[-1]["delta"])}
 
 
 METRIC_KEYS = {"PCC": "pcc_per_slide_mean", "MSE": "mse", "GSC": "gsc", "SSC": "ssc"}

@@ -56,8 +56,8 @@ def protocol(config: ExperimentConfig) -> dict[str, str]:
         f"gene-conditioned modulation adapted through Flower ({config.run.adapt.rounds} FedAvg rounds x "
         f"{adapt_steps_per_round(config.run.adapt.steps, config.run.adapt.rounds)} local steps on every site's "
         f"fraction spots, which never leave their site, vs {config.run.adapt.steps} local steps in federated; with "
-        "DP-SGD per round, epsilon summed over rounds), then synthesis and real+synthetic as in federated; "
-        "pooled = every site's real spots at the "
+        "DP-SGD, the noise calibrated so that all rounds together spend the epsilon), then synthesis and "
+        "real+synthetic as in federated; pooled = every site's real spots at the "
         "fraction in one place (an upper bound no consortium may build)",
         "predictor": f"{p.kind} on {p.encoder} features, identical settings in every arm",
     }
@@ -356,8 +356,8 @@ def plot_epsilon(payload: dict[str, Any], figdir: Path) -> list[Path]:
         ax.set_xticks(np.arange(len(sites)) + width * (len(fracs) - 1) / 2)
         ax.set_xticklabels(sites)
         ax.legend(fontsize=7)
-        summed = variant.startswith("federated-adapt")
-        ax.set_title(f"{variant}" + ("\n(sum over adapt rounds: basic composition)" if summed else ""), fontsize=9)
+        composed = variant.startswith("federated-adapt")
+        ax.set_title(f"{variant}" + ("\n(all adapt rounds, composed)" if composed else ""), fontsize=9)
     axes[0][0].set_ylabel("epsilon spent (adaptation)")
     fig.suptitle("Per-site DP epsilon", fontsize=10)
     fig.tight_layout()
@@ -418,8 +418,8 @@ def render_markdown(config: ExperimentConfig, payload: dict[str, Any], figures: 
     lines += [
         "## Per site",
         "",
-        "epsilon: what the site's DP accountant reported for its adaptation; for federated-adapt+dp the sum of "
-        "its per-round epsilons over the adapt rounds (basic composition, an upper bound on the whole run).",
+        "epsilon: what the site's DP accountant reported for its adaptation; for federated-adapt+dp its privacy "
+        "ledger after the last round (every round composed; the noise was calibrated for all of them).",
         "",
     ]
     for site in sorted(payload["sites"]):

@@ -61,8 +61,10 @@ class Backend(Protocol):
         seed: int,
         adapter_state: State | None = None,
         work_dir: Path | None = None,
+        server_round: int = 1,
     ) -> tuple[State, Metrics]:
-        """Train the adapter on the site's paired spots (central frozen); returns the adapter's weights."""
+        """Train the adapter on the site's paired spots (central frozen) in round ``server_round``; returns the
+        adapter's weights. With DP, ``epsilon`` is the site's cumulative spend (its ledger in ``work_dir``)."""
 
     def synthesize(
         self,

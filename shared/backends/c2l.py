@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from shared.store.format import PatchStore
 
 PRESETS = ("tiny", "base", "large")  # shared.c2l.presets.PRESETS, named here without importing torch
+PRIVACY_LEDGER = "privacy-ledger.json"  # in the site's work dir (shared.c2l.dp.PrivacyLedger)
 
 
 def _to_numpy(state) -> dict[str, np.ndarray]:
@@ -45,7 +46,13 @@ def adapt_model(central, store: PatchStore, settings: AdaptConfig, dp: DPConfig 
 
     target = None
     if dp is not None and dp.epsilon > 0:
-        target = DPTarget(target_epsilon=dp.epsilon, target_delta=dp.delta or None, max_grad_norm=dp.max_grad_norm)
+        target = DPTarget(
+            target_epsilon=dp.epsilon,
+            target_delta=dp.delta or None,
+            max_grad_norm=dp.max_grad_norm,
+            calibration_steps=settings.steps * (settings.rounds if settings.federated else 1),
+            deterministic=dp.deterministic_noise,
+        )
     kwargs: dict[str, Any] = dict(
         steps=settings.steps,
         batch_size=settings.batch_size,
@@ -179,12 +186,17 @@ class C2LBackend:
         seed: int,
         adapter_state=None,
         work_dir: Path | None = None,
+        server_round: int = 1,
     ):
+        from shared.c2l.dp import PrivacyLedger
         from shared.c2l.modulation import save_adapter
 
         extra: dict[str, Any] = {}
         if adapter_state is not None:  # federated adaptation: start from the round's averaged modulation
             extra["initial_modulation"] = _to_torch(adapter_state)
+        if dp.epsilon > 0 and work_dir is not None:  # every DP round this site runs on its data, composed
+            extra["privacy_ledger"] = PrivacyLedger(Path(work_dir) / PRIVACY_LEDGER)
+            extra["ledger_label"] = f"adapt round {server_round}"
         model, summary = adapt_model(self.central(central), store, settings, dp, seed=seed, **extra)
         if work_dir is not None:
             save_adapter(model, Path(work_dir) / "adapter")  # the c2l-format adapter, for `fedst c2l synthesize`
@@ -193,7 +205,7 @@ class C2LBackend:
             "num-examples": float(summary["n_spots"]),
             "trainable-fraction": float(summary["trainable_fraction"]),
         }
-        if summary.get("epsilon") is not None:
+        if summary.get("epsilon") is not None:  # cumulative over the site's ledger when it keeps one
             metrics.update(epsilon=float(summary["epsilon"]), delta=float(summary["delta"]))
         return _to_numpy(model.modulation.state_dict()), metrics
 

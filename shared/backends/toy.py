@@ -172,9 +172,10 @@ class ToyBackend:
         seed: int,
         adapter_state: dict[str, np.ndarray] | None = None,
         work_dir: Path | None = None,
+        server_round: int = 1,
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Train only the FiLM adapter on the site's paired spots; the central weights stay frozen (no DP here:
-        ``dp`` and ``work_dir`` are part of the interface, unused by this backend)."""
+        ``dp``, ``work_dir`` and ``server_round`` are part of the interface, unused by this backend)."""
         torch = _torch()
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import secrets
 import time
 import warnings
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 
 from shared.c2l.central import CentralDiffusion
 from shared.c2l.data import PairedSpots, augment
-from shared.c2l.dp import DPConfig, plan
+from shared.c2l.dp import DPConfig, PrivacyLedger, plan
 from shared.c2l.modulation import ConditionedDiffusion, create_conditioned
 from shared.c2l.progress import StepBar
 from shared.c2l.schedule import training_target
@@ -65,6 +66,8 @@ def adapt(
     timestep_power: float = 0.3,
     lora_rank: int = 0,
     lora_alpha: float | None = None,
+    privacy_ledger: PrivacyLedger | None = None,
+    ledger_label: str = "adapt",
 ) -> tuple[ConditionedDiffusion, dict[str, Any]]:
     """Adapt a copy of `central` to `store`'s (patch, expression) pairs; `central` itself is not touched.
 
@@ -78,6 +81,9 @@ def adapt(
     preset's) learns a clear gene signal in 200 steps where uniform timesteps with epsilon prediction learn
     almost none. `lora_rank > 0`
     also trains LoRA adapters on the attention projections (counted in the trainable fraction).
+    With `privacy_ledger` (DP with a target epsilon), this call's steps are recorded in the site's ledger before
+    the first step and refused when they would take the site past `dp.target_epsilon`; the summary's `epsilon` is
+    then the cumulative spend, `epsilon_round` this call's alone.
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise FedstError(f"adapt: steps ({steps}) and batch_size ({batch_size}) must be >= 1, lr ({lr}) > 0")
@@ -90,6 +96,13 @@ def adapt(
     check_panel(central, store)
     data = PairedSpots(store, central.sample_size)
     dp_plan = plan(dp, n_examples=len(data), batch_size=batch_size, steps=steps) if dp is not None else None
+    cumulative = None
+    if dp_plan is not None and privacy_ledger is not None:
+        if dp.target_epsilon is None:
+            raise FedstError(
+                "adapt: a privacy ledger needs a target epsilon (the budget), not a fixed noise multiplier"
+            )
+        cumulative = privacy_ledger.spend(dp_plan, steps, budget=float(dp.target_epsilon), label=ledger_label)
     dev = default_device(device)
     torch.manual_seed(int(seed))
     model = create_conditioned(copy.deepcopy(central).cpu(), store.panel, hidden_dim, embed_dim, lora_rank, lora_alpha)
@@ -108,7 +121,14 @@ def adapt(
     if dp_plan is not None:
         from opacus import PrivacyEngine
 
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, generator=gen)
+        # The Poisson sampling and the noise must be secret from the server for the guarantee (it knows the seed):
+        # from os.urandom unless the caller asked for deterministic DP (tests).
+        sampling_seed, noise_seed = (
+            (int(seed), int(seed) + 1) if dp.deterministic else (secrets.randbits(63), secrets.randbits(63))
+        )
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=batch_size, generator=torch.Generator().manual_seed(sampling_seed)
+        )
         engine = PrivacyEngine(accountant="rdp")
         try:
             with warnings.catch_warnings():
@@ -120,7 +140,7 @@ def adapt(
                     noise_multiplier=dp_plan.noise_multiplier,
                     max_grad_norm=dp.max_grad_norm,
                     poisson_sampling=True,
-                    noise_generator=torch.Generator(device=dev).manual_seed(int(seed) + 1),
+                    noise_generator=torch.Generator(device=dev).manual_seed(noise_seed),
                     grad_sample_mode=dp.grad_sample_mode,
                 )
         except Exception as exc:  # Opacus rejects unsupported trainable layers here, before any step
@@ -183,9 +203,11 @@ def adapt(
         "delta": None,
     }
     if dp_plan is not None:
-        epsilon = float(engine.get_epsilon(dp_plan.delta))
+        epsilon_round = float(engine.get_epsilon(dp_plan.delta))
+        epsilon = epsilon_round if cumulative is None else cumulative
         summary.update(
             epsilon=epsilon,
+            epsilon_round=epsilon_round,
             delta=dp_plan.delta,
             dp={
                 **dp.to_dict(),

@@ -88,9 +88,19 @@ class SynthesizeConfig(Section):
 class DPConfig(Section):
     """Example-level differential privacy (DP-SGD) of each site's adaptation."""
 
-    epsilon: float = Field(0.0, ge=0, description="target epsilon per site (0: DP off)")
+    epsilon: float = Field(
+        0.0,
+        ge=0,
+        description="each site's privacy budget over the whole run, every adaptation round (0: DP off); a site's "
+        "ledger refuses rounds past it",
+    )
     delta: float = Field(1e-5, ge=0, lt=1, description="target delta (0: 0.1 / n_spots, capped at 1e-5)")
     max_grad_norm: float = Field(1.0, gt=0, description="per-example gradient clipping norm")
+    deterministic_noise: bool = Field(
+        False,
+        description="TESTS ONLY: seed the DP noise and Poisson sampling from the run seed (bit-identical adapters; "
+        "the server knows the seed, so it could subtract the noise). Default: os.urandom at each site",
+    )
 
 
 class SecureAggregationConfig(Section):
