@@ -179,7 +179,7 @@ def test_privacy_ledger_composes_rounds_calibrated_together_and_refuses_past_the
         adapt(central, toy_store, steps=2, batch_size=8, seed=4, progress=False, dp=dp, privacy_ledger=ledger)
     assert ledger.path.read_text() == before and len(json.loads(before)["entries"]) == 3
     ledger.path.write_text("{not json")
-    with pytest.raises(FedstError, match="privacy ledger unreadable"):
+    with pytest.raises(FedstError, match=r"privacy-ledger.json \(privacy ledger\) is unreadable"):
         adapt(central, toy_store, steps=2, batch_size=8, seed=5, progress=False, dp=dp, privacy_ledger=ledger)
 
 

@@ -92,6 +92,43 @@ def test_federated_pretraining_carries_an_ema_that_adaptation_and_sampling_use(t
     assert set(plain.initial_state(0)) == weights and plain.sampling_state(plain.initial_state(0)).keys() == weights
 
 
+def test_a_site_spends_its_dp_budget_over_the_planned_rounds_and_refuses_one_more(tmp_path):
+    """Federated adaptation with DP at a real site task: the two planned rounds together spend dp.epsilon (the
+    reported epsilon is cumulative, from the site's ledger); a third round, as a server asking for more than it
+    planned would send, is refused before training, with no path in the message (it travels to the server)."""
+    import json
+
+    from client.site import SiteTask
+    from shared.backends.c2l import PRIVACY_LEDGER, C2LBackend
+    from shared.errors import FedstError
+
+    store = write_toy_store(
+        tmp_path / "store", n_spots=24, n_tiles=4, panel=PANEL, patch_px=32, seed=0, missing_gene_in_section_b=False
+    )
+    run = RunConfig.from_mapping(
+        {
+            "patch-px": 32,
+            "adapt": {"federated": True, "rounds": 2, "steps": 2, "batch-size": 4},
+            "dp": {"epsilon": 8.0, "delta": 1e-3},
+        }
+    )
+    node = NodeConfig.from_mapping({"data-path": str(store.path), "work-dir": str(tmp_path / "work")}, run)
+    task = SiteTask(run, node, PANEL)
+    backend = C2LBackend(run)
+    central = backend.sampling_state(backend.initial_state(0))
+    adapter = backend.initial_adapter(central, PANEL)
+    spent = []
+    for server_round in (1, 2):
+        adapter, metrics = task.adapt(central, server_round, adapter=adapter)
+        spent.append(metrics["epsilon"])
+    assert 0 < spent[0] < spent[1] <= 8.0 * (1 + 1e-6) and spent[1] > 7.5
+    ledger = tmp_path / "work" / PRIVACY_LEDGER
+    assert [e["label"] for e in json.loads(ledger.read_text())["entries"]] == ["adapt round 1", "adapt round 2"]
+    with pytest.raises(FedstError, match=r"DP budget: .* adapt round 3 would bring it to") as refused:
+        task.adapt(central, 3, adapter=adapter)
+    assert str(tmp_path) not in str(refused.value)
+
+
 def test_federated_adaptation_starts_from_the_averaged_modulation(tmp_path):
     """With federated-adapt, a site's round starts from the server's modulation weights, not from zero."""
     import torch

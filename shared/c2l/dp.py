@@ -125,7 +125,7 @@ class PrivacyLedger:
     rounds than planned, or replays a round, or a second run on the same work dir, cannot make the site spend more
     than its epsilon: the operator has to raise ``dp.epsilon`` knowingly (a new budget), and the ledger still
     counts what was spent before. The file holds only public mechanism parameters (noise multiplier, sample rate,
-    steps), never data.
+    steps), never data; its errors name the file, not the site's path (they travel to the server).
     """
 
     def __init__(self, path):
@@ -145,8 +145,8 @@ class PrivacyLedger:
                 float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
         except (ValueError, KeyError, TypeError) as exc:
             raise FedstError(
-                f"{self.path}: privacy ledger unreadable ({exc}); refusing DP training (never delete it to reset a "
-                "budget: the spend on this data is real)"
+                f"the site's {self.path.name} (privacy ledger) is unreadable ({type(exc).__name__}); refusing DP "
+                "training (never delete it to reset a budget: the spend on this data is real)"
             ) from None
         return list(entries)
 
@@ -176,7 +176,7 @@ class PrivacyLedger:
         if after > budget * (1 + BUDGET_SLACK):
             raise FedstError(
                 f"DP budget: this site has spent epsilon {before:.4g} of its budget {budget:g} on this data "
-                f"({len(entries)} earlier runs/rounds in {self.path}); {label} would bring it to {after:.4g}. "
+                f"({len(entries)} earlier runs/rounds in its {self.path.name}); {label} would bring it to {after:.4g}. "
                 "Refused (a larger dp.epsilon is a new, larger budget; the ledger keeps counting)"
             )
         write_json_atomic(self.path, {"entries": [*entries, entry], "epsilon_after_last": after})
