@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from shared import keys
 from shared.config import NodeConfig, RunConfig
 from shared.errors import FedstError
 from shared.io import write_json_atomic
 from shared.seeds import site_seed
 
-CENTRAL = "central.safetensors"
-ADAPTER = "adapter.safetensors"
+CENTRAL = keys.SITE_CENTRAL
+ADAPTER = keys.SITE_ADAPTER
 SYNTHETIC = "synthetic-store"
 PAIRED = "paired-store"  # the store without the downstream phase's held-out section (adaptation, synthesis)
 METRICS = "metrics.json"
@@ -85,7 +86,6 @@ class SiteTask:
         and of those a seeded, nested subset when the site declares a ``labelled-fraction`` below 1. With node
         config ``hold-out = false`` (a store of training sections only) every section counts.
         """
-        from shared import keys
         from shared.splits import downstream_held_out, fraction_subset
 
         sections = self.store.spots.obs[keys.SECTION].astype(str).to_numpy()
@@ -196,9 +196,7 @@ class SiteTask:
         from shared.c2l.audit import synthesis_audit
 
         found = synthesis_audit(self.paired_store, synthetic, seed=site_seed(self.run.seed, self.node.site, "audit"))
-        names = {"audit_real_pcc": "audit-real-pcc", "audit_synthetic_pcc": "audit-synthetic-pcc"}
-        names["audit_passed"] = "audit-passed"
-        return {names[k]: float(v) for k, v in found.items() if v is not None}
+        return {key.replace("_", "-"): float(value) for key, value in found.items() if value is not None}
 
     # -- local record and report --------------------------------------------------------------------------
     def _record(self, phase: str, server_round: int, metrics: dict[str, float]) -> None:

@@ -55,3 +55,10 @@ PREDICTED_BASELINE = "predicted_knn"
 
 SPADIT = "spadit"
 """uns key: SpaDiT parameters, metrics and timings recorded on ``fedst impute`` output."""
+
+SITE_CENTRAL = "central.safetensors"
+"""File in a site's work dir: the central weights the site adapted on (written by its adapt phase)."""
+
+SITE_ADAPTER = "adapter.safetensors"
+"""File in a site's work dir: the site's adapter (modulation) weights after its last adapt round; read by its
+synthesize phase and by the experiment's federated-adapt arm, which plays every site in one process."""

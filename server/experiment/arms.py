@@ -227,7 +227,6 @@ class ArmRunner:
         """
         from safetensors.numpy import load_file
 
-        from client.site import ADAPTER, CENTRAL
         from server.results import load_results
         from shared.backends.c2l import C2LBackend
 
@@ -252,8 +251,10 @@ class ArmRunner:
         for site in self.sites:
             rows, real = reals[site.name]
             work = root / "sites" / site.name
-            central_file = work / CENTRAL
-            adapted = backend.conditioned(load_file(str(central_file)), load_file(str(work / ADAPTER)), real.panel)
+            central_file = work / keys.SITE_CENTRAL
+            adapted = backend.conditioned(
+                load_file(str(central_file)), load_file(str(work / keys.SITE_ADAPTER)), real.panel
+            )
             central_file.unlink()  # a copy of the cached central's weights (cache/central/seed-N), ~MBs per site
             per_round = [r.sites[site.name] for r in rounds]
             adaptation = {

@@ -98,7 +98,7 @@ def _labelled_fraction(values: Mapping[str, Any], data_path: Path) -> float:
 
     Below 1 the site behaves as a data-limited site: adaptation, synthesis and the real-only predictor see a
     seeded subset of its paired spots, the rest are images only (pretraining still uses every image). The demo's
-    limited site and the experiment's fractions are made this way; the held-out section is always fully labelled.
+    limited site is made this way; the held-out section is always fully labelled.
     """
     value, where = values.get(LABELLED_FRACTION), f"node config {LABELLED_FRACTION!r}"
     if value is None and data_path.suffix == ".toml":
