@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from shared.config import NodeConfig, RunConfig, site_name_problem
+from shared.contract import metric_key_problems
 from shared.errors import FedstError
 
 
@@ -42,7 +43,10 @@ def site_record(name: str) -> ConfigRecord:
     return ConfigRecord({"name": name})
 
 
-def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+def scalar_metrics(metrics: dict[str, Any], phase: str | None = None) -> dict[str, float]:
+    """The metrics as floats; every key must be one ``phase`` declares (shared/contract.py) when it is given."""
+    if phase is not None and (undeclared := metric_key_problems(phase, list(metrics))):
+        raise FedstError(f"privacy contract: {len(undeclared)} metric keys the {phase} phase does not declare")
     scalars = {}
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -56,9 +60,10 @@ def reply_record(
     arrays: dict[str, np.ndarray] | None = None,
     allowed_keys: set[str] | None = None,
     site: str | None = None,
+    phase: str | None = None,
 ) -> RecordDict:
-    """The only way a handler builds a reply: model tensors with the sent names + scalar metrics + the site's
-    declared name."""
+    """The only way a handler builds a reply: model tensors with the sent names + scalar metrics (keys the
+    ``phase`` declares) + the site's declared name."""
     content = RecordDict()
     if arrays is not None:
         if allowed_keys is None or set(arrays) != allowed_keys:
@@ -68,7 +73,7 @@ def reply_record(
         content["arrays"] = ArrayRecord(
             {k: torch.from_numpy(np.require(v, requirements=("C", "W"))) for k, v in arrays.items()}
         )
-    content["metrics"] = MetricRecord(scalar_metrics(metrics))
+    content["metrics"] = MetricRecord(scalar_metrics(metrics, phase))
     if site is not None:
         content["site"] = site_record(site)
     return content
@@ -87,7 +92,7 @@ def pretrain(msg: Message, context: Context) -> Message:
     new_state, metrics = task.pretrain(
         state, int(config.get("server-round", 1)), prox_mu=float(config.get("proximal-mu", 0.0))
     )
-    return Message(reply_record(metrics, new_state, set(state), site=task.node.site), reply_to=msg)
+    return Message(reply_record(metrics, new_state, set(state), site=task.node.site, phase="pretrain"), reply_to=msg)
 
 
 def adapt(msg: Message, context: Context) -> Message:
@@ -97,18 +102,19 @@ def adapt(msg: Message, context: Context) -> Message:
     adapter = _arrays(msg, "arrays") if federated else None
     new_adapter, metrics = task.adapt(central, int(config.get("server-round", 1)), adapter=adapter)
     if federated:
-        return Message(reply_record(metrics, new_adapter, set(adapter or {}), site=task.node.site), reply_to=msg)
-    return Message(reply_record(metrics, site=task.node.site), reply_to=msg)  # the adapter stays on the site
+        reply = reply_record(metrics, new_adapter, set(adapter or {}), site=task.node.site, phase="adapt")
+        return Message(reply, reply_to=msg)
+    return Message(reply_record(metrics, site=task.node.site, phase="adapt"), reply_to=msg)  # adapter stays on site
 
 
 def synthesize(msg: Message, context: Context) -> Message:
     task, _ = site_task(msg, context)
-    return Message(reply_record(task.synthesize(), site=task.node.site), reply_to=msg)
+    return Message(reply_record(task.synthesize(), site=task.node.site, phase="synthesize"), reply_to=msg)
 
 
 def downstream(msg: Message, context: Context) -> Message:
     task, _ = site_task(msg, context)
-    return Message(reply_record(task.downstream(), site=task.node.site), reply_to=msg)
+    return Message(reply_record(task.downstream(), site=task.node.site, phase="downstream"), reply_to=msg)
 
 
 # -- SecAgg+ (Flower's legacy path) ---------------------------------------------------------------------------
@@ -152,7 +158,7 @@ def secagg_pretrain(msg: Message, context: Context) -> Message:
             from shared.seeds import site_seed
 
             np.random.seed(site_seed(run.seed, task.node.site, "secagg-rounding", server_round))
-            return [np.asarray(new_state[n]) for n in names], examples, scalar_metrics(metrics)
+            return [np.asarray(new_state[n]) for n in names], examples, scalar_metrics(metrics, "pretrain")
 
     reply = handle_legacy_message_from_msgtype(lambda _: PretrainClient().to_client(), msg, context)
     reply.content["site"] = site_record(task.node.site)

@@ -17,7 +17,9 @@ def demo(
     ),
     backend: str = typer.Option("c2l", "--backend", help="c2l (the real workflow) | toy (tiny CNN, seconds)"),
     rounds: int = typer.Option(0, "--rounds", help="pretraining rounds (0: run config default)"),
-    strategy: str = typer.Option("", "--strategy", help="fedavg | fedprox | fedadam (empty: run config default)"),
+    strategy: str = typer.Option(
+        "", "--strategy", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg (empty: run config default)"
+    ),
     dp_epsilon: float = typer.Option(
         0.0,
         "--dp-epsilon",

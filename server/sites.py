@@ -11,6 +11,7 @@ from __future__ import annotations
 from flwr.app import RecordDict
 
 from shared.config import site_name_problem
+from shared.contract import metric_key_problems
 
 SITE_RECORD = "site"
 
@@ -33,10 +34,16 @@ def declared_name(content: RecordDict) -> tuple[str | None, str | None]:
 
 
 def contract_problems(
-    content: RecordDict, *, arrays: int, extra_configs: frozenset[str] = frozenset(), metric_records: int = 1
+    content: RecordDict,
+    *,
+    arrays: int,
+    phase: str | None = None,
+    extra_configs: frozenset[str] = frozenset(),
+    metric_records: int = 1,
 ) -> list[str]:
     """Why a reply breaks the privacy contract: model tensors (``arrays`` ArrayRecords, names checked by the
-    caller), ``metric_records`` MetricRecords of scalar numbers, and no ConfigRecord but ``site`` (plus
+    caller), ``metric_records`` MetricRecords of scalar numbers whose keys the ``phase`` declares
+    (shared/contract.py; every key when ``phase`` is None), and no ConfigRecord but ``site`` (plus
     ``extra_configs``, e.g. the SecAgg+ protocol's own)."""
     problems = []
     if len(content.array_records) != arrays:
@@ -46,7 +53,10 @@ def contract_problems(
     for name, record in content.metric_records.items():
         bad = [k for k, v in record.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
         if bad:
-            problems.append(f"MetricRecord {name!r}: {bad[:3]} are not scalar numbers")
+            problems.append(f"MetricRecord {name!r}: {len(bad)} values are not scalar numbers")
+        undeclared = metric_key_problems(phase, list(record.keys())) if phase is not None else []
+        if undeclared:  # counted, not quoted: an undeclared key may be what must not reach results.json
+            problems.append(f"MetricRecord {name!r}: {len(undeclared)} keys the {phase} phase does not declare")
     unexpected = sorted(set(content.config_records.keys()) - {SITE_RECORD, *extra_configs})
     if unexpected:
         problems.append(f"unexpected ConfigRecord(s) {unexpected}")

@@ -1,12 +1,13 @@
 """Flower strategies for fedst: route each phase to its named client action, screen updates, tolerate failures.
 
-`make_strategy(run, action)` returns FedAvg, FedProx or FedAdam with `PhaseMixin` in front. The mixin
+`make_strategy(run, action)` returns FedAvg, FedProx, FedAdam or a robust FedMedian / FedTrimmedAvg with
+`PhaseMixin` in front. The mixin
 - sends ``train.<action>`` messages (Flower's strategies always send plain ``train``),
 - numbers rounds globally (``round_offset``), so a resumed run sends the same round numbers and FedAdam's
   bias correction sees the same step as an uninterrupted run,
-- rejects updates with NaN/Inf, wrong names/shapes or an out-of-bound norm, and replies that break the privacy
-  contract (anything but the model tensors, scalar metrics and the site's declared name) — logged, kept in the
-  history,
+- rejects updates with NaN/Inf, wrong names/shapes/dtypes, an out-of-bound norm or a num-examples above what the
+  site declared in its first round, and replies that break the privacy contract (anything but the model tensors,
+  the phase's declared scalar metrics and the site's declared name) — logged, kept in the history,
 - labels sites by their declared names (server/sites.py), not by Flower node ids,
 - counts errors and timeouts as failed sites and stops the run with a clear error only when fewer than
   ``min-sites`` valid updates remain or more than ``failure-tolerance`` sites failed (server/rounds.py),
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 from flwr.supercore import log
 
 from server.results import RoundRecord
@@ -80,6 +81,7 @@ class PhaseMixin:
         self._sent: list[int] = []
         self._started = time.perf_counter()
         self._reference: dict[str, np.ndarray] = {}
+        self._first_examples: dict[int, float] = {}  # node -> num-examples it declared in its first round
 
     # -- sending --------------------------------------------------------------------------------------
     def configure_train(
@@ -141,13 +143,18 @@ class PhaseMixin:
 
     def _screen(self, msg: Message) -> list[str]:
         content = msg.content
-        problems = contract_problems(content, arrays=1)
+        problems = contract_problems(content, arrays=1, phase=self.action)
         if problems:
             return [f"privacy contract: {p}" for p in problems]
         metrics = next(iter(content.metric_records.values()))
         weight = metrics.get(self.weighted_by_key)  # type: ignore[attr-defined]
         if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
             return [f"metric {self.weighted_by_key!r} must be a positive number, got {weight!r}"]  # type: ignore[attr-defined]
+        # A site's weight cannot grow past what it declared in its first round of the phase (its data does not
+        # grow mid-run): else one site could claim 1e9 examples and make the average its own model.
+        first = self._first_examples.setdefault(msg.metadata.src_node_id, float(weight))
+        if weight > first:
+            return [f"metric {self.weighted_by_key!r} {weight:g} exceeds the {first:g} the site declared first"]  # type: ignore[attr-defined]
         update = arrays_to_numpy(next(iter(content.array_records.values())))
         return update_problems(update, self._reference, self.run_config.max_update_norm)
 
@@ -184,6 +191,14 @@ class PhaseFedAdam(PhaseMixin, FedAdam):
     pass
 
 
+class PhaseFedMedian(PhaseMixin, FedMedian):
+    """Coordinate-wise median of the accepted updates: robust to a minority of poisoned sites, ignores weights."""
+
+
+class PhaseFedTrimmedAvg(PhaseMixin, FedTrimmedAvg):
+    """Coordinate-wise mean after dropping the ``trim-beta`` share of highest and lowest values."""
+
+
 def make_strategy(run: RunConfig, n_sites: int, federated: str = "pretrain") -> PhaseMixin:
     """The configured strategy for a training phase; FedProx/FedAdam only for pretraining."""
     common = dict(
@@ -196,6 +211,10 @@ def make_strategy(run: RunConfig, n_sites: int, federated: str = "pretrain") -> 
     kind = run.aggregation.strategy if federated == "pretrain" else "fedavg"
     if kind == "fedprox":
         return PhaseFedProx(proximal_mu=run.aggregation.prox_mu, **common)
+    if kind == "fedmedian":
+        return PhaseFedMedian(**common)
+    if kind == "fedtrimmedavg":
+        return PhaseFedTrimmedAvg(beta=run.aggregation.trim_beta, **common)
     if kind == "fedadam":
         return PhaseFedAdam(
             eta=run.aggregation.server_lr,

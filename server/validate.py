@@ -14,7 +14,8 @@ def update_problems(
 ) -> list[str]:
     """Why ``update`` must not be aggregated (empty list: it is acceptable).
 
-    Checks, in order: the tensor names equal the global model's, every shape matches, every value is finite,
+    Checks, in order: the tensor names equal the global model's, every shape and dtype matches (an int, bool or
+    complex tensor in place of a float one is refused, not cast), every value is finite,
     and the L2 norm of (update - reference) over all tensors is at most ``max_norm`` (a crude bound that
     catches divergence and scaled/poisoned updates without knowing the data).
     """
@@ -33,8 +34,8 @@ def update_problems(
         if value.shape != np.shape(ref):
             problems.append(f"tensor {name!r} has shape {value.shape}, expected {np.shape(ref)}")
             continue
-        if not np.issubdtype(value.dtype, np.number) and value.dtype != np.bool_:
-            problems.append(f"tensor {name!r} has non-numeric dtype {value.dtype}")
+        if value.dtype != np.asarray(ref).dtype:
+            problems.append(f"tensor {name!r} has dtype {value.dtype}, expected {np.asarray(ref).dtype}")
             continue
         if not np.all(np.isfinite(value)):
             problems.append(f"tensor {name!r} contains NaN or Inf")

@@ -286,7 +286,7 @@ class Workflow:
                 tally.fail(node, f"error: {msg.error.reason}")
                 continue
             self.sites.learn(node, msg.content)
-            problems = contract_problems(msg.content, arrays=0)
+            problems = contract_problems(msg.content, arrays=0, phase=phase)
             if problems:
                 tally.fail(node, "privacy contract (reply discarded): " + "; ".join(problems))
             else:

@@ -5,6 +5,7 @@ The toy backend (shared/backends/toy.py) keeps these fast; the same code paths r
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -232,14 +233,29 @@ def test_fedavg_aggregates_in_site_name_order_whatever_the_node_ids(stores, tmp_
 
 def test_update_problems_detects_nan_shape_names_and_norm():
     ref = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
-    assert update_problems({"a": np.ones((2, 2)), "b": np.ones(3)}, ref, 10.0) == []
-    assert "NaN or Inf" in update_problems({"a": np.full((2, 2), np.nan), "b": np.ones(3)}, ref, 10.0)[0]
-    assert "NaN or Inf" in update_problems({"a": np.full((2, 2), np.inf), "b": np.ones(3)}, ref, 10.0)[0]
-    assert "shape (3, 2), expected (2, 2)" in update_problems({"a": np.ones((3, 2)), "b": np.ones(3)}, ref, 10.0)[0]
-    assert "missing tensors ['b']" in update_problems({"a": np.ones((2, 2))}, ref, 10.0)[0]
+    assert update_problems({"a": np.ones((2, 2), np.float32), "b": np.ones(3, np.float32)}, ref, 10.0) == []
+    for dtype in (np.float64, np.int32, np.bool_, np.complex64):  # refused, never cast
+        found = update_problems({"a": np.ones((2, 2), dtype), "b": np.ones(3, np.float32)}, ref, 10.0)
+        assert found == [f"tensor 'a' has dtype {np.dtype(dtype)}, expected float32"]
+    assert (
+        "NaN or Inf"
+        in update_problems({"a": np.full((2, 2), np.nan, np.float32), "b": np.ones(3, np.float32)}, ref, 10.0)[0]
+    )
+    assert (
+        "NaN or Inf"
+        in update_problems({"a": np.full((2, 2), np.inf, np.float32), "b": np.ones(3, np.float32)}, ref, 10.0)[0]
+    )
+    assert (
+        "shape (3, 2), expected (2, 2)"
+        in update_problems({"a": np.ones((3, 2), np.float32), "b": np.ones(3, np.float32)}, ref, 10.0)[0]
+    )
+    assert "missing tensors ['b']" in update_problems({"a": np.ones((2, 2), np.float32)}, ref, 10.0)[0]
     assert "unexpected tensors ['pixels']" in update_problems({**ref, "pixels": np.ones(4)}, ref, 10.0)[0]
     # norm of the difference is sqrt(7 * 4^2) = 10.58 > 10
-    assert "exceeds the bound" in update_problems({"a": np.full((2, 2), 4.0), "b": np.full(3, 4.0)}, ref, 10.0)[0]
+    assert (
+        "exceeds the bound"
+        in update_problems({"a": np.full((2, 2), 4.0, np.float32), "b": np.full(3, 4.0, np.float32)}, ref, 10.0)[0]
+    )
 
 
 def test_bad_updates_are_rejected_logged_and_excluded(stores, tmp_path):
@@ -262,6 +278,51 @@ def test_bad_updates_are_rejected_logged_and_excluded(stores, tmp_path):
         strategy.run_config.min_sites = 1
         arrays, _ = strategy.aggregate_train(1, replies)
         np.testing.assert_array_equal(arrays["w"].numpy(), np.ones((2, 2), np.float32))  # only the good update
+
+
+def test_a_site_cannot_outweigh_the_others_or_smuggle_metric_keys(stores, tmp_path):
+    """num-examples may not grow past what the site declared in its first round (1e9 would make the FedAvg its
+    own model); a reply with a metric key the phase does not declare is rejected, and the key (which could hold a
+    path or a spot id) is not written into the round record; the site side refuses to build such a reply."""
+    run = RunConfig.from_mapping(toy_config(tmp_path, **{"failure-tolerance": 2, "min-sites": 1}))
+    with make_grid(stores, tmp_path, run.to_dict()) as grid:
+        strategy = make_strategy(run, 3)
+        strategy.setup_phase("pretrain", run)
+        base = {"w": np.zeros((2, 2), np.float32)}
+        _prime(strategy, grid, base)
+        good = [_reply(node, {"w": np.full((2, 2), 0.1 * (node - 100), np.float32)}, 10.0) for node in (101, 102, 103)]
+        strategy.aggregate_train(1, good)
+        heavy = _reply(103, {"w": np.full((2, 2), 5.0, np.float32)}, 1e9)
+        leaky = _reply(102, {"w": np.ones((2, 2), np.float32)}, 10.0)
+        leaky.content["metrics"]["/data/hospital-b/S1.h5ad:spot-AAAC"] = 3.0
+        arrays, _ = strategy.aggregate_train(2, [good[0], leaky, heavy])
+        row = strategy.history[-1]
+        assert set(row.rejected) == {"node-102", "node-103"}
+        assert "exceeds the 10 the site declared first" in row.rejected["node-103"]
+        assert "1 keys the pretrain phase does not declare" in row.rejected["node-102"]
+        assert "hospital-b" not in json.dumps(row.model_dump(mode="json"))
+        np.testing.assert_array_equal(arrays["w"].numpy(), good[0].content["arrays"]["w"].numpy())
+    with pytest.raises(FedstError, match="privacy contract: 1 metric keys the pretrain phase does not declare"):
+        reply_record({"loss": 1.0, "path-/data/x": 1.0}, phase="pretrain")
+    assert reply_record({"real-pcc_per_slide_mean": 0.3, "labelled-spots": 49.0}, phase="downstream")
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("fedmedian", 2.0), ("fedtrimmedavg", 2.0), ("fedavg", 334.33)])
+def test_robust_aggregation_ignores_a_poisoned_minority(stores, tmp_path, kind, expected):
+    """One site sends a large update under the norm bound: FedAvg moves to a third of it, the coordinate-wise
+    median and the trimmed mean (beta 0.34 of 3 sites: one trimmed at each end) stay with the honest sites."""
+    run = RunConfig.from_mapping(
+        toy_config(tmp_path, **{"strategy": kind, "aggregation.trim-beta": 0.34, "max-update-norm": 1e4})
+    )
+    with make_grid(stores, tmp_path, run.to_dict()) as grid:
+        strategy = make_strategy(run, 3)
+        strategy.setup_phase("pretrain", run)
+        _prime(strategy, grid, {"w": np.zeros(4, np.float32)})
+        values = {101: 1.0, 102: 2.0, 103: 1000.0}
+        arrays, _ = strategy.aggregate_train(
+            1, [_reply(node, {"w": np.full(4, v, np.float32)}, 10.0) for node, v in values.items()]
+        )
+        np.testing.assert_allclose(arrays["w"].numpy(), np.full(4, expected), rtol=1e-4)
 
 
 # -- workflow: resume, failures, privacy -------------------------------------------------------------------

@@ -117,7 +117,12 @@ class SecureAggregationConfig(Section):
 class AggregationConfig(Section):
     """The server's aggregation of pretraining (and federated adaptation: always fedavg) updates."""
 
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = Field("fedavg", description="fedavg | fedprox | fedadam")
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = Field(
+        "fedavg",
+        description="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg (the last two: robust to a minority of "
+        "poisoned updates, unweighted)",
+    )
+    trim_beta: float = Field(0.2, ge=0, lt=0.5, description="fedtrimmedavg: share trimmed at each end")
     prox_mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
     server_lr: float = Field(0.01, description="FedAdam eta")
     server_beta1: float = Field(0.9, description="FedAdam beta1")
