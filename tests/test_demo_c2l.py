@@ -19,6 +19,7 @@ TINY_BUDGET = {
     "pretrain.rounds": 1,
     "pretrain.steps": 2,
     "adapt.steps": 2,
+    "adapt.rounds": 1,  # the demo adapts federatedly; one round keeps one record per phase
     "pretrain.batch-size": 4,
     "adapt.batch-size": 4,
     "synthesize.count": 4,
