@@ -103,6 +103,9 @@ class C2LBackend:
 
         model = create_central(self.run.preset, **central_overrides(self.run))
         if state is not None:
+            from shared.c2l.ema import sampling_weights
+
+            state = sampling_weights(state)  # a pretraining state (weights + EMA) loads as its EMA weights
             missing = set(model.state_dict()) ^ set(state)
             if missing:
                 raise FedstError(
