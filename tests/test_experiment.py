@@ -87,7 +87,7 @@ def test_experiment_embeds_the_federation_run_config_unchanged(tmp_path):
     assert config.run == expected
     # the shipped configs set every value where the experiment differs from the federation's defaults
     shipped = load_config("synthetic").run
-    assert (shipped.synthesize.guidance, shipped.synthesize.perturb, shipped.synthesize.steps) == (1.5, "mixup", 5)
+    assert (shipped.synthesize.guidance, shipped.synthesize.perturb, shipped.synthesize.steps) == (1.5, "mixup", 20)
     assert (shipped.pretrain.rounds, shipped.pretrain.steps, shipped.adapt.steps, shipped.adapt.batch_size) == (
         2,
         20,

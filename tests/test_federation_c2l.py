@@ -181,7 +181,7 @@ def test_default_sections_pass_exactly_what_the_federation_computed_before(monke
     run = RunConfig()
     adapt_model(None, None, run.adapt, run.dp, seed=3)
     synthesize_pairs(None, None, None, run.synthesize.count, tmp_path, run.synthesize, seed=3)
-    for name, own in (("adapt", {"steps": 60, "dp": None}), ("synthesize", {"steps": 15})):
+    for name, own in (("adapt", {"steps": 250, "dp": None}), ("synthesize", {"steps": 20})):
         defaults = {k: p.default for k, p in library[name].parameters.items()}
         passed = {k: v for k, v in seen[name].items() if k not in ("seed", "progress", *own)}
         assert passed == {k: defaults[k] for k in passed}, name
