@@ -39,13 +39,16 @@ def test_conditioned_generator_uses_the_genes_on_the_consortium(synthetic_stores
         central, store, steps=200, batch_size=16, lr=1e-2, seed=0, timestep_power=0.3, progress=False
     )
     assert summary["losses"][-1] < summary["losses"][0]
-    syn = synthesize(central, model, store, 128, tmp_path / "syn", steps=10, guidance=2.0, seed=0, progress=False)
+    syn = synthesize(
+        central, model, store, 128, tmp_path / "syn", sampler="ddim", steps=10, guidance=2.0, seed=0, progress=False
+    )
     uncond = synthesize(
         central,
         create_conditioned(central, store.panel),
         store,
         128,
         tmp_path / "uncond",
+        sampler="ddim",
         steps=10,
         guidance=1.0,
         seed=0,

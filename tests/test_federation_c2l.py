@@ -164,7 +164,8 @@ def test_federated_adaptation_starts_from_the_averaged_modulation(tmp_path):
 
 def test_default_sections_pass_exactly_what_the_federation_computed_before(monkeypatch, tmp_path):
     """The c2l backend passes every knob from the config sections; with the defaults these are the values the
-    federation used before the sections existed: the library defaults of shared.c2l, plus 15 DDIM steps."""
+    federation used before the sections existed: the library defaults of shared.c2l, plus 250 adaptation and 20
+    sampler steps."""
     import inspect
 
     import shared.c2l.adapt as adapt_module
@@ -186,5 +187,5 @@ def test_default_sections_pass_exactly_what_the_federation_computed_before(monke
         passed = {k: v for k, v in seen[name].items() if k not in ("seed", "progress", *own)}
         assert passed == {k: defaults[k] for k in passed}, name
         assert {k: seen[name][k] for k in own} == own
-    assert seen["adapt"]["lr"] == 1e-3 and seen["synthesize"]["guidance"] == 2.0
+    assert seen["adapt"]["lr"] == 1e-3 and seen["synthesize"]["guidance"] == 1.5
     assert set(seen["synthesize"]) >= {"sampler", "steps", "guidance", "perturb", "batch_size"}
