@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from shared.config import NodeConfig, RunConfig, site_name_problem
 from shared.contract import metric_key_problems
-from shared.errors import FedstError
+from shared.errors import ConfigError, ContractError, FedstError
 
 
 def site_task(msg: Message, context: Context, config: dict[str, Any] | None = None):
@@ -39,18 +39,18 @@ def site_task(msg: Message, context: Context, config: dict[str, Any] | None = No
 def site_record(name: str) -> ConfigRecord:
     """The site's declared name, the only string a reply carries."""
     if (problem := site_name_problem(name)) is not None:
-        raise FedstError(f"privacy contract: site name {problem}")
+        raise ContractError(f"privacy contract: site name {problem}")
     return ConfigRecord({"name": name})
 
 
 def scalar_metrics(metrics: dict[str, Any], phase: str | None = None) -> dict[str, float]:
     """The metrics as floats; every key must be one ``phase`` declares (shared/contract.py) when it is given."""
     if phase is not None and (undeclared := metric_key_problems(phase, list(metrics))):
-        raise FedstError(f"privacy contract: {len(undeclared)} metric keys the {phase} phase does not declare")
+        raise ContractError(f"privacy contract: {len(undeclared)} metric keys the {phase} phase does not declare")
     scalars = {}
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise FedstError(f"privacy contract: metric {key!r} is not a scalar number")
+            raise ContractError(f"privacy contract: metric {key!r} is not a scalar number")
         scalars[key] = float(value)
     return scalars
 
@@ -67,7 +67,9 @@ def reply_record(
     content = RecordDict()
     if arrays is not None:
         if allowed_keys is None or set(arrays) != allowed_keys:
-            raise FedstError("privacy contract: reply tensors must have exactly the names of the model the server sent")
+            raise ContractError(
+                "privacy contract: reply tensors must have exactly the names of the model the server sent"
+            )
         import torch  # Flower's named-tensor constructor is ``ArrayRecord(state_dict)``; no copy, same bytes
 
         content["arrays"] = ArrayRecord(
@@ -129,7 +131,7 @@ def secagg_pretrain(msg: Message, context: Context) -> Message:
 
     run = RunConfig.from_mapping(context.run_config)
     if not run.secure_aggregation.enabled:
-        raise FedstError(
+        raise ConfigError(
             "this site answers plain 'train' messages only under SecAgg+ "
             "(run config 'secure-aggregation.enabled = true')"
         )
@@ -148,7 +150,7 @@ def secagg_pretrain(msg: Message, context: Context) -> Message:
             server_round = int(fit_config.get("server-round", 1))
             new_state, metrics = task.pretrain(state, server_round, prox_mu=float(fit_config.get("proximal_mu", 0.0)))
             if set(new_state) != set(names):
-                raise FedstError(
+                raise ContractError(
                     "privacy contract: reply tensors must have exactly the names of the model the server sent"
                 )
             examples = int(round(float(metrics["num-examples"])))

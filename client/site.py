@@ -15,7 +15,7 @@ import numpy as np
 
 from shared import keys
 from shared.config import NodeConfig, RunConfig
-from shared.errors import FedstError
+from shared.errors import FedstError, PanelMismatchError
 from shared.io import write_json_atomic
 from shared.seeds import site_seed
 
@@ -53,7 +53,7 @@ def open_store(node: NodeConfig, run: RunConfig, panel: list[str] | None = None)
     if panel is not None and list(store.panel) != list(panel):
         mine, theirs = list(store.panel), list(panel)
         first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-        raise FedstError(
+        raise PanelMismatchError(
             f"site {node.site}: gene panel of store {store.path} differs from the consortium panel "
             f"({len(mine)} vs {len(theirs)} genes; at position {first} the store has "
             f"{mine[first] if first < len(mine) else '<end>'!r} where the consortium has "

@@ -125,3 +125,11 @@ def weighted(sites: Mapping[str, Mapping[str, float]], weight_key: str = "num-ex
         if rows and total > 0:
             out[key] = float(sum(v * w for v, w in rows) / sum(w for _, w in rows))
     return out
+
+
+def failure_reason(error) -> str:
+    """What the server records of a site's error reply: the contract's category and Flower's code, never the
+    reason's free text (a path, a spot id or a gene name would reach results.json and ``flwr log``)."""
+    from shared.contract import site_error_category
+
+    return f"error: {site_error_category(error.reason)} (code {error.code})"

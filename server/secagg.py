@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from server.results import RoundRecord
-from server.rounds import RoundPolicy, RoundTally, weighted
+from server.rounds import RoundPolicy, RoundTally, failure_reason, weighted
 from server.sites import SiteNames, contract_problems
 from server.validate import update_problems
 from shared.config import RunConfig
@@ -106,7 +106,7 @@ class ObservedGrid(Grid):
         for reply in self.inner.send_and_receive(list(sent.values()), timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.problems[node] = f"error: {reply.error.reason}"
+                self.problems[node] = failure_reason(reply.error)
                 replies.append(reply)
                 continue
             self.sites.learn(node, reply.content)

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from flwr.supercore import log
 
 from server.results import RoundRecord
-from server.rounds import RoundPolicy, RoundTally
+from server.rounds import RoundPolicy, RoundTally, failure_reason
 from server.sites import SiteNames, contract_problems
 from server.validate import update_problems
 from shared.config import RunConfig
@@ -127,7 +127,7 @@ class PhaseMixin:
         for msg in sorted(replies, key=lambda m: (self.sites.label(m.metadata.src_node_id), m.metadata.src_node_id)):
             node = msg.metadata.src_node_id
             if msg.has_error():
-                tally.fail(node, f"error: {msg.error.reason}")
+                tally.fail(node, failure_reason(msg.error))
                 continue
             problems = self._screen(msg)
             if problems:

@@ -25,7 +25,7 @@ from flwr.supercore import log
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.report import write_run_report
 from server.results import PhaseRecord, RoundRecord, RunRecord, rounds_from_json, rounds_to_json, save_results
-from server.rounds import RoundPolicy, RoundTally, weighted
+from server.rounds import RoundPolicy, RoundTally, failure_reason, weighted
 from server.secagg import SecAggContext, secagg_train
 from server.sites import SiteNames, contract_problems
 from server.strategy import arrays_to_numpy, make_strategy, numpy_to_arrays
@@ -283,7 +283,7 @@ class Workflow:
         for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
             node = msg.metadata.src_node_id
             if msg.has_error():
-                tally.fail(node, f"error: {msg.error.reason}")
+                tally.fail(node, failure_reason(msg.error))
                 continue
             self.sites.learn(node, msg.content)
             problems = contract_problems(msg.content, arrays=0, phase=phase)

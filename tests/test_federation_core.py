@@ -364,7 +364,8 @@ def test_failing_and_silent_sites_do_not_crash_the_run(stores, tmp_path):
     grid, results = run_workflow(stores, tmp_path, config, fail={102: "RuntimeError: disk full"})
     assert results.status == "completed"
     for row in results.phases["pretrain"].rounds:  # sites by declared name; one that never replied by node id
-        assert set(row.sites) == {"site-0", "site-2"} and "disk full" in row.failed["node-102"]
+        assert set(row.sites) == {"site-0", "site-2"}
+        assert row.failed["node-102"] == "error: unrecognised (code 0)"  # the reason's free text is never stored
     assert set(results.phases["downstream"].last.sites) == {"site-0", "site-2"}
     assert results.sites == {"site-0": 101, "site-2": 103}
     # a silent site (timeout) counts as failed the same way
@@ -381,7 +382,7 @@ def test_failing_and_silent_sites_do_not_crash_the_run(stores, tmp_path):
     saved = load_results(tmp_path / "f" / "runs" / "r" / "results.json")
     assert saved.status == "failed" and "failure-tolerance" in saved.error
     assert saved.phases["pretrain"].rounds[-1].failed == {
-        "node-102": "error: x",
+        "node-102": "error: unrecognised (code 0)",
         "node-103": NO_REPLY,
     }  # the last round
 
@@ -401,9 +402,11 @@ def test_a_site_with_the_wrong_panel_is_excluded_with_its_reason(stores, tmp_pat
     config = toy_config(tmp_path, phases="pretrain", consortium=str(consortium))
     _, results = run_workflow([stores[0], stores[1], other.path], tmp_path, config)
     row = results.phases["pretrain"].rounds[0]
-    assert (
-        "gene panel" in row.failed["node-103"] and "has 'XIST' where the consortium has 'G5'" in row.failed["node-103"]
-    )
+    assert row.failed["node-103"] == "error: panel-mismatch (code 0)"  # the category leaves the site, not the genes
+    saved = (tmp_path / "runs" / "r" / "results.json").read_text()
+    assert "XIST" not in saved and str(other.path) not in saved
+    local = (tmp_path / "work-2" / "site-errors.log").read_text()  # the details stay on the site
+    assert "has 'XIST' where the consortium has 'G5'" in local and "Traceback" in local
 
 
 def _tensor_count(state: dict) -> int:

@@ -167,7 +167,8 @@ def test_a_plain_train_message_is_refused_without_secagg(stores, tmp_path):
     config = toy_config(tmp_path)
     with LocalGrid(client_app, {101: {"data-path": str(stores[0]), "work-dir": str(tmp_path / "w")}}, config) as grid:
         (reply,) = grid.send_and_receive([Message(RecordDict(), message_type="train", dst_node_id=101)])
-    assert reply.has_error() and "only under SecAgg+" in reply.error.reason
+    assert reply.has_error() and reply.error.reason.endswith("fedst-site-error 11 config-invalid")
+    assert "only under SecAgg+" in (tmp_path / "w" / "site-errors.log").read_text()  # the details stay on the site
 
 
 # -- the aggregate -------------------------------------------------------------------------------------------

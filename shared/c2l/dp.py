@@ -8,7 +8,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from shared.errors import FedstError
+from shared.errors import FedstError, PrivacyBudgetError
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
 
@@ -174,7 +174,7 @@ class PrivacyLedger:
         }
         after = rdp_epsilon_of(self._history([*entries, entry]), dp_plan.delta)
         if after > budget * (1 + BUDGET_SLACK):
-            raise FedstError(
+            raise PrivacyBudgetError(
                 f"DP budget: this site has spent epsilon {before:.4g} of its budget {budget:g} on this data "
                 f"({len(entries)} earlier runs/rounds in its {self.path.name}); {label} would bring it to {after:.4g}. "
                 "Refused (a larger dp.epsilon is a new, larger budget; the ledger keeps counting)"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from shared.errors import FedstError
+from shared.errors import ConfigError
 
 if TYPE_CHECKING:
     from shared.config.run import RunConfig
@@ -48,17 +48,17 @@ class NodeConfig:
             folder = Path(run.paths.consortium) / f"site-{int(partition)}"
             data = str(folder / "site.toml") if (folder / "site.toml").is_file() else str(folder)
         if data is None:
-            raise FedstError(
+            raise ConfigError(
                 "node config: 'data-path' is missing (pass --node-config \"data-path='/abs/site.toml' "
                 "work-dir='/abs/work'\" to flower-supernode, or set run config 'paths.consortium' in simulation)"
             )
         data_path = Path(str(data)).expanduser()
         if not data_path.exists():
-            raise FedstError(f"node config 'data-path': {data_path} does not exist (expected a SITE.toml or a store)")
+            raise ConfigError(f"node config 'data-path': {data_path} does not exist (expected a SITE.toml or a store)")
         declared = values.get("site")
         if declared not in (None, ""):
             if (problem := site_name_problem(str(declared))) is not None:
-                raise FedstError(f"node config 'site': {problem}")
+                raise ConfigError(f"node config 'site': {problem}")
             site = str(declared)
         else:
             site = _site_name(data_path)
@@ -66,17 +66,17 @@ class NodeConfig:
         if work is None:
             root = Path(run.paths.sites_root) if run.paths.sites_root else default_work_root
             if root is None:
-                raise FedstError("node config: 'work-dir' is missing (a writable folder on the site)")
+                raise ConfigError("node config: 'work-dir' is missing (a writable folder on the site)")
             work = str(Path(root) / site)
         work_dir = Path(str(work)).expanduser().absolute()
         try:
             work_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise FedstError(f"node config 'work-dir': cannot create {work_dir} ({exc.strerror})") from None
+            raise ConfigError(f"node config 'work-dir': cannot create {work_dir} ({exc.strerror})") from None
         fraction = _labelled_fraction(values, data_path)
         hold_out = values.get(HOLD_OUT, True)
         if not isinstance(hold_out, bool):
-            raise FedstError(f"node config {HOLD_OUT!r} is {hold_out!r} (expected true or false)")
+            raise ConfigError(f"node config {HOLD_OUT!r} is {hold_out!r} (expected true or false)")
         known = ("data-path", "work-dir", "site", LABELLED_FRACTION, HOLD_OUT)
         extra = {k: v for k, v in values.items() if k not in known}
         return cls(
@@ -112,7 +112,7 @@ def _labelled_fraction(values: Mapping[str, Any], data_path: Path) -> float:
     except (TypeError, ValueError):
         fraction = float("nan")
     if isinstance(value, bool) or not 0.0 < fraction <= 1.0:
-        raise FedstError(f"{where} is {value!r} (expected a fraction in (0, 1])")
+        raise ConfigError(f"{where} is {value!r} (expected a fraction in (0, 1])")
     return fraction
 
 
@@ -125,7 +125,7 @@ def _site_name(data_path: Path) -> str:
         declared = read_toml(data_path).get("site")
         if declared:
             if (problem := site_name_problem(declared)) is not None:
-                raise FedstError(f"{data_path}: 'site' {problem}")
+                raise ConfigError(f"{data_path}: 'site' {problem}")
             return str(declared)
         derived = data_path.parent.name if data_path.stem == "site" else data_path.stem
     else:

@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.config.legacy import ALIASES, UNSET
-from shared.errors import FedstError
+from shared.errors import ConfigError
 
 PHASES = ("pretrain", "adapt", "synthesize", "downstream")
 SECAGG_STRATEGIES = ("fedavg", "fedprox")  # server optimisers need no per-site update, but FedAdam's is not wired
@@ -218,7 +218,7 @@ class RunConfig(Section):
         ]
         for ok, key, expected in checks:
             if not ok:
-                raise FedstError(f"run config key {key!r} is {self.get(key)!r}; expected {expected}")
+                raise ConfigError(f"run config key {key!r} is {self.get(key)!r}; expected {expected}")
         return self
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -229,14 +229,14 @@ class RunConfig(Section):
         known = set(DEFAULTS)
         for key in flat:
             if key not in known:
-                raise FedstError(
+                raise ConfigError(
                     f"run config: unknown key {key!r} (known keys: {', '.join(sorted(known))}; "
                     f"legacy keys: {', '.join(ALIASES)}; see docs/configuration.md)"
                 )
         try:
             return cls.model_validate(unflatten(flat))
         except ValidationError as exc:
-            raise FedstError(_explain(exc, origin)) from None
+            raise ConfigError(_explain(exc, origin)) from None
 
     # -- writing ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -307,7 +307,7 @@ def resolve_aliases(flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str
         for new in ALIASES[old]:
             given = out.get(new, DEFAULTS[new])
             if new in out and given != value and given != DEFAULTS[new]:
-                raise FedstError(
+                raise ConfigError(
                     f"run config: legacy key {old!r} = {value!r} conflicts with {new!r} = {given!r} (set only {new!r})"
                 )
             out[new] = value
