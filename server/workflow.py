@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from server.checkpoint import load_checkpoint, save_checkpoint
+from server.checkpoint import claim_run_dir, load_checkpoint, save_checkpoint
 from server.report import write_run_report
 from server.results import PhaseRecord, RoundRecord, RunRecord, rounds_from_json, rounds_to_json, save_results
 from server.rounds import RoundPolicy, RoundTally, failure_reason, weighted
@@ -130,6 +130,7 @@ class Workflow:
 
     # -- phases -------------------------------------------------------------------------------------------
     def run_all(self) -> RunRecord:
+        claim_run_dir(self.run_dir, self.run.phase_list[0], resume=self.run.resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_dir / "resolved-config.json", self.run.to_dict())
         central: dict[str, np.ndarray] | None = None
@@ -159,21 +160,29 @@ class Workflow:
         return self.results
 
     def _latest_central(self) -> dict[str, np.ndarray]:
-        found = load_checkpoint(self.run_dir, "pretrain")
+        """The central model adaptation starts from when pretraining did not run in this process."""
+        found = self._resumed("pretrain")
         return found[1] if found else initial_central(self.run)
 
-    def resume_point(
-        self, phase: str
-    ) -> tuple[int, dict[str, np.ndarray] | None, dict[str, np.ndarray], list[RoundRecord]]:
-        """(completed rounds, model, optimiser state, round records) of the last checkpoint when resuming."""
+    def _resumed(self, phase: str) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]] | None:
+        """The newest checkpoint of ``phase`` when resuming, refused when the run config changed; else None."""
         if not self.run.resume or (found := load_checkpoint(self.run_dir, phase)) is None:
-            return 0, None, {}, []
-        offset, arrays, opt_state, meta = found
+            return None
+        meta = found[3]
         if meta.get("fingerprint") != self.run.fingerprint():
             changed = sorted(
                 k for k in self.run.fingerprint() if meta.get("fingerprint", {}).get(k) != self.run.fingerprint()[k]
             )
             raise FedstError(f"resume: run config differs from the checkpoint's in {changed} ({self.run_dir})")
+        return found
+
+    def resume_point(
+        self, phase: str
+    ) -> tuple[int, dict[str, np.ndarray] | None, dict[str, np.ndarray], list[RoundRecord]]:
+        """(completed rounds, model, optimiser state, round records) of the last checkpoint when resuming."""
+        if (found := self._resumed(phase)) is None:
+            return 0, None, {}, []
+        offset, arrays, opt_state, meta = found
         log(INFO, "fedst: resuming %s after round %d", phase, offset)
         return (
             offset,

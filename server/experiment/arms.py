@@ -20,6 +20,7 @@ Both spend the same optimiser steps per site: ``federated`` adapts once for ``ru
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -403,8 +404,9 @@ def flower_run(
 
     ``nodes``: one node config per site (``data-path``, ``site``, ...; ``work-dir`` defaults to
     ``root/sites/<site>``). The run config is the experiment's ``[run]`` sections as they are; the harness
-    decides only what this in-process run is (``phases``, the seed, every site required, where it writes) and
-    the ``overrides`` (dotted run-config keys) of the calling arm.
+    decides only what this in-process run is (``phases``, the seed, every site required, where it writes, a fresh
+    start: the run directory of an interrupted attempt is cleared, the Workflow refuses to run over it) and the
+    ``overrides`` (dotted run-config keys) of the calling arm.
     """
     from server.components import load_client_app
     from server.localgrid import LocalGrid
@@ -419,6 +421,7 @@ def flower_run(
             "seed": seed,
             "min-sites": len(nodes),
             "failure-tolerance": 0,
+            "resume": False,  # every inner run starts afresh (its run dir is cleared below)
             "paths.out-dir": str(root),
             "paths.run-name": FLOWER_RUN,
             "paths.sites-root": str(root / "sites"),
@@ -427,6 +430,7 @@ def flower_run(
     )
     node_configs = {i + 1: {"work-dir": str(root / "sites" / node["site"]), **node} for i, node in enumerate(nodes)}
     run_dir = root / FLOWER_RUN
+    shutil.rmtree(run_dir, ignore_errors=True)  # the harness owns it: an interrupted attempt's run starts afresh
     with LocalGrid(load_client_app(), node_configs, run.to_dict(), run_id=seed + 1) as grid:
         Workflow(grid, run, run_dir, run_id=seed + 1).run_all()
     return run, run_dir
