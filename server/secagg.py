@@ -214,7 +214,7 @@ def make_secagg_strategy(ctx: SecAggContext, names: list[str], reference: dict[s
                     f"has {len(arrays)} tensors, the model {len(names)}"
                 )
             aggregate = {n: _as_reference(a, reference[n]) for n, a in zip(names, arrays)}
-            problems = update_problems(aggregate, self.reference, run.max_update_norm)
+            problems = update_problems(aggregate, self.reference, run.max_update_norm, run.max_update_ratio)
             if problems:
                 raise FedstError(
                     f"pretrain round {global_round} (secagg): the secure "

@@ -156,7 +156,9 @@ class PhaseMixin:
         if weight > first:
             return [f"metric {self.weighted_by_key!r} {weight:g} exceeds the {first:g} the site declared first"]  # type: ignore[attr-defined]
         update = arrays_to_numpy(next(iter(content.array_records.values())))
-        return update_problems(update, self._reference, self.run_config.max_update_norm)
+        return update_problems(
+            update, self._reference, self.run_config.max_update_norm, self.run_config.max_update_ratio
+        )
 
     # -- optimiser state for checkpoints ---------------------------------------------------------------
     def export_state(self) -> dict[str, np.ndarray]:

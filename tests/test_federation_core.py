@@ -258,6 +258,17 @@ def test_update_problems_detects_nan_shape_names_and_norm():
     )
 
 
+def test_update_norm_bound_relative_to_the_model():
+    """The issue's attack: an update of norm 9000, under the absolute 1e4 bound, against a model of norm 3.4."""
+    ref = {"w": np.full(4, 1.7, np.float32)}  # norm 3.4
+    attack = {"w": np.full(4, 1.7 + 4500.0, np.float32)}  # distance 9000
+    assert update_problems(attack, ref, 1e4) == []  # what the absolute bound alone let through
+    (problem,) = update_problems(attack, ref, 1e4, 2.0)
+    assert problem == "update norm 9000 exceeds 2 x the global model's norm 3.4"
+    assert update_problems({"w": np.full(4, 1.7 + 3.3, np.float32)}, ref, 1e4, 2.0) == []  # 6.6 <= 6.8
+    assert update_problems({"w": np.ones(4, np.float32)}, {"w": np.zeros(4, np.float32)}, 1e4, 2.0) == []  # zero model
+
+
 def test_bad_updates_are_rejected_logged_and_excluded(stores, tmp_path):
     run = RunConfig.from_mapping(toy_config(tmp_path, **{"failure-tolerance": 2, "max-update-norm": 100.0}))
     with make_grid(stores, tmp_path, run.to_dict()) as grid:
