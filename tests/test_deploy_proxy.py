@@ -130,7 +130,8 @@ class Nginx:
             text = text.replace(old, new)
         temp_paths = "".join(f"    {name}_temp_path PREFIX/{name};\n" for name in _temp_path_modules())
         text = "pid PREFIX/nginx.pid;\n" + text.replace("http {\n", "http {\n" + temp_paths, 1)
-        self.prefix = Path(tempfile.mkdtemp(prefix="fedst-nginx-"))  # not under pytest's 0700 tmp: nobody reads it
+        # not under pytest's 0700 tmp (nor a private TMPDIR) when nginx runs as nobody: it must read its prefix
+        self.prefix = Path(tempfile.mkdtemp(prefix="fedst-nginx-", dir="/tmp" if os.geteuid() == 0 else None))
         (self.prefix / "certs").mkdir()
         for file in files:
             shutil.copy(file, self.prefix / "certs" / file.name)
