@@ -62,7 +62,7 @@ def test_guard_keeps_the_details_on_the_site(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(660)
 def test_in_deployment_with_c2l_a_failing_site_reveals_only_its_category(tmp_path):
     """Real SuperLink + 3 SuperNodes, c2l backend: one site's store has another gene panel and a revealing path.
     The run completes with the other two; results.json and the ServerApp's log (`flwr log`) hold the category only;
@@ -106,7 +106,7 @@ def test_in_deployment_with_c2l_a_failing_site_reveals_only_its_category(tmp_pat
                 "run-name": "deploy",
             }
             run_id = link.submit(REPO, overrides)
-            info = link.wait(run_id, timeout=360)
+            info = link.wait(run_id, timeout=540)
             server_log = link.logs(run_id)
             assert info["status"] == "finished:completed", server_log[-3000:]
     finally:
