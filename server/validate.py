@@ -20,7 +20,8 @@ def update_problems(
     and the L2 norm of (update - reference) over all tensors is at most ``max_norm`` and, with ``max_ratio``, at
     most ``max_ratio`` x the norm of the reference model itself: an absolute bound cannot know the model's size
     (an update of norm 9000 passed 1e4 against a model of norm 3.4), a relative one catches scaled or poisoned
-    updates without knowing the data (a 150-step pretraining round of the tiny preset moves it by 0.15 x its norm).
+    updates without knowing the data (measured: a 150-step tiny-preset pretraining round moves the model by 0.15 x
+    its norm, a 125-step federated adaptation round the modulation by 0.69 x; the default bound is 5 x).
     """
     problems: list[str] = []
     missing = sorted(set(reference) - set(update))

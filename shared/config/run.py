@@ -155,7 +155,7 @@ class RunConfig(Section):
     round_timeout: float = Field(900.0, gt=0, description="seconds to wait for replies in a round")
     max_update_norm: float = Field(1e4, gt=0, description="L2 norm of (update - global) above which it is rejected")
     max_update_ratio: float = Field(
-        2.0, gt=0, description="reject an update whose L2 distance to the global model exceeds this x the model's norm"
+        5.0, gt=0, description="reject an update whose L2 distance to the global model exceeds this x the model's norm"
     )
     pretrain: PretrainConfig = PretrainConfig()
     adapt: AdaptConfig = AdaptConfig()
