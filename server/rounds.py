@@ -7,6 +7,10 @@ every site that was sent a message and never answered as failed (``no reply``), 
 phase (so results.json shows the round that stopped the run) and then applies the policy: fewer than
 ``min-sites`` accepted sites or more than ``failure-tolerance`` failed-or-rejected sites stop the run with an
 error naming every excluded site and why.
+
+`wait_for_sites` is the one wait for connected sites, with a deadline: each training round and each broadcast
+phase samples the nodes connected at that moment (never the count a phase started with), so a site that died
+for good costs a round at most instead of hanging the run.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from logging import WARNING
+from logging import INFO, WARNING
 
+from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from server.results import RoundRecord
@@ -23,6 +28,33 @@ from shared.config import RunConfig
 from shared.errors import FedstError
 
 NO_REPLY = "no reply before round-timeout"
+GONE = "not connected any more (left the federation)"
+POLL_SECONDS = 1.0
+
+
+def wait_for_sites(grid: Grid, min_sites: int, timeout: float, what: str) -> list[int]:
+    """The nodes connected now (sorted), as soon as at least ``min_sites`` are; FedstError after ``timeout`` s.
+
+    Flower's own sampling (``sample_nodes`` in its strategies) waits for its minimum with no deadline. A node
+    that died is still listed until its heartbeat expires (Flower: 30 s interval, patience 2); the messages sent
+    to it come back as Flower's "Node Unavailable" error replies, i.e. a failed site in the round's tally.
+    """
+    deadline = time.monotonic() + timeout
+    logged: tuple[int, float] | None = None
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= min_sites:
+            return nodes
+        now = time.monotonic()
+        if now >= deadline:
+            raise FedstError(
+                f"{what}: only {len(nodes)} site(s) connected after {timeout:.0f} s (min-sites {min_sites}); "
+                "the run stops (raise round-timeout to wait longer for sites to come back)"
+            )
+        if logged is None or logged[0] != len(nodes) or now - logged[1] >= 30:
+            log(INFO, "%s: waiting for sites: %d connected, min-sites %d", what, len(nodes), min_sites)
+            logged = (len(nodes), now)
+        time.sleep(min(POLL_SECONDS, max(deadline - now, 0.0)))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@ ConfigRecord ``site`` = ``{"name": ...}`` (node config ``site`` or the SITE.toml
 
 from __future__ import annotations
 
-from flwr.app import RecordDict
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from shared.config import site_name_problem
 from shared.contract import metric_key_problems
@@ -19,6 +22,21 @@ SITE_RECORD = "site"
 def site_label(node_id: int) -> str:
     """The fallback label of a node that has not (validly) declared a name."""
     return f"node-{node_id}"
+
+
+def answering_node(reply: Message, sent: Iterable[Message]) -> int:
+    """The node a reply answers for: its sender, except for the error replies the SuperLink writes itself in a
+    node's place ("Node Unavailable" once the node's heartbeat expired, "Reply Message Unavailable"). Those come
+    from ``SUPERLINK_NODE_ID`` and answer for the node the message they reply to went to (``sent``, whose message
+    ids Flower set when it pushed them); else one dead site would count twice, as an error of node 1 and as a
+    node that never replied."""
+    node = reply.metadata.src_node_id
+    if node != SUPERLINK_NODE_ID:
+        return node
+    for msg in sent:
+        if msg.metadata.message_id and msg.metadata.message_id == reply.metadata.reply_to_message_id:
+            return msg.metadata.dst_node_id
+    return node
 
 
 def declared_name(content: RecordDict) -> tuple[str | None, str | None]:

@@ -1,6 +1,6 @@
 """Flower strategies for fedst: route each phase to its named client action, screen updates, tolerate failures.
 
-`make_strategy(run, action)` returns FedAvg, FedProx, FedAdam or a robust FedMedian / FedTrimmedAvg with
+`make_strategy(run, federated)` returns FedAvg, FedProx, FedAdam or a robust FedMedian / FedTrimmedAvg with
 `PhaseMixin` in front. The mixin
 - sends ``train.<action>`` messages (Flower's strategies always send plain ``train``),
 - numbers rounds globally (``round_offset``), so a resumed run sends the same round numbers and FedAdam's
@@ -9,8 +9,11 @@
   site declared in its first round, and replies that break the privacy contract (anything but the model tensors,
   the phase's declared scalar metrics and the site's declared name) — logged, kept in the history,
 - labels sites by their declared names (server/sites.py), not by Flower node ids,
-- counts errors and timeouts as failed sites and stops the run with a clear error only when fewer than
-  ``min-sites`` valid updates remain or more than ``failure-tolerance`` sites failed (server/rounds.py),
+- samples every round from the sites connected at that moment, waiting at most ``round-timeout`` for
+  ``min-sites`` of them (Flower's own sampling waits for its minimum forever: one dead site hung the run),
+- counts errors, timeouts and sites of the phase that are no longer connected as failed sites and stops the run
+  with a clear error only when fewer than ``min-sites`` valid updates remain or more than ``failure-tolerance``
+  sites failed (server/rounds.py),
 - aggregates replies in node-id order (deterministic float sums),
 - exports/imports its optimiser state (FedAdam moments) for checkpoints.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -29,8 +32,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from flwr.supercore import log
 
 from server.results import RoundRecord
-from server.rounds import RoundPolicy, RoundTally, failure_reason
-from server.sites import SiteNames, contract_problems
+from server.rounds import GONE, RoundPolicy, RoundTally, failure_reason, wait_for_sites
+from server.sites import SiteNames, answering_node, contract_problems
 from server.validate import update_problems
 from shared.config import RunConfig
 
@@ -49,6 +52,21 @@ def numpy_to_arrays(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     import torch
 
     return ArrayRecord({k: torch.from_numpy(np.require(v, requirements=("C", "W"))) for k, v in state.items()})
+
+
+class LiveNodes:
+    """The nodes one round goes to, fixed once fedst has waited for them (with a deadline).
+
+    Flower's ``FedAvg.configure_train`` reads only ``get_node_ids()`` from the grid it is given and samples
+    through ``sample_nodes``, which waits without a deadline whenever fewer nodes are listed than its minimum:
+    handing it this snapshot (never smaller than that minimum) means it never waits.
+    """
+
+    def __init__(self, nodes: Iterable[int]):
+        self.nodes = sorted(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
 
 
 class PhaseMixin:
@@ -78,7 +96,10 @@ class PhaseMixin:
         self.extra_config = dict(extra_config or {})
         self.history: list[RoundRecord] = []
         self.record = record if record is not None else self.history.append
+        self._messages: list[Message] = []
         self._sent: list[int] = []
+        self._roster: set[int] = set()  # every node this phase has sent a round to
+        self._gone: list[int] = []  # of those, the ones not connected when the current round was sampled
         self._started = time.perf_counter()
         self._reference: dict[str, np.ndarray] = {}
         self._first_examples: dict[int, float] = {}  # node -> num-examples it declared in its first round
@@ -90,7 +111,13 @@ class PhaseMixin:
         for key, value in self.extra_config.items():
             config[key] = value
         self._reference = arrays_to_numpy(arrays)
-        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))  # type: ignore[misc]
+        global_round = server_round + self.round_offset
+        run = self.run_config
+        live = wait_for_sites(grid, run.min_sites, run.round_timeout, f"{self.action} round {global_round}")
+        self._gone = sorted(self._roster - set(live))
+        self._roster.update(live)
+        snapshot = cast(Grid, LiveNodes(live))
+        messages = list(super().configure_train(global_round, arrays, config, snapshot))  # type: ignore[misc]
         routed = []
         for msg in messages:
             content = msg.content
@@ -99,6 +126,7 @@ class PhaseMixin:
             routed.append(
                 Message(content=content, message_type=f"train.{self.action}", dst_node_id=msg.metadata.dst_node_id)
             )
+        self._messages = routed  # their message ids, set when Flower pushes them, tell whom a SuperLink error is for
         self._sent = sorted(m.metadata.dst_node_id for m in routed)
         self._started = time.perf_counter()
         return routed
@@ -116,16 +144,17 @@ class PhaseMixin:
         tally = RoundTally(
             f"{self.action} round {global_round}", global_round, self._sent, self.sites.label, started=self._started
         )
+        for node in self._gone:  # a site of this phase that left counts against failure-tolerance, as in-round
+            tally.fail(node, GONE)
         accepted: list[Message] = []
-        replies = list(replies)
-        for msg in replies:
+        answered = [(answering_node(msg, self._messages), msg) for msg in replies]
+        for node, msg in answered:
             if not msg.has_error():
-                self.sites.learn(msg.metadata.src_node_id, msg.content)
+                self.sites.learn(node, msg.content)
         # Aggregate in the order of the sites' declared names: Flower sums the updates in list order, float
         # addition is not associative, and node ids (random per run in simulation) would make the same seed
         # give different weights in the last bits from run to run.
-        for msg in sorted(replies, key=lambda m: (self.sites.label(m.metadata.src_node_id), m.metadata.src_node_id)):
-            node = msg.metadata.src_node_id
+        for node, msg in sorted(answered, key=lambda pair: (self.sites.label(pair[0]), pair[0])):
             if msg.has_error():
                 tally.fail(node, failure_reason(msg.error))
                 continue
@@ -201,14 +230,17 @@ class PhaseFedTrimmedAvg(PhaseMixin, FedTrimmedAvg):
     """Coordinate-wise mean after dropping the ``trim-beta`` share of highest and lowest values."""
 
 
-def make_strategy(run: RunConfig, n_sites: int, federated: str = "pretrain") -> PhaseMixin:
-    """The configured strategy for a training phase; FedProx/FedAdam only for pretraining."""
+def make_strategy(run: RunConfig, federated: str = "pretrain") -> PhaseMixin:
+    """The configured strategy for a training phase; FedProx/FedAdam only for pretraining.
+
+    Every round goes to all connected sites (``fraction_train`` 1); ``min-sites`` is Flower's minimum too, and
+    `PhaseMixin.configure_train` has waited for it (with a deadline) before Flower samples."""
     common = dict(
         fraction_train=1.0,
         fraction_evaluate=0.0,
-        min_train_nodes=n_sites,
+        min_train_nodes=run.min_sites,
         min_evaluate_nodes=0,
-        min_available_nodes=n_sites,
+        min_available_nodes=run.min_sites,
     )
     kind = run.aggregation.strategy if federated == "pretrain" else "fedavg"
     if kind == "fedprox":

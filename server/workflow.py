@@ -25,9 +25,9 @@ from flwr.supercore import log
 from server.checkpoint import claim_run_dir, load_checkpoint, save_checkpoint
 from server.report import write_run_report
 from server.results import PhaseRecord, RoundRecord, RunRecord, rounds_from_json, rounds_to_json, save_results
-from server.rounds import RoundPolicy, RoundTally, failure_reason, weighted
+from server.rounds import RoundPolicy, RoundTally, failure_reason, wait_for_sites, weighted
 from server.secagg import SecAggContext, secagg_train
-from server.sites import SiteNames, contract_problems
+from server.sites import SiteNames, answering_node, contract_problems
 from server.strategy import arrays_to_numpy, make_strategy, numpy_to_arrays
 from shared.backends import create_backend
 from shared.config import RunConfig
@@ -109,19 +109,9 @@ class Workflow:
             config["panel"] = list(self.panel)
         return config
 
-    def wait_for_sites(self) -> list[int]:
-        deadline = time.monotonic() + self.run.round_timeout
-        while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.run.min_sites:
-                return nodes
-            if time.monotonic() > deadline:
-                raise FedstError(
-                    f"only {len(nodes)} sites connected after "
-                    f"{self.run.round_timeout:.0f} s (min-sites {self.run.min_sites})"
-                )
-            log(INFO, "waiting for sites: %d connected, min-sites %d", len(nodes), self.run.min_sites)
-            time.sleep(1.0)
+    def wait_for_sites(self, what: str) -> list[int]:
+        """The sites connected now, at least ``min-sites`` of them within ``round-timeout`` (else FedstError)."""
+        return wait_for_sites(self.grid, self.run.min_sites, self.run.round_timeout, what)
 
     def save_results(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +204,7 @@ class Workflow:
         strategy_kind: str = "pretrain",
     ) -> dict[str, np.ndarray]:
         """R rounds of `phase` through the strategy; checkpoint each round; resume from the last checkpoint."""
-        nodes = self.wait_for_sites()
+        nodes = self.wait_for_sites(phase)
         offset, resumed, opt_state, history = self.resume_point(phase)
         arrays = resumed if resumed is not None else initial
         block = self.results.phases[phase] = PhaseRecord(kind="train", rounds=history)
@@ -232,7 +222,7 @@ class Workflow:
                 record=block.rounds.append,
             )
             return secagg_train(context, rounds, arrays)
-        strategy = make_strategy(self.run, len(nodes), strategy_kind)
+        strategy = make_strategy(self.run, strategy_kind)
         strategy.import_state(opt_state)
         strategy.setup_phase(
             phase,
@@ -283,14 +273,13 @@ class Workflow:
 
     def broadcast(self, phase: str, message_type: str, content: RecordDict) -> RoundRecord:
         """Send one message to every site; the phase's one round record (per-site scalar metrics, failures)."""
-        nodes = self.wait_for_sites()
+        nodes = self.wait_for_sites(phase)
         content["config"] = ConfigRecord(self.base_config())
         messages = [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
         block = self.results.phases[phase] = PhaseRecord(kind="broadcast")
         tally = RoundTally(message_type, 1, nodes, self.sites.label)
         replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
-        for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
-            node = msg.metadata.src_node_id
+        for node, msg in sorted(((answering_node(m, messages), m) for m in replies), key=lambda pair: pair[0]):
             if msg.has_error():
                 tally.fail(node, failure_reason(msg.error))
                 continue

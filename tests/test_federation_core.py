@@ -186,7 +186,7 @@ def _prime(strategy, grid, reference: dict) -> None:
 def test_fedavg_equals_hand_computed_weighted_mean(stores, tmp_path):
     with make_grid(stores, tmp_path, toy_config(tmp_path)) as grid:
         run = RunConfig.from_mapping(toy_config(tmp_path))
-        strategy = make_strategy(run, 3)
+        strategy = make_strategy(run)
         strategy.setup_phase("pretrain", run)
         rng = np.random.default_rng(0)
         base = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=(2,)).astype(np.float32)}
@@ -215,7 +215,7 @@ def test_fedavg_aggregates_in_site_name_order_whatever_the_node_ids(stores, tmp_
     def aggregate(node_of: dict[str, int]) -> np.ndarray:
         with make_grid(stores, tmp_path, toy_config(tmp_path)) as grid:
             run = RunConfig.from_mapping(toy_config(tmp_path, **{"max-update-norm": 1e12}))
-            strategy = make_strategy(run, 3)
+            strategy = make_strategy(run)
             strategy.setup_phase("pretrain", run)
             _prime(strategy, grid, base)
             replies = []
@@ -272,7 +272,7 @@ def test_update_norm_bound_relative_to_the_model():
 def test_bad_updates_are_rejected_logged_and_excluded(stores, tmp_path):
     run = RunConfig.from_mapping(toy_config(tmp_path, **{"failure-tolerance": 2, "max-update-norm": 100.0}))
     with make_grid(stores, tmp_path, run.to_dict()) as grid:
-        strategy = make_strategy(run, 3)
+        strategy = make_strategy(run)
         strategy.setup_phase("pretrain", run)
         base = {"w": np.zeros((2, 2), np.float32)}
         _prime(strategy, grid, base)
@@ -297,7 +297,7 @@ def test_a_site_cannot_outweigh_the_others_or_smuggle_metric_keys(stores, tmp_pa
     path or a spot id) is not written into the round record; the site side refuses to build such a reply."""
     run = RunConfig.from_mapping(toy_config(tmp_path, **{"failure-tolerance": 2, "min-sites": 1}))
     with make_grid(stores, tmp_path, run.to_dict()) as grid:
-        strategy = make_strategy(run, 3)
+        strategy = make_strategy(run)
         strategy.setup_phase("pretrain", run)
         base = {"w": np.zeros((2, 2), np.float32)}
         _prime(strategy, grid, base)
@@ -326,7 +326,7 @@ def test_robust_aggregation_ignores_a_poisoned_minority(stores, tmp_path, kind, 
         toy_config(tmp_path, **{"strategy": kind, "aggregation.trim-beta": 0.34, "max-update-norm": 1e4})
     )
     with make_grid(stores, tmp_path, run.to_dict()) as grid:
-        strategy = make_strategy(run, 3)
+        strategy = make_strategy(run)
         strategy.setup_phase("pretrain", run)
         _prime(strategy, grid, {"w": np.zeros(4, np.float32)})
         values = {101: 1.0, 102: 2.0, 103: 1000.0}

@@ -152,7 +152,9 @@ class RunConfig(Section):
     predictor: str = Field("ridge", description="downstream predictor kind")
     min_sites: int = Field(2, ge=1, description="fewer valid replies than this in a round fails the run")
     failure_tolerance: int = Field(1, ge=0, description="more failed sites than this in a round fails the run")
-    round_timeout: float = Field(900.0, gt=0, description="seconds to wait for replies in a round")
+    round_timeout: float = Field(
+        900.0, gt=0, description="seconds to wait for a round's replies, and for min-sites connected sites"
+    )
     max_update_norm: float = Field(1e4, gt=0, description="L2 norm of (update - global) above which it is rejected")
     max_update_ratio: float = Field(
         5.0, gt=0, description="reject an update whose L2 distance to the global model exceeds this x the model's norm"
