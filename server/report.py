@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -137,11 +138,11 @@ class _Doc:
 
     def heading(self, level: int, text: str) -> None:
         self.md += ["#" * level + " " + _md(text), ""]
-        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        self.html.append(f"<h{level}>{_html(text)}</h{level}>")
 
     def para(self, text: str, *, strong: bool = False) -> None:
         self.md += [f"**{_md(text)}**" if strong else _md(text), ""]
-        body = f"<strong>{html.escape(text)}</strong>" if strong else html.escape(text)
+        body = f"<strong>{_html(text)}</strong>" if strong else _html(text)
         self.html.append(f"<p>{body}</p>")
 
     def table(self, header: list[str], rows: list[list[str]]) -> None:
@@ -172,6 +173,16 @@ class _Doc:
             self.html.append(f"<p>(plot {html.escape(path.name)} is missing)</p>")
             return
         self.html.append(f'<p><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"></p>')
+
+
+def _code(value: Any) -> str:
+    """A value shown as code (a backtick span in both renderings); a backtick inside it cannot end the span."""
+    return "`" + str(value).replace("`", "'") + "`"
+
+
+def _html(text: str) -> str:
+    """Escaped text with its backtick spans as <code>."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
 
 
 def _md(text: str) -> str:
@@ -309,18 +320,19 @@ def _phase(phase: str, results: RunRecord, doc: _Doc) -> None:
 
 def _document(results: RunRecord) -> _Doc:
     doc = _Doc()
-    doc.heading(1, f"fedst run {results.run}")
+    doc.heading(1, f"fedst run {_code(results.run)}")
     doc.para(f"status: {results.status}" + (f" ({results.error})" if results.error else ""))
     _lead(results, doc)
     _timings(results, doc)
     cfg = results.config
     doc.heading(2, "run")
     doc.para(
-        f"backend {cfg.get('backend')}, preset {cfg.get('preset')}, strategy {cfg.get('aggregation.strategy')}, "
+        f"backend {_code(cfg.get('backend'))}, preset {_code(cfg.get('preset'))}, "
+        f"strategy {_code(cfg.get('aggregation.strategy'))}, "
         f"patch {cfg.get('patch-px')} px, seed {cfg.get('seed')}"
     )
     if results.sites:
-        doc.para("sites (declared names): " + ", ".join(sorted(results.sites)))
+        doc.para("sites (declared names): " + ", ".join(_code(name) for name in sorted(results.sites)))
     for phase in results.phases:
         _phase(phase, results, doc)
     if results.plots:

@@ -148,6 +148,7 @@ def test_html_twin_escapes_site_names_embeds_the_plots_and_has_the_same_numbers(
     numbers = set(re.findall(r"[+-]?\d+\.\d{3}", markdown))
     assert numbers and numbers <= set(re.findall(r"[+-]?\d+\.\d{3}", page))
     assert [Path(p).name for p in results.plots] == ["loss_per_round.png", "downstream_per_site.png"]
+    assert "sites (declared names): <code>&lt;script&gt;" in page  # code spans survive the escaping
 
 
 def html_escaped(text: str) -> str:
