@@ -66,17 +66,20 @@ def verdict(name: str, site: dict[str, Any]) -> str:
     if real is None or augmented is None:
         return f"{name} ({share}): no real+synthetic result (synthesis did not run)"
     gain = augmented - real
-    if gain >= HELPS_BY:
-        effect = "the synthetic pairs help"
-    elif gain <= -HELPS_BY:
-        effect = "the synthetic pairs hurt"
-    else:
-        effect = f"no clear effect (|gain| < {HELPS_BY:g})"
     audit = {True: "audit passed", False: "audit FAILED", None: "no audit"}[site["audit_passed"]]
     return (
         f"data-limited site {name} ({share}): held-out PCC real+synthetic {augmented:.3f} vs real-only {real:.3f} "
-        f"({gain:+.3f}): {effect}; {audit}"
+        f"({gain:+.3f}): {effect(gain)}; {audit}"
     )
+
+
+def effect(gain: float) -> str:
+    """What a real+synthetic minus real-only PCC difference means (the run report says it per site, too)."""
+    if gain >= HELPS_BY:
+        return "the synthetic pairs help"
+    if gain <= -HELPS_BY:
+        return "the synthetic pairs hurt"
+    return f"no clear effect (|gain| < {HELPS_BY:g})"
 
 
 def write_headline(run_dir: Path, results: RunRecord) -> dict[str, Any] | None:

@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from flwr.supercore import log
 
 from server.results import RoundRecord
-from server.rounds import GONE, RoundPolicy, RoundTally, failure_reason, wait_for_sites
+from server.rounds import GONE, PER_SITE_ONLY, RoundPolicy, RoundTally, failure_reason, wait_for_sites
 from server.sites import SiteNames, answering_node, contract_problems
 from server.validate import update_problems
 from shared.config import RunConfig
@@ -166,6 +166,8 @@ class PhaseMixin:
                 accepted.append(msg)
         row = tally.close(RoundPolicy.from_run(self.run_config), self.record)
         arrays, metrics = super().aggregate_train(global_round, accepted)  # type: ignore[misc]
+        if metrics is not None:  # Flower averages every metric; a mean epsilon is not a privacy statement
+            metrics = MetricRecord({k: v for k, v in metrics.items() if k not in PER_SITE_ONLY})
         row.aggregate = dict(metrics or {})
         log(INFO, "%s round %d: aggregated %d sites", self.action, global_round, len(accepted))
         return arrays, metrics
