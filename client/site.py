@@ -28,10 +28,10 @@ METRICS = "metrics.json"
 
 def open_store(node: NodeConfig, run: RunConfig, panel: list[str] | None = None):
     """The site's patch store: ``data-path`` is a store, or a SITE.toml prepared once into ``work-dir/store``."""
-    from shared.store.format import PatchStore, is_store
+    from shared.store.format import PatchStore, has_manifest
 
     path = node.data_path
-    if is_store(path):
+    if has_manifest(path):  # opened as a store even when its manifest is damaged, so that is what is reported
         store = PatchStore(path)
     elif path.suffix == ".toml":
         try:

@@ -46,3 +46,15 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, payload: Any, *, sort_keys: bool = False) -> None:
     """Write ``payload`` as indented JSON, atomically."""
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=sort_keys, default=json_default))
+
+
+def write_h5ad_atomic(adata: Any, path: Path) -> None:
+    """Write an AnnData to ``path`` atomically (anndata writes in place: a crash would leave half an HDF5)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.h5ad"
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -34,28 +34,39 @@ def drift(
     method: str = typer.Option("chebyshev", "--method", help="chebyshev | expm_multiply | dense (parity, small N)"),
 ) -> None:
     """Smooth expression (or an embedding) with DRIFT's heat kernel exp(-tL) over the spatial graph."""
+    import math
+
     from shared import keys
     from shared.downstream.drift import drift_adata
-    from shared.errors import require
+    from shared.errors import FedstError, require
+    from shared.io import write_h5ad_atomic
 
+    require(math.isfinite(t) and t >= 0, f"--t: expected a finite diffusion time >= 0, got {t}")
+    require(k >= 1, f"--k: expected an integer >= 1, got {k}")
+    require(
+        radius is None or (math.isfinite(radius) and radius > 0), f"--radius: expected a distance > 0, got {radius}"
+    )
     require(graph in ("threshold", "knn", "radius"), f"--graph: expected threshold, knn or radius, got {graph!r}")
     require(
         laplacian in ("unnormalised", "normalised"),
         f"--laplacian: expected unnormalised or normalised, got {laplacian!r}",
     )
     adata = _read_h5ad(input, "input")
-    result = drift_adata(
-        adata,
-        t=t,
-        k=k,
-        graph=graph,
-        radius=radius,
-        laplacian_kind=laplacian,
-        embedding=embedding,
-        method=method,  # type: ignore[arg-type]
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.write_h5ad(out)
+    require(adata.n_obs > 0, f"{input}: no spots (expected at least one spot to smooth over the spatial graph)")
+    try:
+        result = drift_adata(
+            adata,
+            t=t,
+            k=k,
+            graph=graph,
+            radius=radius,
+            laplacian_kind=laplacian,
+            embedding=embedding,
+            method=method,  # type: ignore[arg-type]
+        )
+    except FedstError as exc:  # the library's messages name the field; here they also name the file
+        raise FedstError(f"{input}: {exc}") from None
+    write_h5ad_atomic(result, out)
     info = result.uns[keys.DRIFT]
     typer.echo(
         f"drift: {adata.n_obs} spots, {info['n_edges']} edges, {info['n_isolated']} isolated, "

@@ -24,14 +24,15 @@ def predict(
 
     from shared.downstream.predictor import load_predictor, plot_prediction, prediction_adata
     from shared.errors import require
-    from shared.store.format import PatchStore, is_store
+    from shared.io import write_h5ad_atomic
+    from shared.store.format import PatchStore, has_manifest
 
     require(out.suffix == ".h5ad", f"--out {out}: expected a path ending in .h5ad")
     predictor = load_predictor(model)
     kw = {k: v for k, v in (("sample_steps", sample_steps), ("n_samples", n_samples)) if v is not None}
     require(not kw or predictor.kind == "flag", "--sample-steps/--n-samples apply only to FLAG models")
     with tempfile.TemporaryDirectory(prefix="fedst-predict-") as tmp:
-        if is_store(section):
+        if has_manifest(section):  # a damaged manifest is reported as such, not as "not a store"
             store = PatchStore(section)
         else:
             require(
@@ -50,8 +51,7 @@ def predict(
                 progress=progress,
             )
         adata = prediction_adata(predictor, store, **kw)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out)
+    write_h5ad_atomic(adata, out)
     typer.echo(f"wrote {out} ({adata.n_obs} spots x {adata.n_vars} genes)")
     for sec in dict.fromkeys(adata.obs["section"].astype(str)):
         png = plot_prediction(adata, out.with_name(f"{out.stem}.{sec}.png"), n_genes=top, section=sec)

@@ -229,7 +229,9 @@ def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predic
         f"{meta_path}: unsupported format_version {meta.get('format_version')!r}",
     )
     check_keys(meta_path, meta, META_KEYS, "a saved predictor")
+    _check_meta_types(meta_path, meta)
     kind = meta["kind"]
+    require(kind in KINDS, f"{meta_path}: field 'kind' is {kind!r}, expected one of {', '.join(KINDS)}")
     model_cls = _model_class(kind)
     model_dir = path / MODEL_DIR
     model = model_cls.from_pretrained(model_dir, device) if kind == "flag" else model_cls.from_pretrained(model_dir)
@@ -239,7 +241,14 @@ def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predic
         from shared.downstream.encoders import create_encoder
 
         weights = path / meta["encoder_weights"] if meta.get("encoder_weights") else None
-        encoder_obj = create_encoder(meta["encoder"], weights=weights, **encoder_kw)
+        try:
+            encoder_obj = create_encoder(meta["encoder"], weights=weights, **encoder_kw)
+        except FedstError as exc:  # an unknown encoder name or bad weights file: say which predictor holds it
+            raise FedstError(f"{meta_path}: {exc}") from None
+        except TypeError as exc:  # an encoder_kw key the encoder does not take
+            raise FedstError(
+                f"{meta_path}: field 'encoder_kw' does not fit encoder {meta['encoder']!r} ({exc})"
+            ) from None
     return Predictor(
         kind,
         model,
@@ -251,6 +260,30 @@ def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predic
         encoder_obj,
         meta.get("info"),
     )
+
+
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,),
+    "genes": (list,),
+    "encoder": (str,),
+    "encoder_kw": (dict, type(None)),
+    "encoder_weights": (str, type(None)),
+    "feature_key": (str, type(None)),
+    "patch_params": (dict, type(None)),
+    "info": (dict, type(None)),
+}
+
+
+def _check_meta_types(meta_path: Path, meta: Mapping[str, Any]) -> None:
+    """Each predictor.json field has the type save_pretrained wrote: a damaged file fails here, naming the
+    field, instead of as a TypeError while the model is rebuilt."""
+    for field, types in META_TYPES.items():
+        if not isinstance(meta[field], types):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise FedstError(f"{meta_path}: field {field!r} is {meta[field]!r:.60}, expected {expected}")
+    genes = meta["genes"]
+    if not genes or not all(isinstance(g, str) and g for g in genes):
+        raise FedstError(f"{meta_path}: field 'genes' must be a non-empty list of gene names")
 
 
 def _model_class(kind: str) -> Any:

@@ -56,14 +56,15 @@ def check_mpp(mpp: float | None, source: str) -> float | None:
 
 
 def plain_image_mpp(path: Path) -> float | None:
-    """mpp from a plain image's own resolution tag, only when it is plausible (a 72/96 dpi default is not)."""
+    """mpp from a plain image's own resolution tag, only when it is plausible (a 72/96 dpi default is not).
+
+    An image that cannot be opened, or exceeds the size bound, raises its FedstError here already: reporting
+    it as "carries no microns-per-pixel" would send the user after the wrong problem."""
+    with open_plain_image(path) as image:
+        dpi = image.info.get("dpi")
+        unit = image.info.get("jfif_unit")
     try:
-        with open_plain_image(path) as image:
-            dpi = image.info.get("dpi")
-            unit = image.info.get("jfif_unit")
-            if dpi and unit != 0:
-                value = float(dpi[0])
-                return plausible_mpp(25400.0 / value) if value > 300 else None
-    except Exception:
+        value = float(dpi[0]) if dpi and unit != 0 else 0.0
+    except (TypeError, ValueError, IndexError):  # a malformed resolution tag is no resolution
         return None
-    return None
+    return plausible_mpp(25400.0 / value) if value > 300 else None

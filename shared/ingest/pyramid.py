@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.errors import FedstError
+from shared.ingest.jpeg import check_jpeg
 from shared.ingest.mpp import check_mpp, plain_image_mpp
 from shared.ingest.pil import open_plain_image
 from shared.ingest.validate import require_file
@@ -57,18 +58,18 @@ def _content_key(path: Path, mpp: float | None) -> str:
 
 
 def _decode_jpeg(path: Path) -> np.ndarray | None:
-    """libjpeg decode straight into one numpy array (PIL would hold the image twice); None if not plain RGB."""
+    """libjpeg decode straight into one numpy array (PIL would hold the image twice); None if not plain RGB.
+
+    libjpeg decodes a truncated or corrupt file without an error (grey or scrambled blocks), so the file is
+    checked first (shared/ingest/jpeg.py)."""
     import imagecodecs
 
     with open(path, "rb") as handle:
         data = handle.read()
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    if b"\xff\xd9" not in data[-65536:]:  # libjpeg would pad a truncated file with grey, silently
-        raise FedstError(f"{path}: unreadable or corrupt image (truncated JPEG: no end-of-image marker)")
+    check_jpeg(path, data)
     try:
         rgb = imagecodecs.jpeg8_decode(data)
-    except Exception as exc:  # imagecodecs.Jpeg8Error on truncated/corrupt data
+    except Exception as exc:  # imagecodecs.Jpeg8Error on what the check cannot see (e.g. an unsupported variant)
         raise FedstError(f"{path}: unreadable or corrupt image ({exc})") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         return None  # grayscale/CMYK: let PIL convert it
@@ -76,10 +77,15 @@ def _decode_jpeg(path: Path) -> np.ndarray | None:
 
 
 def read_plain_image(path: Path) -> np.ndarray:
-    """Decode a JPEG/PNG/plain TIFF into (H, W, 3) uint8, transparency composited on white."""
+    """Decode a JPEG/PNG/plain TIFF into (H, W, 3) uint8, transparency composited on white.
+
+    The header is read first: an image above the size bound (shared/ingest/pil.py) is refused before any
+    pixel is decoded or allocated."""
     from PIL import Image
 
-    rgb = _decode_jpeg(path)
+    with open_plain_image(path) as image:
+        is_jpeg = image.format in ("JPEG", "MPO")  # MPO: a camera's multi-picture JPEG
+    rgb = _decode_jpeg(path) if is_jpeg else None
     if rgb is not None:
         return rgb
     with open_plain_image(path) as image:

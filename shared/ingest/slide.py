@@ -82,9 +82,22 @@ class Slide:
                 best = level if factor >= self.level_downsamples[best] else best
         return best
 
+    def _unreadable(self, what: str, exc: Exception) -> FedstError:
+        """A slide whose tiles are corrupt opens fine and fails on the read that touches them (openslide
+        raises OpenSlideError, and refuses every later read of that handle): one line naming slide and region."""
+        converted = f", converted copy {self.path}" if self.path != self.source else ""
+        return FedstError(f"{self.source}: unreadable or corrupt slide: {what} failed ({exc}{converted})")
+
     def read_region_rgb(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """(height, width, 3) uint8 at ``level``; (x, y) in level-0 pixels. Outside the slide reads as white."""
-        region = self._osr.read_region((int(x), int(y)), int(level), (int(width), int(height)))
+        import openslide
+
+        try:
+            region = self._osr.read_region((int(x), int(y)), int(level), (int(width), int(height)))
+        except openslide.OpenSlideError as exc:
+            raise self._unreadable(
+                f"reading the {width} x {height} px region at x={x}, y={y}, level {level}", exc
+            ) from None
         rgba = np.asarray(region, dtype=np.uint8)
         alpha = rgba[..., 3:4].astype(np.float32) / 255.0
         rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
@@ -116,7 +129,12 @@ class Slide:
 
     def thumbnail(self, max_px: int) -> tuple[np.ndarray, float]:
         """An RGB overview at most ``max_px`` on its long side and its scale (thumbnail px per level-0 px)."""
-        image = self._osr.get_thumbnail((int(max_px), int(max_px))).convert("RGB")
+        import openslide
+
+        try:
+            image = self._osr.get_thumbnail((int(max_px), int(max_px))).convert("RGB")
+        except openslide.OpenSlideError as exc:
+            raise self._unreadable(f"reading a {max_px} px thumbnail", exc) from None
         return np.asarray(image, dtype=np.uint8), image.width / self.width
 
     def describe(self) -> dict[str, Any]:

@@ -54,19 +54,30 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def has_manifest(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory holding a manifest file, readable or not: callers that then open it
+    as a store report a corrupt manifest as such, not as "not a store"."""
+    return (Path(path) / MANIFEST).is_file()
+
+
 def is_store(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a directory holding a complete store manifest."""
+    """True when ``path`` is a directory holding a store manifest (JSON naming the store format)."""
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         return False
     try:
-        return json.loads(manifest.read_text()).get("format") == FORMAT_NAME
-    except (OSError, json.JSONDecodeError):
+        content = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
+    return isinstance(content, dict) and content.get("format") == FORMAT_NAME
+
+
+MANIFEST_FIELDS = {"panel": list, "sections": list, "params": dict, "counts": dict, "files": dict}
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of the store at ``path``, or a FedstError saying why it is not a store."""
+    """The manifest of the store at ``path``, or a FedstError saying why it is not a store: no manifest at all
+    (not a store, or an interrupted write) differs from a manifest that is there but unreadable or incomplete."""
     root = Path(path)
     if not root.exists():
         raise FedstError(f"{root}: no such store (expected a directory written by `fedst data prepare`)")
@@ -77,6 +88,12 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise FedstError(f"{manifest_path}: corrupt manifest ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise FedstError(f"{manifest_path}: corrupt manifest (not UTF-8 JSON text)") from None
+    except OSError as exc:
+        raise FedstError(f"{manifest_path}: unreadable manifest ({exc.strerror or exc})") from None
+    if not isinstance(manifest, dict):
+        raise FedstError(f"{manifest_path}: corrupt manifest (a JSON {type(manifest).__name__}, expected an object)")
     if manifest.get("format") != FORMAT_NAME:
         raise FedstError(f"{manifest_path}: field 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     version = manifest.get("format_version")
@@ -84,10 +101,57 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise FedstError(
             f"{manifest_path}: format_version {version!r} is not supported (this fedst reads {FORMAT_VERSION})"
         )
+    _check_manifest_fields(manifest_path, manifest)
     missing = [name for name in DATA_FILES if not (root / name).is_file()]
     if missing:
         raise FedstError(f"{root}: store is incomplete, missing {', '.join(missing)}")
     return manifest
+
+
+def _check_manifest_fields(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """The fields every reader relies on, with their types: a hand-edited or damaged manifest fails here, in
+    one line, instead of as a KeyError deep inside training."""
+    for field, kind in MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(field), kind):
+            found = "missing" if field not in manifest else f"a {type(manifest[field]).__name__}"
+            raise FedstError(
+                f"{manifest_path}: corrupt manifest (field {field!r} is {found}, expected a {kind.__name__})"
+            )
+    numbers = {
+        "params.patch_px": manifest["params"].get("patch_px"),
+        "counts.spots": manifest["counts"].get("spots"),
+        "counts.tiles": manifest["counts"].get("tiles"),
+    }
+    for field, value in numbers.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise FedstError(
+                f"{manifest_path}: corrupt manifest (field {field!r} is {value!r}, expected an integer >= 0)"
+            )
+
+
+def check_array_file(path: Path, n_rows: int, patch_px: int) -> None:
+    """FedstError naming ``path`` unless it is a .npy of uint8 (n_rows, P, P, 3) whose data is all on disk.
+
+    Only the header is read, so opening a store stays free; a truncated file would otherwise surface as
+    numpy's "mmap length is greater than file size" when training first touches it."""
+    expected = (int(n_rows), int(patch_px), int(patch_px), 3)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version not in readers:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, fortran, dtype = readers[version](handle)
+            offset = handle.tell()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise FedstError(f"{path}: unreadable or corrupt array (expected a .npy file: {exc})") from None
+    if tuple(shape) != expected or dtype != np.uint8 or fortran:
+        raise FedstError(
+            f"{path}: array of shape {tuple(shape)} {dtype} does not match the manifest (expected {expected} uint8)"
+        )
+    size, needed = path.stat().st_size, offset + int(np.prod(expected))
+    if size < needed:
+        raise FedstError(f"{path}: truncated array ({size} of {needed} bytes on disk; store modified or corrupt)")
 
 
 class PatchStore:
@@ -96,6 +160,8 @@ class PatchStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        check_array_file(self.path / PATCHES, self.n_spots, self.patch_px)
+        check_array_file(self.path / TILES, self.n_tiles, self.patch_px)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> PatchStore:
@@ -113,13 +179,21 @@ class PatchStore:
     def tile_table(self) -> pd.DataFrame:
         import pandas as pd
 
-        return pd.read_csv(self.path / TILE_TABLE, dtype={keys.SECTION: str})
+        try:
+            return pd.read_csv(self.path / TILE_TABLE, dtype={keys.SECTION: str})
+        except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+            raise FedstError(f"{self.path / TILE_TABLE}: unreadable tile table ({type(exc).__name__}: {exc})") from None
 
     @cached_property
     def spots(self) -> anndata.AnnData:
         import anndata
 
-        return anndata.read_h5ad(self.path / SPOTS)
+        try:
+            return anndata.read_h5ad(self.path / SPOTS)
+        except Exception as exc:  # h5py/anndata raise OSError, KeyError, ValueError on a broken file
+            raise FedstError(
+                f"{self.path / SPOTS}: unreadable or corrupt .h5ad ({type(exc).__name__}: {exc})"
+            ) from None
 
     @property
     def panel(self) -> list[str]:
@@ -201,6 +275,11 @@ class StoreWriter:
         if self.out.exists() and not self.overwrite:
             raise FedstError(f"{self.out}: already exists (pass overwrite to replace it)")
         if self.out.exists() and not is_store(self.out) and any(self.out.iterdir()):
+            if has_manifest(self.out):  # a store whose manifest is damaged: say so, rather than "not a store"
+                try:
+                    read_manifest(self.out)
+                except FedstError as exc:
+                    raise FedstError(f"{exc}; refusing to replace {self.out} (remove it to rebuild)") from None
             raise FedstError(f"{self.out}: exists and is not a fedst store; refusing to replace it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir()
