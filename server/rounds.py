@@ -159,9 +159,22 @@ def weighted(sites: Mapping[str, Mapping[str, float]], weight_key: str = "num-ex
     return out
 
 
+FLOWER_ERRORS = {  # flwr.common.constant.ErrorCode: failures of Flower's own machinery, not of the site's code
+    1: "clientapp-load-failed",
+    3: "message-unavailable",
+    4: "reply-unavailable",
+    5: "node-unavailable",
+    6: "mod-failed",
+    7: "invalid-app",
+    8: "clientapp-crashed",
+}
+
+
 def failure_reason(error) -> str:
-    """What the server records of a site's error reply: the contract's category and Flower's code, never the
-    reason's free text (a path, a spot id or a gene name would reach results.json and ``flwr log``)."""
+    """What the server records of an error reply: the contract's category (a fedst site's failure) or the name of
+    Flower's own error code (a dead node, a crashed ClientApp), and the code; never the reason's free text (a path,
+    a spot id or a gene name would reach results.json and ``flwr log``)."""
     from shared.contract import site_error_category
 
-    return f"error: {site_error_category(error.reason)} (code {error.code})"
+    category = FLOWER_ERRORS.get(int(error.code)) or site_error_category(error.reason)
+    return f"error: {category} (code {error.code})"

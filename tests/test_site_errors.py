@@ -32,6 +32,8 @@ def test_codes_round_trip_and_forged_or_free_text_reasons_are_not_stored():
     assert site_error_category("") == "unrecognised"
     error = Error(code=2, reason="fedst-site-error 12 panel-mismatch /data/patient-17 has XIST")
     assert failure_reason(error) == "error: panel-mismatch (code 2)"  # only the category, never the trailing text
+    dead = Error(code=5, reason="Error: Node Unavailable - The destination node is currently unavailable. ...")
+    assert failure_reason(dead) == "error: node-unavailable (code 5)"  # Flower's own failures by their code's name
 
 
 def test_exceptions_map_to_their_category():
