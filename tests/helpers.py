@@ -106,3 +106,35 @@ def toy_config(out: Path, **overrides) -> dict:
     }
     config.update(overrides)
     return config
+
+
+def write_flower_app(folder: Path, module: str, source: str, config: dict) -> Path:
+    """A one-module Flower app (``<module>:server`` / ``<module>:client``) with its run ``config``, for the
+    deployment tests that need a small app of their own instead of fedst's."""
+    from shared.tomlio import value
+
+    folder.mkdir(parents=True)
+    (folder / f"{module}.py").write_text(source)
+    settings = "\n".join(f"{key} = {value(v)}" for key, v in config.items())
+    (folder / "pyproject.toml").write_text(
+        f"""[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "{module}"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedst"
+
+[tool.flwr.app.components]
+serverapp = "{module}:server"
+clientapp = "{module}:client"
+
+[tool.flwr.app.config]
+{settings}
+"""
+    )
+    return folder

@@ -25,6 +25,7 @@ import pytest
 
 from server.procs import family, free_port, start, stop_tree
 from server.superlink import REPO, SuperLink, add_connection, flwr_env, supernode_command
+from tests.helpers import write_flower_app
 
 DEPLOY = REPO / "deploy"
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).is_file()), None)
@@ -75,35 +76,6 @@ APP = textwrap.dedent("""
         echoes = [reply.content.metric_records["metrics"]["echo"] for reply in replies if not reply.has_error()]
         Path(context.run_config["out"]).write_text(json.dumps({"echoes": echoes}))
 """)
-
-
-def _write_app(folder: Path, out: Path) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "echoapp.py").write_text(APP)
-    (folder / "pyproject.toml").write_text(
-        textwrap.dedent(f'''
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "echoapp"
-        version = "1.0.0"
-        dependencies = []
-
-        [tool.flwr.app]
-        publisher = "fedst"
-
-        [tool.flwr.app.components]
-        serverapp = "echoapp:server"
-        clientapp = "echoapp:client"
-
-        [tool.flwr.app.config]
-        sites = 1
-        out = "{out}"
-    ''')
-    )
-    return folder
 
 
 def _script(name: str, *args: object) -> None:
@@ -275,7 +247,7 @@ def test_outsider_cannot_list_register_or_run_operator_can(certs, tmp_path):
     for name in ("site-0", "intruder"):
         _script("make-node-key.sh", keys, name)
     out = tmp_path / "echo.json"
-    app = _write_app(tmp_path / "app", out)
+    app = write_flower_app(tmp_path / "app", "echoapp", APP, {"sites": 1, "out": str(out)})
     link = SuperLink(tmp_path / "operator", simulation=False, name="operator")  # its flwr helpers, our command
     superlink = ["bash", str(DEPLOY / "start-superlink.sh"), str(certs), str(tmp_path / "state"), str(link.port)]
     proxy, forwarder, ports = _proxies(certs, link.port)

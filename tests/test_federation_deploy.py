@@ -8,14 +8,13 @@ import json
 import shutil
 import subprocess
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from server.procs import FLWR_IN_MEMORY_STATE, family, free_port, start, stop_tree
 from server.superlink import REPO, SuperLink, supernode_command
 from shared.c2l.toy import write_toy_store
-from tests.helpers import toy_config
+from tests.helpers import toy_config, write_flower_app
 
 pytestmark = pytest.mark.slow
 PANEL = [f"G{i}" for i in range(6)]
@@ -170,37 +169,6 @@ BIG_APP = textwrap.dedent("""
 """)
 
 
-def _write_big_app(folder: Path, megabytes: float, sites: int, out: Path) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "bigmsg.py").write_text(BIG_APP)
-    (folder / "pyproject.toml").write_text(
-        textwrap.dedent(f'''
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "bigmsg"
-        version = "1.0.0"
-        dependencies = []
-
-        [tool.flwr.app]
-        publisher = "fedst"
-
-        [tool.flwr.app.components]
-        serverapp = "bigmsg:server"
-        clientapp = "bigmsg:client"
-
-        [tool.flwr.app.config]
-        megabytes = {megabytes}
-        sites = {sites}
-        timeout = 300.0
-        out = "{out}"
-    ''')
-    )
-    return folder
-
-
 @pytest.mark.timeout(240)
 def test_model_update_over_100_mb_reaches_every_site_and_back(tmp_path):
     """The `base` preset's update is ~107 MB per site each way; with SQLite SuperLink state it ended
@@ -210,7 +178,12 @@ def test_model_update_over_100_mb_reaches_every_site_and_back(tmp_path):
     lock."""
     megabytes, sites = 110.0, 2
     summary = tmp_path / "summary.json"
-    app = _write_big_app(tmp_path / "app", megabytes, sites, summary)
+    app = write_flower_app(
+        tmp_path / "app",
+        "bigmsg",
+        BIG_APP,
+        {"megabytes": megabytes, "sites": sites, "timeout": 300.0, "out": str(summary)},
+    )
     started: list[subprocess.Popen] = []
     link = SuperLink(tmp_path / "flwr", simulation=False)
     assert link.command()[link.command().index("--database") + 1] == FLWR_IN_MEMORY_STATE  # the runner's default
