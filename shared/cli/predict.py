@@ -53,6 +53,8 @@ def predict(
         adata = prediction_adata(predictor, store, **kw)
     write_h5ad_atomic(adata, out)
     typer.echo(f"wrote {out} ({adata.n_obs} spots x {adata.n_vars} genes)")
+    imaged = sorted(adata.uns.get("spatial", {}))
+    typer.echo(f"uns['spatial']: tissue images for {len(imaged)} section(s): {', '.join(imaged) or '-'}")
     for sec in dict.fromkeys(adata.obs["section"].astype(str)):
         png = plot_prediction(adata, out.with_name(f"{out.stem}.{sec}.png"), n_genes=top, section=sec)
         typer.echo(f"wrote {png}")

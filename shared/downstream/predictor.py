@@ -498,9 +498,12 @@ def evaluate_predictor(
     return evaluate_predictions(pred, truth, coords, section_of[rows], list(store.panel))
 
 
-def prediction_adata(predictor: Predictor, store: PatchStore | str | os.PathLike, **predict_kw: Any) -> Any:
+def prediction_adata(
+    predictor: Predictor, store: PatchStore | str | os.PathLike, images: bool = True, **predict_kw: Any
+) -> Any:
     """AnnData of a prediction: X = prediction (also layers[PREDICTED]); obs section; obsm[SPATIAL] kept;
-    measured truth in layers[NORMALISED] and its mask in layers[MEASURED] when the store measured anything."""
+    measured truth in layers[NORMALISED] and its mask in layers[MEASURED] when the store measured anything;
+    with ``images``, uns['spatial'][section] (tissue hires/lowres + scalefactors) where the slide is reachable."""
     import anndata as ad
 
     store = _open(store)
@@ -524,6 +527,10 @@ def prediction_adata(predictor: Predictor, store: PatchStore | str | os.PathLike
         "target": "log1p(counts / library size * 1e4) on the panel",
         **{k: v for k, v in predictor.info.items() if k != "seed"},
     }
+    if images:  # scanpy/squidpy then draw the spots on the tissue; a missing slide is one logged line
+        from shared.downstream.spatial_images import add_spatial_images
+
+        add_spatial_images(out, store)
     return out
 
 
