@@ -82,8 +82,8 @@ def test_readme_stays_a_short_guide() -> None:
     commands = re.findall(r"^python3 -m venv \.venv && .+$", text, re.M)
     assert commands == [
         'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/fedst demo',
-        'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest',
+        'python3 -m venv .venv && .venv/bin/pip install -e ".[test,encoders]" && .venv/bin/python -m pytest',
     ]
     ci = (REPO / ".ci" / "run").read_text()
-    assert "python3 -m venv .venv" in ci and '.venv/bin/pip install -q -e ".[test]"' in ci
+    assert "python3 -m venv .venv" in ci and '.venv/bin/pip install -q -e ".[test,encoders]"' in ci
     assert ".venv/bin/python -m pytest" in ci
