@@ -158,7 +158,7 @@ def test_imputation_never_reads_held_out_truth():
         np.testing.assert_array_equal(runs[0].predictions[method], runs[2].predictions[method])
     assert runs[0].has_truth.all() and not runs[2].has_truth.any()
     assert np.isnan(runs[2].truth).all() and runs[2].metrics == {}
-    assert set(runs[0].metrics) == {"spadit", "knn"}
+    assert set(runs[0].metrics) == {"spadit", "knn", "knn_val_k"}
 
 
 def test_genes_pair_by_name_not_row_order():

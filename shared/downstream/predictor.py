@@ -386,8 +386,6 @@ def train_predictor(
     feature_key = f"X_{encoder}"
     if stain_normalise or tta or not (use_precomputed and all(feature_key in s.spots.obsm for s in all_stores)):
         feature_key = None
-    encoder_kw = dict(encoder_kw or {})
-    log = _Log(progress)
     batches, subs = [], []
     for i, store in enumerate(all_stores):
         rows = _rows_for(store, spot_indices) if i < len(stores) else None
@@ -397,6 +395,64 @@ def train_predictor(
     data = _concat(batches)
     require(len(data.coords) >= 3, f"train_predictor: only {len(data.coords)} training spots")
     Y, M = _targets(subs, genes)
+    info = {
+        "train_stores": [str(s.path) for s in stores],
+        "extra_stores": [str(s.path) for s in extras],
+        "n_train_spots": int(len(Y)),
+        "n_synthetic_spots": int(sum(s.n_obs for s in subs[len(stores) :])),
+    }
+    return train_predictor_on_batch(
+        data,
+        Y,
+        genes,
+        kind,
+        encoder,
+        mask=M,
+        feature_key=feature_key,
+        patch_params=_patch_params(stores[0] if stores else extras[0]),
+        info=info,
+        seed=seed,
+        progress=progress,
+        encoder_weights=encoder_weights,
+        encoder_kw=encoder_kw,
+        stain_normalise=stain_normalise,
+        tta=tta,
+        **kw,
+    )
+
+
+def train_predictor_on_batch(
+    data: SpotBatch,
+    Y: np.ndarray,
+    genes: Sequence[str],
+    kind: str = "ridge",
+    encoder: str = "stats",
+    *,
+    mask: np.ndarray | None = None,
+    feature_key: str | None = None,
+    patch_params: Mapping[str, Any] | None = None,
+    info: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    encoder_weights: str | os.PathLike | None = None,
+    encoder_kw: Mapping[str, Any] | None = None,
+    stain_normalise: bool = False,
+    tta: bool = False,
+    **kw: Any,
+) -> Predictor:
+    """``train_predictor`` on spots already in memory (``Y``: spots x ``genes`` targets; ``mask``: measured
+    entries, default all): the one model path, also used by cross-validation and benchmarks that hold their
+    data as arrays. ``feature_key`` names the obsm key ``data.features`` came from (None: encode patches)."""
+    require(kind in KINDS, f"predictor kind {kind!r}: expected one of {', '.join(KINDS)}")
+    genes = list(genes)
+    Y = np.asarray(Y, dtype=np.float32)
+    require(
+        Y.ndim == 2 and Y.shape == (len(data.coords), len(genes)),
+        f"targets: expected ({len(data.coords)}, {len(genes)}), got {Y.shape}",
+    )
+    M = np.ones_like(Y) if mask is None else (np.asarray(mask) > 0).astype(np.float32)
+    encoder_kw = dict(encoder_kw or {})
+    log = _Log(progress)
     predictor = Predictor(
         kind,
         None,
@@ -404,14 +460,8 @@ def train_predictor(
         encoder,
         encoder_kw,
         feature_key,
-        patch_params=_patch_params(stores[0] if stores else extras[0]),
-        info={
-            "train_stores": [str(s.path) for s in stores],
-            "extra_stores": [str(s.path) for s in extras],
-            "n_train_spots": int(len(Y)),
-            "n_synthetic_spots": int(sum(s.n_obs for s in subs[len(stores) :])),
-            "seed": seed,
-        },
+        patch_params=dict(patch_params or {}),
+        info={**dict(info or {"n_train_spots": int(len(Y))}), "seed": seed},
         patch_transforms={"stain_normalise": bool(stain_normalise), "tta": bool(tta)},
     )
     if feature_key is None:
