@@ -302,7 +302,7 @@ def test_cli_impute_end_to_end(tmp_path):
     out = ad.read_h5ad(tmp_path / "imp.h5ad")
     assert out.shape == (50, 5) and keys.PREDICTED in out.layers and keys.SPATIAL in out.obsm
     report = json.loads((tmp_path / "imp.metrics.json").read_text())
-    assert set(report["metrics"]) == {"spadit", "knn"} and len(report["genes"]) == 5
+    assert set(report["metrics"]) == {"spadit", "knn", "knn_val_k"} and len(report["genes"]) == 5
     assert (tmp_path / "imp.maps.png").stat().st_size > 0
     assert SpaDiT.from_pretrained(tmp_path / "model").config.n_spots == 50
     bad = subprocess.run(
@@ -314,3 +314,81 @@ def test_cli_impute_end_to_end(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: requested gene 'NotAGene' is absent")
     assert not (tmp_path / "bad.h5ad").exists()
+
+
+def write_csv_pair(folder, st, sc):
+    """A pair in the sc-spatial CSV layout: {spatial,reference}/counts.csv genes x obs, coords, cell types."""
+    import pandas as pd
+
+    for side, adata in (("spatial", st), ("reference", sc)):
+        (folder / side).mkdir(parents=True)
+        pd.DataFrame(adata.X.T, index=adata.var_names, columns=adata.obs_names).to_csv(folder / side / "counts.csv")
+    pd.DataFrame(st.obsm[keys.SPATIAL], index=st.obs_names, columns=["x", "y"]).to_csv(
+        folder / "spatial" / "coords.csv"
+    )
+    sc.obs[["cell_type"]].rename(columns={"cell_type": "x"}).to_csv(folder / "reference" / "cell_types.csv")
+
+
+def test_honest_priors_never_read_a_genes_own_st_values():
+    """A measured gene's prior is computed without its own ST values (as a test gene's is); k from val genes."""
+    from shared.downstream.spadit.prior import K_GRID, choose_k, honest_priors
+
+    st, sc = make_pair(n_genes=30)
+    paired = pair_genes(st, sc)
+    split = split_genes(paired, holdout_fraction=0.2, seed=0)
+    frame = frame_genes(paired, split)
+    prior = honest_priors(frame, split, k=10, seed=0)
+    assert prior.shape == (30, st.n_obs) and np.isfinite(prior).all()
+    np.testing.assert_allclose(  # test genes: exactly the kNN baseline on the measured genes
+        prior[split.test],
+        knn_impute(frame.st_log[split.measured], frame.sc_log[split.measured], frame.sc_log[split.test]),
+    )
+    g = split.train[0]
+    frame.st_log[g] = np.random.default_rng(1).permutation(frame.st_log[g])  # scramble one gene's ST values
+    again = honest_priors(frame, split, k=10, seed=0)
+    np.testing.assert_array_equal(again[g], prior[g])  # its own prior is unchanged
+    assert not np.array_equal(again, prior)  # ... while other folds' priors did read it
+    assert choose_k(frame, split, default=10) in {min(k, sc.n_obs) for k in K_GRID}
+
+
+def test_csv_folders_load_and_errors_name_the_file(tmp_path):
+    from shared.downstream.spadit.loaders import CELL_TYPE, read_input
+
+    st, sc = make_pair()
+    write_csv_pair(tmp_path / "pair", st, sc)
+    st2 = read_input(tmp_path / "pair" / "spatial", "spatial input", need_spatial=True)
+    sc2 = read_input(tmp_path / "pair" / "reference", "reference input", need_spatial=False)
+    np.testing.assert_allclose(st2.X, st.X)
+    np.testing.assert_allclose(st2.obsm[keys.SPATIAL], st.obsm[keys.SPATIAL])
+    assert list(sc2.var_names) == list(sc.var_names) and list(sc2.obs[CELL_TYPE]) == list(sc.obs["cell_type"])
+    coords = tmp_path / "pair" / "spatial" / "coords.csv"
+    coords.write_text(coords.read_text().replace('"x","y"', "a,b", 1).replace(",x,y", ",a,b", 1))
+    with pytest.raises(FedstError, match="coords.csv: expected columns x, y"):
+        read_input(tmp_path / "pair" / "spatial", "spatial input", need_spatial=True)
+    coords.unlink()
+    with pytest.raises(FedstError, match="coords.csv: not found"):
+        read_input(tmp_path / "pair" / "spatial", "spatial input", need_spatial=True)
+    counts = tmp_path / "pair" / "reference" / "counts.csv"
+    lines = counts.read_text().splitlines()
+    lines[2] = "Gene1,oops," + lines[2].split(",", 2)[2]  # one non-numeric value, same field count
+    counts.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FedstError, match="counts.csv: non-numeric"):
+        read_input(tmp_path / "pair" / "reference", "reference input", need_spatial=False)
+
+
+def test_cli_impute_reads_a_real_csv_pair_as_shipped(tmp_path):
+    """README's command on ../shared/data/sc-spatial/visium_hippocampus as is (few epochs: a wiring check)."""
+    pair = shared_path("sc-spatial", "visium_hippocampus")
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.cli.main", "impute", "--spatial", str(pair / "spatial")]
+        + ["--reference", str(pair / "reference"), "--holdout-fraction", "0.2", "--epochs", "3"]
+        + ["--steps", "5", "--samples", "1", "--out", str(tmp_path / "imp.h5ad")],
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang guard, not a speed target
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "imp.metrics.json").read_text())
+    assert len(report["genes"]) == 25  # 20% of the 124 shared genes
+    # at 3 epochs the blend chosen on validation genes keeps SpaDiT near its kNN prior, well above chance
+    assert report["metrics"]["spadit"]["pcc"] > 0.2 and report["metrics"]["knn"]["pcc"] > 0.2

@@ -6,8 +6,18 @@ import typer
 
 
 def impute(
-    spatial: Path = typer.Option(..., "--spatial", help="ST .h5ad (spots x genes, raw counts, obsm['spatial'])."),
-    reference: Path = typer.Option(..., "--reference", help="scRNA-seq reference .h5ad (cells x genes, counts)."),
+    spatial: Path = typer.Option(
+        ...,
+        "--spatial",
+        help="ST .h5ad (spots x genes, raw counts, obsm['spatial']) or a folder with counts.csv (genes x "
+        "spots, symbol first) + coords.csv (x, y), e.g. ../shared/data/sc-spatial/PAIR/spatial.",
+    ),
+    reference: Path = typer.Option(
+        ...,
+        "--reference",
+        help="scRNA-seq reference .h5ad (cells x genes, counts) or a folder with counts.csv (genes x cells) "
+        "[+ cell_types.csv], e.g. ../shared/data/sc-spatial/PAIR/reference.",
+    ),
     out: Path = typer.Option(..., "--out", help="Output .h5ad of the imputed genes (+ .metrics.json, .png)."),
     genes: str | None = typer.Option(None, "--genes", help="Comma-separated genes to impute (from the reference)."),
     holdout_fraction: float | None = typer.Option(
@@ -32,12 +42,12 @@ def impute(
     if targets is not None and not targets:
         raise FedstError("--genes is empty; expected comma-separated gene symbols")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from shared.downstream.spadit.loaders import read_h5ad_checked
+    from shared.downstream.spadit.loaders import read_input
     from shared.downstream.spadit.output import write_result
     from shared.downstream.spadit.pipeline import run_imputation
 
-    st = read_h5ad_checked(spatial, "spatial input", need_spatial=True)
-    sc = read_h5ad_checked(reference, "reference input", need_spatial=False)
+    st = read_input(spatial, "spatial input", need_spatial=True)
+    sc = read_input(reference, "reference input", need_spatial=False)
     result = run_imputation(
         st,
         sc,

@@ -45,30 +45,57 @@ def _read_genes_by_obs(path: Path) -> AnnData:
 def _read_named_column(path: Path, ids: list[str], what: str) -> np.ndarray:
     import pandas as pd
 
-    table = pd.read_csv(path, index_col=0)
+    require(path.is_file(), f"{path}: not found; expected a CSV with one row per {what[:-1]} id")
+    try:
+        table = pd.read_csv(path, index_col=0)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise FedstError(f"{path}: unreadable CSV ({exc})") from exc
     table.index = table.index.astype(str)
     missing = [i for i in ids if i not in table.index]
     require(not missing, f"{path}: {len(missing)} of {len(ids)} {what} lack a row (e.g. {missing[:3]})")
     return table.loc[ids]
 
 
+def load_spatial_csv(folder: str | Path) -> AnnData:
+    """The spatial half of an sc-spatial pair: ``counts.csv`` (genes x spots) + ``coords.csv`` (x, y per spot)."""
+    root = Path(folder)
+    st = _read_genes_by_obs(root / "counts.csv")
+    coords = _read_named_column(root / "coords.csv", list(st.obs_names), "spots")
+    require(
+        {"x", "y"} <= set(coords.columns),
+        f"{root / 'coords.csv'}: expected columns x, y; got {list(coords.columns)}",
+    )
+    try:
+        st.obsm[keys.SPATIAL] = coords[["x", "y"]].to_numpy(dtype=np.float64)
+    except ValueError as exc:
+        raise FedstError(f"{root / 'coords.csv'}: non-numeric x/y coordinates ({exc})") from exc
+    st.uns[keys.PROVENANCE] = {"format": "sc-spatial-csv", "source": str(root)}
+    return st
+
+
+def load_reference_csv(folder: str | Path) -> AnnData:
+    """The reference half: ``counts.csv`` (genes x cells) + optional ``cell_types.csv`` (one type per cell)."""
+    root = Path(folder)
+    sc = _read_genes_by_obs(root / "counts.csv")
+    types = root / "cell_types.csv"
+    if types.is_file():
+        sc.obs[CELL_TYPE] = _read_named_column(types, list(sc.obs_names), "cells").iloc[:, 0].astype(str).to_numpy()
+    sc.uns[keys.PROVENANCE] = {"format": "sc-spatial-csv", "source": str(root)}
+    return sc
+
+
 def load_sc_spatial(folder: str | Path) -> tuple[AnnData, AnnData]:
     """A spacexr-style folder (``spatial/{counts,coords}.csv``, ``reference/{counts,cell_types}.csv``)."""
     root = Path(folder)
-    st = _read_genes_by_obs(root / "spatial" / "counts.csv")
-    coords = _read_named_column(root / "spatial" / "coords.csv", list(st.obs_names), "spots")
-    require(
-        {"x", "y"} <= set(coords.columns),
-        f"{root / 'spatial' / 'coords.csv'}: expected columns x, y; got {list(coords.columns)}",
-    )
-    st.obsm[keys.SPATIAL] = coords[["x", "y"]].to_numpy(dtype=np.float64)
-    st.uns[keys.PROVENANCE] = {"format": "sc-spatial-csv", "source": str(root / "spatial")}
-    sc = _read_genes_by_obs(root / "reference" / "counts.csv")
-    types = root / "reference" / "cell_types.csv"
-    if types.is_file():
-        sc.obs[CELL_TYPE] = _read_named_column(types, list(sc.obs_names), "cells").iloc[:, 0].astype(str).to_numpy()
-    sc.uns[keys.PROVENANCE] = {"format": "sc-spatial-csv", "source": str(root / "reference")}
-    return st, sc
+    return load_spatial_csv(root / "spatial"), load_reference_csv(root / "reference")
+
+
+def read_input(path: str | Path, what: str, need_spatial: bool) -> AnnData:
+    """An .h5ad file, or a folder in the sc-spatial CSV layout (``counts.csv`` [+ ``coords.csv``])."""
+    p = Path(path)
+    if p.is_dir():
+        return load_spatial_csv(p) if need_spatial else load_reference_csv(p)
+    return read_h5ad_checked(p, what, need_spatial)
 
 
 def load_bdtnp(folder: str | Path) -> AnnData:
