@@ -49,3 +49,20 @@ def test_bad_names_and_weights_are_clear_errors(tmp_path) -> None:
         create_encoder("resnet18", weights=bad, device="cpu")
     with pytest.raises(FedstError):
         create_encoder("resnet18", weights=tmp_path / "missing.pt", device="cpu")
+
+
+def test_fixed_size_vit_resizes_default_64px_patches_to_its_native_input() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    x = _patches(n=2, px=64)
+    vit = create_encoder("vit_tiny_patch16_224", device="cpu", seed=1)  # no input_px: the default store patches
+    assert vit.resize_px == 224 and vit.config()["input_px"] is None  # derived, not saved as a choice
+    feats = vit.embed(x)  # used to fail: "Input height (64) doesn't match model (224)"
+    assert feats.shape == (2, vit.dim) and np.isfinite(feats).all()
+    explicit = create_encoder("vit_tiny_patch16_224", device="cpu", seed=1, input_px=224)
+    np.testing.assert_allclose(feats, explicit.embed(x), rtol=1e-5, atol=1e-5)  # the same resize to 224
+    assert not np.allclose(feats[0], feats[1])  # the patch content still matters after resizing
+    built_small = create_encoder("vit_tiny_patch16_224", device="cpu", img_size=64)  # a timm option wins
+    assert built_small.resize_px == 64 and built_small.embed(x).shape == (2, built_small.dim)
+    assert create_encoder("resnet18", device="cpu").resize_px is None  # convolutional: any size, as given

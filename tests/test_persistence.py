@@ -423,7 +423,7 @@ def test_ridge_needs_its_fitted_alpha(tmp_path) -> None:
 
     _ridge().save_pretrained(tmp_path / "r")
     config = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert set(config) == {"kind", "n_components", "alphas", "alpha_"}
+    assert set(config) == {"kind", "n_components", "alphas", "alpha_", "selection_"}
     del config["alpha_"]
     (tmp_path / "r" / "config.json").write_text(json.dumps(config))
     with pytest.raises(FedstError, match=r"config.json: missing config key\(s\) \['alpha_'\]"):

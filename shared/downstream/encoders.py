@@ -162,9 +162,10 @@ class StatsEncoder(ImageEncoder):
 class TimmEncoder(ImageEncoder):
     """A timm backbone (classifier head removed) with ImageNet-style input normalisation.
 
-    Patches are resized to ``input_px`` (default: the patch size for convolutional nets; the architecture's
-    native size is not needed because the net is built for ``input_px`` where timm allows it, e.g. ViTs via
-    ``img_size``).
+    Patches are resized to ``input_px`` when given (ViTs are then built for it via ``img_size``). Without it,
+    convolutional nets take the patch as it is, and an architecture with a fixed input size (a ViT's patch
+    embedding asserts its ``img_size``; timm's ``fixed_input_size``) gets the patch resized to that native
+    size (``resize_px``), so the default 64 px patches work instead of failing on the first batch.
     """
 
     def __init__(
@@ -203,6 +204,7 @@ class TimmEncoder(ImageEncoder):
         self.std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=self.device).view(1, 3, 1, 1)
         self.dim = int(self.model.num_features)
         self.seed = seed
+        self.resize_px = input_px if input_px is not None else _fixed_input_px(self.model)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "input_px": self.input_px, **self.model_kw}
@@ -220,11 +222,26 @@ class TimmEncoder(ImageEncoder):
             for start in range(0, len(patches), batch_size):
                 x = torch.as_tensor(np.ascontiguousarray(patches[start : start + batch_size]), device=self.device)
                 x = x.permute(0, 3, 1, 2).float() / 255.0
-                if self.input_px is not None and x.shape[-1] != self.input_px:
-                    x = F.interpolate(x, size=(self.input_px, self.input_px), mode="bilinear", antialias=True)
+                if self.resize_px is not None and x.shape[-1] != self.resize_px:
+                    x = F.interpolate(x, size=(self.resize_px, self.resize_px), mode="bilinear", antialias=True)
                 x = (x - self.mean) / self.std
                 out[start : start + batch_size] = self.model(x).float().cpu().numpy()
         return out
+
+
+def _fixed_input_px(model: Any) -> int | None:
+    """The input side the built net insists on, or None when any size works (convolutional nets).
+
+    A strict patch embedding knows the size it was built for (``img_size``, which a user's ``img_size=``
+    option changes); otherwise timm's ``pretrained_cfg`` says whether the input size is fixed and which it is.
+    """
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and getattr(embed, "strict_img_size", False) and getattr(embed, "img_size", None):
+        return int(embed.img_size[-1])
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    if cfg.get("fixed_input_size") and cfg.get("input_size"):
+        return int(cfg["input_size"][-1])
+    return None
 
 
 def _takes_img_size(name: str) -> bool:

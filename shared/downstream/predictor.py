@@ -471,7 +471,11 @@ def train_predictor_on_batch(
     log(f"features: {len(Y)} spots via {'obsm[' + feature_key + ']' if feature_key else 'encoder ' + encoder}")
     feats = predictor.features(data)
     log(f"training {kind} on {feats.shape[1]}-d features -> {len(genes)} genes")
-    predictor.model = _fit(kind, feats, Y, M, data, genes, seed, log, kw)
+    real = np.arange(len(Y)) < len(Y) - predictor.info["n_synthetic_spots"]  # only real spots are held out
+    predictor.model = _fit(kind, feats, Y, M, data, genes, seed, log, kw, holdout=real)
+    selection = getattr(predictor.model, "selection_", None) or getattr(predictor.model, "validation_", None)
+    if selection is not None:  # how alpha / the early-stopping split was chosen, for predictor.json readers
+        predictor.info["model_selection"] = selection
     return predictor
 
 
@@ -490,13 +494,16 @@ def _fit(
     seed: int,
     log: _Log,
     kw: dict[str, Any],
+    holdout: np.ndarray | None = None,
 ) -> Any:
+    # hyperparameters are chosen on held-out training SECTIONS (or spatial blocks), never on single spots
+    split = {"groups": data.sections, "coords": data.coords, "holdout": holdout}
     if kind == "ridge":
         from shared.downstream.baselines import RidgeBaseline
 
         filled = np.where(M > 0, Y, (Y * M).sum(0) / np.maximum(M.sum(0), 1))
-        model = RidgeBaseline(**kw).fit(feats, filled)
-        log(f"ridge: alpha {model.alpha_:g}")
+        model = RidgeBaseline(**kw).fit(feats, filled, **split)
+        log(f"ridge: alpha {model.alpha_:g} by {model.selection_}")
         return model
     if kind == "mlp":
         import torch
@@ -513,6 +520,7 @@ def _fit(
             Y,
             M,
             seed=seed,
+            **split,
             **kw,
             on_epoch=lambda e, tr, va: (
                 log(f"mlp epoch {e + 1}: train {tr:.4f} val {va:.4f}") if (e + 1) % every == 0 else None
