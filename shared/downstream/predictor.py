@@ -471,7 +471,7 @@ def train_predictor_on_batch(
     log(f"features: {len(Y)} spots via {'obsm[' + feature_key + ']' if feature_key else 'encoder ' + encoder}")
     feats = predictor.features(data)
     log(f"training {kind} on {feats.shape[1]}-d features -> {len(genes)} genes")
-    real = np.arange(len(Y)) < len(Y) - predictor.info["n_synthetic_spots"]  # only real spots are held out
+    real = np.arange(len(Y)) < len(Y) - int(predictor.info.get("n_synthetic_spots", 0))  # synthetic: never held out
     predictor.model = _fit(kind, feats, Y, M, data, genes, seed, log, kw, holdout=real)
     selection = getattr(predictor.model, "selection_", None) or getattr(predictor.model, "validation_", None)
     if selection is not None:  # how alpha / the early-stopping split was chosen, for predictor.json readers
