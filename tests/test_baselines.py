@@ -172,6 +172,7 @@ def test_selection_folds_precedence_holdout_mask_and_contiguous_blocks() -> None
 
     groups = np.array(["a"] * 4 + ["b"] * 3 + ["syn"] * 3)
     scheme, folds = selection_folds(10, groups, holdout=np.arange(10) < 7)
+    # the synthetic spots (holdout False) are never held out, only trained on
     assert scheme == SECTION_OUT and [f.tolist() for f in folds] == [[0, 1, 2, 3], [4, 5, 6]]
     side = 10
     grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2).astype(float)

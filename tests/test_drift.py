@@ -174,3 +174,69 @@ def test_cli_drift_and_evaluate(tmp_path):
     assert res.exit_code != 0 and "share no gene" in str(res.exception)
     res = runner.invoke(app, ["drift", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "x.h5ad")])
     assert res.exit_code != 0 and "not found" in str(res.exception)
+
+
+def test_cli_drift_dtype_keeps_float64_on_request(tmp_path):
+    import anndata as ad
+    from typer.testing import CliRunner
+
+    from shared.cli.main import app
+
+    adata = _small_adata(sparse=False)  # float32 X
+    src = tmp_path / "in.h5ad"
+    adata.write_h5ad(src)
+    runner = CliRunner()
+    expected, _ = drift_matrix(
+        adata.X.astype(np.float64), adata.obsm[keys.SPATIAL], t=2, k=3, sections=adata.obs[keys.SECTION].to_numpy()
+    )
+    outs = {}
+    for dtype in (None, "float32", "float64"):
+        out = tmp_path / f"out-{dtype}.h5ad"
+        res = runner.invoke(app, ["drift", str(src), "--out", str(out)] + ([] if dtype is None else ["--dtype", dtype]))
+        assert res.exit_code == 0, res.output
+        outs[dtype] = ad.read_h5ad(out)
+    assert outs[None].X.dtype == np.float32 and "dtype" not in outs[None].uns[keys.DRIFT]  # default as before
+    assert outs["float32"].X.dtype == np.float32 and outs["float32"].uns[keys.DRIFT]["dtype"] == "float32"
+    assert outs["float64"].X.dtype == np.float64 and outs["float64"].uns[keys.DRIFT]["dtype"] == "float64"
+    assert np.abs(outs["float64"].X - expected).max() < 1e-12  # the kernel's float64, not float32 rounding
+    assert np.abs(outs["float32"].X - expected).max() > 1e-9
+    res = runner.invoke(app, ["drift", str(src), "--embedding", "X_emb", "--dtype", "float32", "--out", str(src)])
+    assert res.exit_code == 0 and ad.read_h5ad(src).obsm["X_emb_drift"].dtype == np.float32
+    res = runner.invoke(app, ["drift", str(src), "--dtype", "float16", "--out", str(tmp_path / "x.h5ad")])
+    assert res.exit_code != 0 and "--dtype" in str(res.exception) and not (tmp_path / "x.h5ad").exists()
+
+
+def test_cli_evaluate_without_truth_scores_the_own_layer_and_labels_both_protocols(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from shared.cli.main import app
+    from shared.downstream.metrics import pcc_per_slide_mean, pcc_pooled
+
+    adata = _small_adata(sparse=False)
+    rng = np.random.default_rng(4)
+    truth = np.asarray(adata.X).copy()
+    adata.layers[keys.NORMALISED] = truth
+    adata.X = (truth + rng.normal(0, 0.5, truth.shape)).astype(np.float32)
+    adata.write_h5ad(tmp_path / "pred.h5ad")
+    runner = CliRunner()
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "pred.h5ad"), "--json", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    sections = adata.obs[keys.SECTION].to_numpy()
+    assert metrics["pcc_per_slide_mean"] == pytest.approx(pcc_per_slide_mean(adata.X, truth, sections))
+    assert metrics["protocols"]["hest"]["pcc"] == pytest.approx(pcc_pooled(adata.X, truth))
+    assert metrics["truth"] == "the prediction's own layers['log1p_norm']"
+    assert "protocol per_slide" in res.output and "protocol hest" in res.output and "HEST-Benchmark" in res.output
+    # with a truth file, the JSON names it
+    adata.write_h5ad(tmp_path / "truth.h5ad")
+    res = runner.invoke(
+        app, ["evaluate", str(tmp_path / "pred.h5ad"), str(tmp_path / "truth.h5ad"), "--json", str(tmp_path / "t.json")]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "t.json").read_text())["truth"] == str(tmp_path / "truth.h5ad")
+    del adata.layers[keys.NORMALISED]
+    adata.write_h5ad(tmp_path / "bare.h5ad")
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "bare.h5ad")])
+    assert res.exit_code != 0 and "pass a TRUTH.h5ad" in str(res.exception)

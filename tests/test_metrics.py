@@ -222,3 +222,67 @@ def test_evaluate_predictions_reports_everything_without_nan():
     perfect = M.evaluate_predictions(truth[:, :4], truth[:, :4], coords, sections)
     assert perfect["pcc_per_slide_mean"] == pytest.approx(1.0) and perfect["rmse"] == 0.0
     assert perfect["ssc"] == pytest.approx(1.0) and perfect["gsc"] == pytest.approx(1.0)
+
+
+def _prediction_adata(rng, with_truth: bool = True):
+    """What `fedst predict` writes: X = layers['predicted'], the measured truth in layers['log1p_norm']."""
+    import anndata as ad
+    import pandas as pd
+
+    from shared import keys
+
+    truth = rng.poisson(3.0, size=(40, 4)).astype(np.float32)
+    pred = (truth + rng.normal(0, 1.0, size=truth.shape)).astype(np.float32)
+    obs = pd.DataFrame({keys.SECTION: ["s1"] * 20 + ["s2"] * 20}, index=[f"spot{i}" for i in range(40)])
+    adata = ad.AnnData(pred.copy(), obs=obs, var=pd.DataFrame(index=[f"G{j}" for j in range(4)]))
+    adata.layers[keys.PREDICTED] = pred
+    adata.obsm[keys.SPATIAL] = np.stack(np.meshgrid(np.arange(5), np.arange(8)), -1).reshape(-1, 2).astype(float)
+    if with_truth:
+        adata.layers[keys.NORMALISED] = truth
+    return adata, pred, truth
+
+
+def test_evaluate_anndata_without_a_truth_file_scores_the_own_measured_layer() -> None:
+    from shared import keys
+
+    rng = np.random.default_rng(5)
+    adata, pred, truth = _prediction_adata(rng)
+    own = M.evaluate_anndata(adata)
+    assert own["pcc_per_slide_mean"] == pytest.approx(M.pcc_per_slide_mean(pred, truth, adata.obs[keys.SECTION]))
+    assert own["truth"] == "the prediction's own layers['log1p_norm']" and own["n_spots"] == 40
+    # layers['measured']: spots with nothing measured are dropped, then genes not measured at every kept spot
+    measured = np.ones_like(truth)
+    measured[:5] = 0  # 5 spots measured nothing
+    measured[10:, 3] = 0  # gene G3 measured on only some spots
+    adata.layers[keys.MEASURED] = measured
+    masked = M.evaluate_anndata(adata)
+    assert (masked["n_spots"], masked["n_genes"]) == (35, 3)
+    assert (masked["n_spots_unmeasured"], masked["n_genes_unmeasured"]) == (5, 1)
+    assert set(masked["per_gene"]) == {"G0", "G1", "G2"}
+    sec = adata.obs[keys.SECTION].to_numpy()[5:]
+    assert masked["pcc_pooled"] == pytest.approx(M.pcc_pooled(pred[5:, :3], truth[5:, :3]))
+    assert masked["pcc_per_slide_mean"] == pytest.approx(M.pcc_per_slide_mean(pred[5:, :3], truth[5:, :3], sec))
+    no_truth, _, _ = _prediction_adata(rng, with_truth=False)
+    with pytest.raises(FedstError, match=r"no truth file given and no layers\['log1p_norm'\]"):
+        M.evaluate_anndata(no_truth)
+    adata.layers[keys.MEASURED] = np.zeros_like(truth)
+    with pytest.raises(FedstError, match="nothing to score"):
+        M.evaluate_anndata(adata)
+
+
+def test_protocols_label_the_per_slide_and_the_hest_pcc_without_renaming_keys() -> None:
+    rng = np.random.default_rng(6)
+    adata, pred, truth = _prediction_adata(rng)
+    # a slide offset the per-slide PCC cannot see but the pooled (HEST) PCC rewards: the numbers differ
+    truth[20:] += 5.0
+    pred[20:] += 5.0
+    adata.layers["log1p_norm"] = truth
+    adata.layers["predicted"] = pred
+    out = M.evaluate_anndata(adata)
+    per_slide, hest = out["protocols"]["per_slide"], out["protocols"]["hest"]
+    assert per_slide["metric"] == "pcc_per_slide_mean" and per_slide["pcc"] == out["pcc_per_slide_mean"]
+    assert hest["metric"] == "pcc_pooled" and hest["pcc"] == out["pcc_pooled"]
+    assert hest["pcc"] == pytest.approx(M.pcc_pooled(pred, truth))
+    assert hest["pcc"] > per_slide["pcc"] + 0.05  # measured: 0.957 vs 0.882
+    assert "HEST-Benchmark" in hest["description"] and "concatenated" in hest["description"]
+    assert "within each slide" in per_slide["description"]

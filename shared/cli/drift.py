@@ -32,9 +32,14 @@ def drift(
         None, "--embedding", help="Diffuse obsm[KEY] into obsm[KEY_drift] instead of X."
     ),
     method: str = typer.Option("chebyshev", "--method", help="chebyshev | expm_multiply | dense (parity, small N)"),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32 | float64 of the smoothed values (default: X's own float width)."
+    ),
 ) -> None:
     """Smooth expression (or an embedding) with DRIFT's heat kernel exp(-tL) over the spatial graph."""
     import math
+
+    import numpy as np
 
     from shared import keys
     from shared.downstream.drift import drift_adata
@@ -51,8 +56,11 @@ def drift(
         laplacian in ("unnormalised", "normalised"),
         f"--laplacian: expected unnormalised or normalised, got {laplacian!r}",
     )
+    require(dtype in (None, "float32", "float64"), f"--dtype: expected float32 or float64, got {dtype!r}")
     adata = _read_h5ad(input, "input")
     require(adata.n_obs > 0, f"{input}: no spots (expected at least one spot to smooth over the spatial graph)")
+    if dtype == "float64" and embedding is None:  # float32 X would come back float32: widen it first
+        adata.X = adata.X.astype(np.float64)
     try:
         result = drift_adata(
             adata,
@@ -66,6 +74,12 @@ def drift(
         )
     except FedstError as exc:  # the library's messages name the field; here they also name the file
         raise FedstError(f"{input}: {exc}") from None
+    if dtype is not None:  # the heat kernel computes in float64; this is only the width that is stored
+        if embedding is None:
+            result.X = result.X.astype(dtype)
+        else:
+            result.obsm[f"{embedding}_drift"] = np.asarray(result.obsm[f"{embedding}_drift"], dtype=dtype)
+        result.uns[keys.DRIFT]["dtype"] = dtype
     write_h5ad_atomic(result, out)
     info = result.uns[keys.DRIFT]
     typer.echo(
@@ -76,20 +90,30 @@ def drift(
 
 def evaluate(
     pred: Path = typer.Argument(..., help="Prediction .h5ad (layers['predicted'] if present, else X)."),
-    truth: Path = typer.Argument(..., help="Truth .h5ad (X; obsm['spatial'] for SSC)."),
+    truth: Path | None = typer.Argument(
+        None,
+        help="Truth .h5ad (X; obsm['spatial'] for SSC). Default: the prediction's own layers['log1p_norm'] "
+        "(masked by layers['measured']), which `fedst predict` stores when its input measured expression.",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write all metrics (incl. per gene) as JSON."),
     top_k: int = typer.Option(50, "--top-k", help="k of pcc_top_k."),
 ) -> None:
-    """Compare a prediction with the truth (spots and genes paired by name) and print every metric."""
+    """Compare a prediction with the truth (spots and genes paired by name) and print every metric, with the
+    per-slide and the HEST-Benchmark PCC labelled side by side."""
 
     from shared.downstream.metrics import evaluate_anndata
 
-    result = evaluate_anndata(_read_h5ad(pred, "prediction"), _read_h5ad(truth, "truth"), top_k=top_k)
+    truth_adata = None if truth is None else _read_h5ad(truth, "truth")
+    result = evaluate_anndata(_read_h5ad(pred, "prediction"), truth_adata, top_k=top_k)
+    if truth is not None:
+        result["truth"] = str(truth)
     for key, value in result.items():
-        if key == "per_gene":
+        if key in ("per_gene", "protocols"):
             continue
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         typer.echo(f"{key:<24} {shown}")
+    for name, entry in result["protocols"].items():
+        typer.echo(f"protocol {name:<15} PCC {entry['pcc']:.4f}  ({entry['metric']}: {entry['description']})")
     if json_out is not None:
         from shared.io import write_json_atomic
 

@@ -481,9 +481,56 @@ def evaluate_predictions(
     return out
 
 
+PROTOCOLS: dict[str, tuple[str, str]] = {
+    "per_slide": (
+        "pcc_per_slide_mean",
+        "fedst per-slide protocol: per-gene PCC within each slide (obs['section']), mean over genes, then mean "
+        "over slides; a gene with constant truth in a slide is excluded there",
+    ),
+    "hest": (
+        "pcc_pooled",
+        "HEST-Benchmark protocol: per-gene PCC over all test spots concatenated (slides pooled), mean over "
+        "genes; its model is StandardScaler -> PCA 256 -> ridge (fedst's ridge predictor)",
+    ),
+}
+"""Labelled headline PCCs: protocol name -> (the metric key holding its number, what it measures)."""
+
+
+def protocols(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``protocols`` block of a result: each protocol's PCC beside its metric key and description, so a
+    number quoted from fedst can be compared with the per-slide literature or with HEST-Benchmark's tables."""
+    return {name: {"pcc": result[key], "metric": key, "description": text} for name, (key, text) in PROTOCOLS.items()}
+
+
+def _self_truth(adata: Any) -> tuple[Any, dict[str, int]]:
+    """A prediction AnnData restricted to what its own ``layers[NORMALISED]`` measured, as (view, counts).
+
+    ``layers[MEASURED]`` (when present) keeps the spots with any measured gene and then the genes measured at
+    every kept spot: the metrics have no per-entry mask, and an unmeasured entry is not a truth of 0.
+    """
+    from shared import keys
+
+    require(
+        keys.NORMALISED in adata.layers,
+        f"prediction: no truth file given and no layers['{keys.NORMALISED}'] (the measured expression "
+        "`fedst predict` stores when its input measured any); pass a TRUTH.h5ad",
+    )
+    if keys.MEASURED not in adata.layers:
+        return adata, {"n_spots_unmeasured": 0, "n_genes_unmeasured": 0}
+    measured = dense(adata.layers[keys.MEASURED], np.float32) > 0
+    rows = measured.any(axis=1)
+    cols = measured[rows].all(axis=0) if rows.any() else np.zeros(adata.n_vars, dtype=bool)
+    require(
+        bool(rows.any() and cols.any()),
+        f"prediction: layers['{keys.MEASURED}'] marks no gene as measured at every measured spot; nothing to score",
+    )
+    counts = {"n_spots_unmeasured": int((~rows).sum()), "n_genes_unmeasured": int((~cols).sum())}
+    return adata[rows][:, cols], counts
+
+
 def evaluate_anndata(
     pred_adata,
-    truth_adata,
+    truth_adata=None,
     *,
     pred_layer: str | None = None,
     truth_layer: str | None = None,
@@ -492,11 +539,19 @@ def evaluate_anndata(
     """Evaluate two AnnData paired by NAME: spots by obs_names, genes by var_names (their intersection).
 
     Prediction: ``layers[pred_layer]``, else ``layers[keys.PREDICTED]`` when present, else ``X``. Truth:
-    ``layers[truth_layer]`` or ``X``. Coordinates/sections come from the truth. Raises FedstError when the
-    two share no spot or no gene.
+    ``layers[truth_layer]`` or ``X``. Without ``truth_adata`` the truth is the prediction's own
+    ``layers[keys.NORMALISED]`` (what ``fedst predict`` stores from a store that measured expression), masked by
+    ``layers[keys.MEASURED]`` (:func:`_self_truth`). Coordinates/sections come from the truth. Raises FedstError
+    when the two share no spot or no gene. ``protocols`` labels the per-slide and the HEST-Benchmark PCC.
     """
     from shared import keys
 
+    extra: dict[str, Any] = {}
+    if truth_adata is None:
+        require(truth_layer is None, "truth_layer: only with a truth AnnData (the own truth is layers['log1p_norm'])")
+        pred_adata, extra = _self_truth(pred_adata)
+        truth_adata, truth_layer = pred_adata, keys.NORMALISED
+        extra["truth"] = f"the prediction's own layers['{keys.NORMALISED}']"
     spots = pred_adata.obs_names.intersection(truth_adata.obs_names, sort=False)
     genes = pred_adata.var_names.intersection(truth_adata.var_names, sort=False)
     require(len(spots) > 0, "prediction and truth share no spot name (obs_names); pair them by the same spot ids")
@@ -518,4 +573,6 @@ def evaluate_anndata(
     result["n_spots_truth_only"] = int(truth_adata.n_obs - len(spots))
     result["n_genes_pred_only"] = int(pred_adata.n_vars - len(genes))
     result["n_genes_truth_only"] = int(truth_adata.n_vars - len(genes))
+    result.update(extra)
+    result["protocols"] = protocols(result)
     return result
