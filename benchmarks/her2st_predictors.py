@@ -175,6 +175,8 @@ def plot(results: dict[str, dict], png: Path) -> None:
     ax.set_xticks(np.arange(len(methods)), methods, rotation=15, fontsize=8)
     ax.set_ylabel("mean per-gene PCC on the held-out section")
     ax.set_title("her2st patient C, leave-one-section-out, top-50 HVGs")
+    top = max(f["pcc"] for r in results.values() for f in r["folds"].values())
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), max(top, 0.2) * 1.3)  # room for the legend above the bars
     ax.legend(fontsize=7, ncol=5, loc="upper left")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
