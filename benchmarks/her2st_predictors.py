@@ -102,10 +102,9 @@ def targets(d: dict[str, np.ndarray], panel: list[str]) -> np.ndarray:
 
 def pcc_zero_var(pred: np.ndarray, truth: np.ndarray) -> float:
     """Mean per-gene Pearson r on one slide, a gene with zero variance (either side) counting as 0."""
-    pc, tc = pred - pred.mean(0), truth - truth.mean(0)
-    den = np.sqrt((pc**2).sum(0) * (tc**2).sum(0))
-    r = np.divide((pc * tc).sum(0), den, out=np.zeros(pred.shape[1]), where=den > 1e-12)
-    return float(np.mean(r))
+    from shared.downstream.metrics import pcc_per_gene
+
+    return float(np.nan_to_num(pcc_per_gene(pred, truth), nan=0.0).mean())
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:
