@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from server.results import RoundRecord
-from server.rounds import RoundPolicy, RoundTally, failure_reason, weighted
+from server.rounds import RoundPolicy, RoundTally, failure_reason, wait_for_sites, weighted
 from server.sites import SiteNames, contract_problems
 from server.validate import update_problems
 from shared.config import RunConfig
@@ -175,6 +175,10 @@ def make_secagg_strategy(ctx: SecAggContext, names: list[str], reference: dict[s
             self.sent: list[int] = []
 
         def configure_fit(self, server_round, parameters, client_manager):
+            # Flower's legacy sampling waits for min_fit_clients with a 24 h deadline: wait with the run's own
+            # (round-timeout) and fail the run clearly when too few sites are left
+            wait_for_sites(grid, run.min_sites, run.round_timeout, f"secagg pretrain round {server_round + offset}")
+            client_manager.num_available()  # Flower's wrapper syncs its registry with the grid's nodes here
             pairs = super().configure_fit(server_round, parameters, client_manager)
             extra = {"server-round": server_round + offset, "param-names": json.dumps(names)}
             for key, value in ctx.site_config.items():

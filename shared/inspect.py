@@ -13,6 +13,7 @@ import numpy as np
 
 from shared import keys
 from shared.errors import FedstError
+from shared.ingest.jpeg import check_jpeg
 from shared.ingest.pil import open_plain_image
 from shared.ingest.slide import (
     check_mpp,
@@ -53,7 +54,10 @@ def describe_slide(path: Path, mpp: float | None = None) -> dict[str, Any]:
             osr.close()
     with open_plain_image(source) as image:
         width, height = image.size
+        is_jpeg = image.format in ("JPEG", "MPO")
         image.verify()
+    if is_jpeg:  # libjpeg decodes a corrupt JPEG without an error: the same check `prepare` runs (jpeg.py)
+        check_jpeg(source, source.read_bytes())
     return {
         "kind": "slide",
         "path": str(source),

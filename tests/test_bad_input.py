@@ -179,6 +179,16 @@ def test_corrupt_jpeg_is_refused_before_conversion(tmp_path: Path, world: World,
     assert_clean_error(result, bad, expected, tmp_path, before)
 
 
+@pytest.mark.parametrize("how, expected", [("garbage", "corrupt JPEG data"), ("truncated", "truncated JPEG")])
+def test_inspect_of_a_corrupt_jpeg_says_so(tmp_path: Path, world: World, fedst, how: str, expected: str):
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(_corrupt_jpeg(world.jpeg.read_bytes(), how))
+    before = _files(tmp_path)
+    assert_clean_error(fedst("data", "inspect", bad), bad, expected, tmp_path, before)
+    code, out, err = fedst("data", "inspect", world.jpeg)  # the intact original still inspects
+    assert code == 0 and "plain-image" in out, err
+
+
 def _jpeg_variants() -> dict[str, bytes]:
     """Valid JPEGs as encoders write them: the check must pass every one."""
     import imagecodecs
@@ -370,6 +380,13 @@ def _edit_meta(path: Path, **changes) -> None:
         (lambda p: _edit_meta(p / "predictor.json", genes=5), "predictor.json", "field 'genes' is 5, expected list"),
         (lambda p: _edit_meta(p / "predictor.json", genes=[]), "predictor.json", "non-empty list of gene names"),
         (lambda p: _edit_meta(p / "predictor.json", kind="svm"), "predictor.json", "field 'kind' is 'svm'"),
+        (
+            lambda p: _edit_meta(
+                p / "predictor.json", genes=json.loads((p / "predictor.json").read_text())["genes"][:-1]
+            ),
+            "predictor.json",
+            "genes, but the model in",
+        ),
         (
             lambda p: _edit_meta(p / "predictor.json", encoder_weights="encoder.safetensors"),
             "predictor.json",

@@ -16,6 +16,7 @@ same Flower-free SiteTask, seeds and inputs the sites used.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,34 @@ def test_the_aggregate_is_screened_and_a_halted_protocol_fails_clearly(stores, t
     config = toy_config(tmp_path / "halt", secagg=True, **{"failure-tolerance": 2})
     with pytest.raises(FedstError, match=r"(secure aggregation halted|1 valid replies)"):
         run_local(stores, tmp_path / "halt", config, fail={102: "RuntimeError: disk full", 103: "timeout"})
+
+
+def test_too_few_sites_left_fail_the_secagg_run_at_round_timeout_instead_of_waiting_a_day(stores, tmp_path):
+    """Flower's legacy sampling waits 24 h for min_fit_clients; fedst waits round-timeout, then fails clearly."""
+
+    class ShrinkingGrid(LocalGrid):
+        gone: set[int] = set()
+
+        def get_node_ids(self):
+            return [n for n in super().get_node_ids() if n not in self.gone]
+
+    def leave_after_round_1(node: int, reply: Message) -> Message:
+        if node == 103 and "fitres.parameters" in reply.content.array_records:  # its masked vector was sent
+            ShrinkingGrid.gone.add(node)
+        return reply
+
+    config = toy_config(tmp_path, secagg=True, **{"rounds-pretrain": 2, "min-sites": 3, "round-timeout": 2.0})
+    nodes = {101 + i: {"data-path": str(p), "work-dir": str(tmp_path / f"work-{i}")} for i, p in enumerate(stores)}
+    started = time.monotonic()
+    with ShrinkingGrid(client_app, nodes, config, tamper=leave_after_round_1) as grid:
+        with pytest.raises(
+            FedstError, match=r"secagg pretrain round 2: only 2 site\(s\) connected after 2 s \(min-sites 3\)"
+        ):
+            Workflow(grid, RunConfig.from_mapping(config), Path(config["out-dir"]) / config["run-name"]).run_all()
+    assert time.monotonic() - started < 120  # the deadline held: no day-long wait
+    saved = load_results(Path(config["out-dir"]) / config["run-name"])
+    assert saved.status == "failed" and "min-sites 3" in saved.error
+    assert len(saved.phases["pretrain"].rounds) == 1  # round 1 (3 sites) was aggregated and kept
 
 
 # -- real Flower processes -----------------------------------------------------------------------------------

@@ -254,6 +254,12 @@ def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predic
     model_cls = _model_class(kind)
     model_dir = path / MODEL_DIR
     model = model_cls.from_pretrained(model_dir, device) if kind == "flag" else model_cls.from_pretrained(model_dir)
+    outputs = _n_outputs(model)
+    require(
+        outputs == len(meta["genes"]),
+        f"{meta_path}: field 'genes' names {len(meta['genes'])} genes, but the model in {model_dir} predicts "
+        f"{outputs} (a predictor.json from another model?)",
+    )
     encoder_kw = dict(meta.get("encoder_kw") or {})
     encoder_obj = None
     if meta.get("feature_key") is None:
@@ -305,6 +311,15 @@ def _check_meta_types(meta_path: Path, meta: Mapping[str, Any]) -> None:
     genes = meta["genes"]
     if not genes or not all(isinstance(g, str) and g for g in genes):
         raise FedstError(f"{meta_path}: field 'genes' must be a non-empty list of gene names")
+
+
+def _n_outputs(model: Any) -> int:
+    """How many genes a loaded ridge / MLP / FLAG model predicts (its output width)."""
+    if hasattr(model, "W"):
+        return int(model.W.shape[1])
+    if getattr(model, "model", None) is not None:  # FLAG: the trained FlagModel's config
+        return int(model.model.config["n_genes"])
+    return int(model.config["out_dim"])
 
 
 def _model_class(kind: str) -> Any:
