@@ -2,7 +2,8 @@
 
 State that must survive between messages (a ClientApp is a fresh process per message in deployment) lives in
 the site's work directory: the prepared store, the last central weights, the adapter, the synthetic store,
-``metrics.json`` and the local report. Only model tensors and scalar metrics are returned to the caller.
+``metrics.json`` and the local report. Only model tensors and scalar metrics are returned to the caller. While a
+phase runs the site also keeps ``progress.json`` there (shared/progress.py: phase, round, steps; never sent).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from shared import keys
 from shared.config import NodeConfig, RunConfig
 from shared.errors import FedstError, PanelMismatchError
 from shared.io import write_json_atomic
+from shared.progress import ProgressRecord
 from shared.seeds import site_seed
 
 CENTRAL = keys.SITE_CENTRAL
@@ -126,9 +128,16 @@ class SiteTask:
         seed = site_seed(self.run.seed, self.node.site, "pretrain", server_round)
         _ = self.store  # opening/preparing the store is not training time
         started = time.perf_counter()
-        new_state, metrics = self.backend.pretrain(
-            state, self.store, self.run.pretrain, seed=seed, prox_mu=prox_mu, server_round=server_round
-        )
+        with self.progress("pretrain", server_round, self.run.pretrain.steps) as progress:
+            new_state, metrics = self.backend.pretrain(
+                state,
+                self.store,
+                self.run.pretrain,
+                seed=seed,
+                prox_mu=prox_mu,
+                server_round=server_round,
+                on_advance=progress,
+            )
         metrics = {**metrics, "compute-seconds": time.perf_counter() - started}
         self._record("pretrain", server_round, metrics)
         return new_state, metrics
@@ -138,16 +147,19 @@ class SiteTask:
 
         _save(self.work / CENTRAL, central, save_file)
         seed = site_seed(self.run.seed, self.node.site, "adapt", server_round)
-        adapter_state, metrics = self.backend.adapt(
-            central,
-            self.paired_store,
-            self.run.adapt,
-            self.run.dp,
-            seed=seed,
-            adapter_state=adapter,
-            work_dir=self.work,
-            server_round=server_round,
-        )
+        _ = self.paired_store  # subsetting the store is not training time
+        with self.progress("adapt", server_round, self.run.adapt.steps) as progress:
+            adapter_state, metrics = self.backend.adapt(
+                central,
+                self.paired_store,
+                self.run.adapt,
+                self.run.dp,
+                seed=seed,
+                adapter_state=adapter,
+                work_dir=self.work,
+                server_round=server_round,
+                on_advance=progress,
+            )
         _save(self.work / ADAPTER, adapter_state, save_file)
         self._record("adapt", server_round, metrics)
         return adapter_state, metrics
@@ -159,16 +171,19 @@ class SiteTask:
             if not (self.work / name).is_file():
                 raise FedstError(f"site {self.node.site}: {self.work / name} is missing; run the adapt phase first")
         seed = site_seed(self.run.seed, self.node.site, "synthesize")
-        synthetic = self.backend.synthesize(
-            load_file(str(self.work / CENTRAL)),
-            load_file(str(self.work / ADAPTER)),
-            self.paired_store,
-            self.work / SYNTHETIC,
-            self.run.synthesize,
-            seed=seed,
-        )
-        metrics = {"synthetic-pairs": float(synthetic.n_spots), "num-examples": float(synthetic.n_spots)}
-        metrics.update(self.audit(synthetic))
+        _ = self.paired_store
+        with self.progress("synthesize", 0, self.run.synthesize.count) as progress:  # the audit runs at the last step
+            synthetic = self.backend.synthesize(
+                load_file(str(self.work / CENTRAL)),
+                load_file(str(self.work / ADAPTER)),
+                self.paired_store,
+                self.work / SYNTHETIC,
+                self.run.synthesize,
+                seed=seed,
+                on_advance=progress,
+            )
+            metrics = {"synthetic-pairs": float(synthetic.n_spots), "num-examples": float(synthetic.n_spots)}
+            metrics.update(self.audit(synthetic))
         self._record("synthesize", 0, metrics)
         return metrics
 
@@ -177,9 +192,11 @@ class SiteTask:
 
         synthetic = PatchStore(self.work / SYNTHETIC) if is_store(self.work / SYNTHETIC) else None
         seed = site_seed(self.run.seed, self.node.site, "downstream")
-        metrics = self.backend.downstream(
-            self.store, synthetic, seed=seed, predictor=self.run.predictor, train_rows=self.labelled_rows
-        )
+        _ = self.labelled_rows
+        with self.progress("downstream", 0, 1):  # one step: the predictors, real-only and real+synthetic
+            metrics = self.backend.downstream(
+                self.store, synthetic, seed=seed, predictor=self.run.predictor, train_rows=self.labelled_rows
+            )
         metrics = {
             **metrics,
             "labelled-fraction": self.node.labelled_fraction,
@@ -199,6 +216,10 @@ class SiteTask:
         return {key.replace("_", "-"): float(value) for key, value in found.items() if value is not None}
 
     # -- local record and report --------------------------------------------------------------------------
+    def progress(self, phase: str, server_round: int, total: int) -> ProgressRecord:
+        """The site's live progress record for one phase round (``work_dir/progress.json``; local, never sent)."""
+        return ProgressRecord(self.work, site=self.node.site, phase=phase, server_round=server_round, total=total)
+
     def _record(self, phase: str, server_round: int, metrics: dict[str, float]) -> None:
         path = self.work / METRICS
         history = json.loads(path.read_text()) if path.is_file() else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -58,6 +59,7 @@ def demo(
         timeout=timeout,
         labelled_fraction=labelled_fraction,
         echo=typer.echo,
+        live=sys.stdout.isatty(),  # a terminal gets the rich progress display, a log plain lines
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from server.headline import HEADLINE_FILE, headline_markdown
-from server.results import load_results
+from server.progress import LiveView, PlainLines, RunProgress
 from server.superlink import REPO, SuperLink
 from shared.backends import create_backend
 from shared.config import RunConfig
@@ -16,11 +16,12 @@ from shared.errors import FedstError
 from shared.tomlio import write_toml
 
 HER2ST_GROUPS = [["C2", "C3"], ["C4", "C5", "C6"]]  # sections with images; >= 2 per site (one is held out)
-HER2ST_MPP = 0.72
 DEMO_ADAPTATION = {"adapt.federated": True, "adapt.rounds": 2, "adapt.steps": 125}
 """The demo adapts federatedly (the consortium panel is known: it generated it): the modulation is averaged
 across sites, so the data-limited site learns the gene -> morphology mapping from every site's pairs; the same
 250 steps per site as the run config's local default."""
+POLL_SECONDS = 1.0  # the display reads results.json and the sites' progress.json this often (no process)
+STATUS_SECONDS = 30.0  # and asks Flower (`flwr ls`, a process) this often, or when results.json says it ended
 
 
 def her2st_consortium(data: Path, out: Path, n_sites: int) -> Path:
@@ -48,7 +49,6 @@ def her2st_consortium(data: Path, out: Path, n_sites: int) -> Path:
                 "counts": data / "counts" / f"{section}.tsv.gz",
                 "spots": data / "spots" / f"{section}_selection.tsv",
                 "image": data / "images" / f"{section}.jpg",
-                "mpp": HER2ST_MPP,
             }
             for section in group
         ]
@@ -92,11 +92,14 @@ def run_demo(
     data: Path | None = None,
     labelled_fraction: float = 1.0,
     echo=print,
+    live: bool = False,
 ) -> Path:
     """Generate/point at the consortium, run the workflow as a Flower simulation, return the run directory.
 
     ``labelled_fraction`` < 1 makes the first site the consortium's data-limited site: it uses only that share
     of its training spots' expression (SITE.toml ``labelled-fraction``), the others keep all of theirs.
+    Progress (server/progress.py): with ``live`` (a terminal) a rich display of the phase, each site's steps,
+    the elapsed time and an ETA; else plain lines through ``echo``, as for a log.
     """
     if not 0.0 < labelled_fraction <= 1.0:
         raise FedstError(f"--labelled-fraction is {labelled_fraction:g}; expected a fraction in (0, 1]")
@@ -114,7 +117,7 @@ def run_demo(
     run = RunConfig.from_mapping(config)
     create_backend(run.backend, run)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     echo(f"[fedst demo] consortium ({preset}, {sites} sites) ...")
     consortium = prepare_consortium(out, preset, sites, data)
     limit_first_site(consortium, labelled_fraction)
@@ -123,17 +126,20 @@ def run_demo(
     echo(f"[fedst demo] starting a private Flower SuperLink (simulation runtime, FLWR_HOME={out / '.flwr'}) ...")
     with SuperLink(out / ".flwr", simulation=True, name="fedst-demo") as link:
         run_id = link.submit(REPO, config, federation_config=f"num_supernodes={sites} client_resources_num_cpus=1")
-        echo(f"[fedst demo] run {run_id} submitted; progress (from {run_dir / 'results.json'}):")
-        seen: set[str] = set()
+        echo(
+            f"[fedst demo] run {run_id} submitted; progress (from {run_dir / 'results.json'} and the sites' "
+            f"{Path(run.paths.sites_root)}/<site>/progress.json):"
+        )
+        watcher = RunProgress(run, run_dir, Path(run.paths.sites_root), sites, started=started_at)
+        with LiveView() if live else PlainLines(echo) as view:
 
-        def progress(info: dict[str, Any]) -> None:
-            for line in _progress_lines(run_dir / "results.json"):
-                if line not in seen:
-                    seen.add(line)
-                    echo(f"  {line}")
+            def watch() -> bool:
+                snapshot = watcher.poll()
+                view.show(snapshot)
+                return snapshot.finished
 
-        info = link.wait(run_id, timeout, on_poll=progress)
-        progress(info)
+            info = link.follow(run_id, timeout, watch, interval=POLL_SECONDS, status_every=STATUS_SECONDS)
+            watch()
         if info.get("status") != "finished:completed":
             tail = link.logs(run_id)[-3000:]
             raise FedstError(
@@ -150,30 +156,6 @@ def run_demo(
     echo(f"[fedst demo] report: {run_dir / 'summary.md'}")
     echo(f"[fedst demo] site reports (stay on each site): {Path(run.paths.sites_root)}/<site>/report/report.md")
     return run_dir
-
-
-def _progress_lines(path: Path) -> list[str]:
-    """One line per finished round or broadcast phase, read through the schema (server/results.py).
-
-    The run writes results.json after every round; before the first write (or if it cannot be read yet) there is
-    nothing to show, and a file of another schema is a real error.
-    """
-    if not path.is_file():
-        return []
-    results = load_results(path)
-    lines = []
-    for phase, block in results.phases.items():
-        if block.kind == "train":
-            for row in block.rounds:
-                loss = f", loss {row.aggregate['loss']:.4f}" if "loss" in row.aggregate else ""
-                lines.append(f"{phase} round {row.round}: {len(row.sites)} sites{loss}")
-        elif (row := block.last) is not None and row.sites:
-            lines.append(
-                f"{phase}: done on {len(row.sites)} sites" + (f", {len(row.failed)} failed" if row.failed else "")
-            )
-    if results.status in ("completed", "failed"):
-        lines.append(f"status: {results.status}")
-    return lines
 
 
 def headline_of(run_dir: Path) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-"""Drive Flower from Python via its CLI: a private SuperLink, `flwr run`, polling `flwr ls` until done.
+"""Drive Flower from Python via its CLI: a private SuperLink, `flwr run`, polling `flwr ls` until done (`wait`), or
+now and then while the caller reads the run's own records (`follow`).
 
 Imports no Flower module (the CLI runs in subprocesses), so `fedst demo`, the tests and the benchmark share
 one careful path: private FLWR_HOME, free loopback ports, runtime dependency installation disabled,
@@ -205,11 +206,44 @@ class SuperLink:
             if str(info.get("status", "")).startswith(FINISHED):
                 return info
             if time.monotonic() > deadline:
-                self.flwr("stop", run_id, self.name, check=False)
-                raise FedstError(
-                    f"run {run_id} did not finish within {timeout:.0f} s (stopped); see `flwr log {run_id}`"
-                )
+                self._stop_late(run_id, timeout)
             time.sleep(interval)
+
+    def follow(
+        self,
+        run_id: str,
+        timeout: float,
+        watch: Callable[[], bool],
+        *,
+        interval: float = 1.0,
+        status_every: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> dict[str, Any]:
+        """Like `wait`, cheaply: ``watch()`` every ``interval`` s reads the run's own records (no process), and
+        returns True once they say the run ended; `flwr ls` (a process) runs then (at once, and every 3 polls until
+        Flower agrees), and every ``status_every`` s regardless, so a ServerApp that died without writing its
+        record is still noticed."""
+        deadline = clock() + timeout
+        last_status = clock()
+        every, ended_before = status_every, False
+        while True:
+            ended = watch()
+            now = clock()
+            if ended and not ended_before:  # the records just said so: ask Flower now, then every 3 polls
+                every, ended_before, last_status = min(3 * interval, status_every), True, float("-inf")
+            if now - last_status >= every:
+                info = self.status(run_id)
+                last_status = now
+                if str(info.get("status", "")).startswith(FINISHED):
+                    return info
+            if now > deadline:
+                self._stop_late(run_id, timeout)
+            sleep(interval)
+
+    def _stop_late(self, run_id: str, timeout: float) -> None:
+        self.flwr("stop", run_id, self.name, check=False)
+        raise FedstError(f"run {run_id} did not finish within {timeout:.0f} s (stopped); see `flwr log {run_id}`")
 
     def logs(self, run_id: str) -> str:
         done = self.flwr("log", run_id, self.name, "--show", check=False, timeout=120)

@@ -1,7 +1,8 @@
 """What `fedst data inspect PATH` reports: a slide, a section (.h5ad or Space Ranger folder), a SITE.toml or a
-patch store. A single slide or h5ad is described from its header/tables without converting anything; a
-SITE.toml or Space Ranger folder is read exactly as `prepare` reads it (all checks run), which may fill the
-slide cache with the one-time conversion of plain JPEG/PNG images."""
+patch store. Inspecting has no side effects: nothing is written, the slide cache included. A single slide or
+h5ad is described from its header/tables; a SITE.toml or Space Ranger folder is read as `prepare` reads it, with
+every check (a JPEG's corruption check too), but a plain JPEG/PNG is described from its header instead of being
+converted into the slide cache (`convert=False`, shared/ingest/section.py): `prepare` converts it."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import numpy as np
 
 from shared import keys
 from shared.errors import FedstError
-from shared.ingest.jpeg import check_jpeg
 from shared.ingest.pil import open_plain_image
 from shared.ingest.slide import (
     check_mpp,
+    check_plain_image,
     is_openslide_readable,
     mpp_from_properties,
     open_osr,
@@ -52,12 +53,9 @@ def describe_slide(path: Path, mpp: float | None = None) -> dict[str, Any]:
             }
         finally:
             osr.close()
+    check_plain_image(source)  # the checks `prepare` runs before converting it (a corrupt JPEG included)
     with open_plain_image(source) as image:
         width, height = image.size
-        is_jpeg = image.format in ("JPEG", "MPO")
-        image.verify()
-    if is_jpeg:  # libjpeg decodes a corrupt JPEG without an error: the same check `prepare` runs (jpeg.py)
-        check_jpeg(source, source.read_bytes())
     return {
         "kind": "slide",
         "path": str(source),
@@ -111,7 +109,7 @@ def describe_path(path: str | os.PathLike, mpp: float | None = None) -> dict[str
         from shared.ingest.visium import MATRIX, load_visium_section
 
         if (target / MATRIX).is_file():
-            section = load_visium_section(target, mpp=mpp)
+            section = load_visium_section(target, mpp=mpp, convert=False)
             return {"kind": "section", "path": str(target), **section.describe()}
         raise FedstError(
             f"{target}: directory is neither a fedst store (manifest.json) nor a Space Ranger folder ({MATRIX})"
@@ -119,7 +117,7 @@ def describe_path(path: str | os.PathLike, mpp: float | None = None) -> dict[str
     if target.suffix.lower() == ".toml":
         from shared.ingest.site import load_site
 
-        return load_site(target, mpp=mpp).describe()
+        return load_site(target, mpp=mpp, convert=False).describe()
     if target.suffix.lower() == ".h5ad":
         return describe_h5ad(target)
     return describe_slide(target, mpp)

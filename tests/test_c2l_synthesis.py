@@ -135,7 +135,7 @@ def test_cli_pretrain_adapt_synthesize_audit(tmp_path):
     summary = json.loads((tmp_path / "ad" / "summary.json").read_text())
     assert 0 < summary["epsilon"] <= 8 and summary["trainable_fraction"] <= 0.10
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["epsilon"] == summary["epsilon"]
-    run(
+    result = run(
         "synthesize",
         "--central",
         tmp_path / "central",
@@ -152,8 +152,11 @@ def test_cli_pretrain_adapt_synthesize_audit(tmp_path):
     )
     store = PatchStore(tmp_path / "syn")
     assert store.synthetic and store.n_spots == 6 and store.manifest["provenance"]["dp_epsilon"] == summary["epsilon"]
-    assert (tmp_path / "syn_samples.png").is_file()
-    run(
+    assert (tmp_path / "syn_samples.png").stat().st_size > 0  # beside the store: docs/c2l.md, "outputs"
+    syn_summary = json.loads((tmp_path / "syn_summary.json").read_text())
+    assert syn_summary["n"] == 6 and syn_summary["provenance"]["perturb"] == "mixup"
+    assert "syn_samples.png" in result.output and not (tmp_path / "syn" / "syn_summary.json").exists()
+    result = run(
         "audit",
         "--central",
         tmp_path / "central",
@@ -168,6 +171,25 @@ def test_cli_pretrain_adapt_synthesize_audit(tmp_path):
     )
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert {"conditional_consistency", "kid", "memorisation", "unconditioned_baseline"} <= set(report)
+    assert (tmp_path / "audit" / "samples.png").stat().st_size > 0
+    kid = report["kid"]  # printed with its scale and the real-vs-real floor it is read against
+    assert f"KID {kid['value']:.3f} +- {kid['std']:.3f} (x1," in result.output
+    assert f"real-vs-real floor {kid['real_half_vs_half']:.3f})" in result.output
+    run(
+        "audit",
+        "--central",
+        tmp_path / "central",
+        "--adapter",
+        tmp_path / "ad",
+        "--real",
+        tmp_path / "site",
+        "--synthetic",
+        tmp_path / "syn",
+        "--out",
+        tmp_path / "audit2",
+        "--no-baseline",
+    )
+    assert (tmp_path / "audit2" / "samples.png").stat().st_size > 0  # the sample grid without the baseline too
 
     (tmp_path / "central" / "model.safetensors").unlink()
     bad = runner.invoke(

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from shared import keys
 from shared.cli.main import app
 from shared.errors import FedstError
-from tests.helpers import shared_path
+from tests.helpers import shared_path, write_plain_jpeg, write_visium_outs
 
 runner = CliRunner()
 
@@ -58,6 +58,63 @@ def test_inspect_plain_jpeg_reads_only_the_header(tmp_path: Path):
     assert (info["width"], info["height"], info["levels"], info["vendor"]) == (9274, 9911, 1, "plain-image")
     assert info["mpp"] is None  # 72 dpi is not a scan resolution
     assert list(tmp_path.iterdir()) == []  # nothing converted
+
+
+@pytest.fixture(scope="module")
+def plain_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated section whose image is a plain JPEG (what `prepare` converts into the slide cache), as a
+    SITE.toml, its h5ad and a Space Ranger folder (hires PNG, also a plain image)."""
+    import anndata
+    import tifffile
+
+    from shared.synthetic import generate_consortium
+
+    root = generate_consortium(tmp_path_factory.mktemp("plain"), n_sites=1, sections_per_site=1, grid=(8, 8))
+    rgb = tifffile.imread(root / "site-0" / "S0A.tif")
+    write_plain_jpeg(rgb, root / "S0A.jpg")
+    write_visium_outs(anndata.read_h5ad(root / "site-0" / "S0A.h5ad"), rgb, root / "visium" / "outs", 1.0)
+    (root / "SITE.toml").write_text(
+        "site = 'plain'\n[[sections]]\nid = 'S0A'\nformat = 'h5ad'\nh5ad = 'site-0/S0A.h5ad'\nimage = 'S0A.jpg'\n"
+        "mpp = 1.0\n"
+    )
+    return root
+
+
+def _tree(root: Path) -> dict[Path, tuple[int, int]]:
+    return {p.relative_to(root): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_inspect_has_no_side_effects(plain_site: Path, tmp_path: Path):
+    """Inspecting a plain JPEG, a SITE.toml naming one, an h5ad or a Space Ranger folder writes nothing: no
+    slide-cache conversion (that is `prepare`'s), nothing beside the data. The sizes come from the headers."""
+    from PIL import Image
+
+    cache = tmp_path / "cache"
+    before = _tree(plain_site)
+    jpeg = plain_site / "S0A.jpg"
+    for target in (jpeg, plain_site / "site-0" / "S0A.h5ad", plain_site / "visium" / "outs"):
+        _json("inspect", str(target), cache=cache)
+    site = _json("inspect", str(plain_site / "SITE.toml"), cache=cache)
+    assert not cache.exists() and _tree(plain_site) == before
+    with Image.open(jpeg) as image:
+        size = image.size
+    (section,) = site["sections"]
+    assert (section["width"], section["height"], section["mpp"], section["slide"]) == (*size, 1.0, str(jpeg))
+
+    bad = tmp_path / "site"  # the SITE.toml path still runs the JPEG check prepare runs before converting
+    bad.mkdir()
+    (bad / "S0A.jpg").write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    (bad / "SITE.toml").write_text(
+        (plain_site / "SITE.toml").read_text().replace("site-0/S0A.h5ad", str(plain_site / "site-0" / "S0A.h5ad"))
+    )
+    result = _run("inspect", str(bad / "SITE.toml"), cache=cache)
+    assert isinstance(result.exception, FedstError) and "truncated JPEG" in str(result.exception)
+    assert not cache.exists()
+
+    options = ["--out", str(tmp_path / "store"), "--patch-px", "16", "--max-tiles", "4", "--no-progress"]
+    result = _run("prepare", str(plain_site / "SITE.toml"), *options, cache=cache)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert len(list((cache / "slides").glob("*.tif"))) == 1  # prepare converts it, once
 
 
 def test_inspect_section_h5ad():

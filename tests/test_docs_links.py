@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,32 @@ def test_readme_stays_a_short_guide() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     assert "python3 -m venv .venv" in ci and '.venv/bin/pip install -q -e ".[test,encoders]"' in ci
     assert ".venv/bin/python -m pytest" in ci
+
+
+def test_versions_in_the_docs_are_the_pinned_ones() -> None:
+    """Every `name==version` of a pinned dependency in the docs and deploy/ equals pyproject.toml's pin, every
+    "Flower X.Y" is the pinned flwr's, and the Dockerfile's Python is one pyproject allows (issue 14)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = dict(
+        re.fullmatch(r"([\w-]+)(?:\[[^\]]*\])?==(\S+)", d).groups() for d in project["dependencies"] if "==" in d
+    )
+    flower = ".".join(pins["flwr"].split(".")[:2])
+    deploy = [*(REPO / "deploy").glob("*"), *(REPO / "deploy" / "systemd").glob("*")]  # not what runs put there
+    pages = doc_files() + sorted(
+        p for p in deploy if p.suffix in {".sh", ".conf", ".yml", ".service"} or p.name == "Dockerfile"
+    )
+    found = []
+    for page in pages:
+        text = page.read_text()
+        for name, version in re.findall(r"\b([\w-]+)(?:\[[^\]]*\])?==([0-9][\w.]*)", text):
+            if name in pins:
+                found.append(name)
+                assert version == pins[name], (
+                    f"{page.relative_to(REPO)}: {name}=={version}, pyproject pins {pins[name]}"
+                )
+        for version in re.findall(r"Flower (\d+\.\d+)", text):
+            assert version == flower, f"{page.relative_to(REPO)}: Flower {version}, pyproject pins flwr {pins['flwr']}"
+    assert "flwr" in found and "torch" in found  # deploy/README.md's Flower pin, README's CPU-only torch install
+    python = re.search(r"^FROM python:(\d+)\.(\d+)", (REPO / "deploy" / "Dockerfile").read_text(), re.M)
+    minimum = re.fullmatch(r">=(\d+)\.(\d+)", project["requires-python"])
+    assert python and minimum and tuple(map(int, python.groups())) >= tuple(map(int, minimum.groups()))

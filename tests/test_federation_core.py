@@ -81,6 +81,35 @@ def test_flwr_run_overrides_flow_through_flowers_own_parsing():
         RunConfig.from_mapping(fuse_dicts(table, parse_config_args(["rounds-adapt=3 adapt.rounds=2"])))
 
 
+def test_flwr_run_packs_the_code_not_what_runs_write_into_the_checkout():
+    """`flwr run .` builds the FAB from the checkout (Flower's own builder, .gitignore honoured): the app's code
+    goes; a generated consortium (its SITE.toml files), run directories and Flower's home do not, whatever the
+    `flwr run` recipe of docs/federation.md or `fedst demo` leave in the checkout."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_files
+
+    code = {
+        p.relative_to(REPO).as_posix(): p for pkg in ("server", "client", "shared") for p in (REPO / pkg).rglob("*.py")
+    }
+    written = [
+        "consortium/panel.txt",
+        "consortium/site-0/site.toml",
+        "runs/r/results.json",
+        "runs/r/summary.md",
+        "fedst-runs/r/results.json",
+        "fedst-demo/consortium/site-0/site.toml",
+        ".flwr/config.toml",
+    ]
+    files = {"pyproject.toml": REPO / "pyproject.toml", ".gitignore": REPO / ".gitignore", **code}
+    files.update({name: b"x = 1\n" for name in written})
+    fab, _ = build_fab_from_files(files)
+    packed = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+    assert set(code) <= packed
+    assert not packed & set(written)
+
+
 def test_run_config_coerces_and_rejects():
     config = RunConfig.from_mapping({"rounds-pretrain": "3", "lr": 1, "federated-adapt": "true", "strategy": "fedprox"})
     assert (config.pretrain.rounds, config.pretrain.lr, config.adapt.lr, config.adapt.federated) == (3, 1.0, 1.0, True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,8 @@ def test_fedst_demo_simulation_runs_every_phase_twice_in_one_folder_with_the_sam
         done = _demo(out)
         assert done.returncode == 0, f"run {attempt + 1}: " + done.stdout[-3000:] + done.stderr[-3000:]
         assert "pretrain round 2: 3 sites" in done.stdout and "downstream: done on 3 sites" in done.stdout
+        # live progress read from the sites' progress.json: a line per phase round with each site's steps
+        assert re.search(r"\] (pretrain|adapt) round [12]/2: site-\d", done.stdout), done.stdout[-3000:]
         report = Path(done.stdout.split("[fedst demo] report: ")[1].splitlines()[0])
         assert report.is_file() and report.parent.parent == out / "runs"
         runs.append(load_results(report.parent / "results.json"))

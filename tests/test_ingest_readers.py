@@ -153,6 +153,23 @@ def test_her2st_mpp_derived_from_array_pitch():
     assert resolve_mpp(image, 0.7, derived, "ST pitch")[1:] == (0.7, "given")
 
 
+def test_her2st_demo_sites_use_the_fitted_mpp(tmp_path: Path):
+    """One mpp per her2st image (issue 14): the demo's sites, like `fedst experiment her2st`, the benchmarks and a
+    SITE.toml without `mpp`, use each section's ST-pitch fit, so inspect reports what prepare converts with and
+    the slide cache holds one TIFF per image (a forced 0.72 converted each JPEG a second time)."""
+    import pandas as pd
+
+    from server.demo import her2st_consortium
+    from shared.ingest.legacy_st import derive_mpp
+
+    data = shared_path("her2st")
+    site = load_site(her2st_consortium(data, tmp_path / "c", 2) / "site-0" / "site.toml", convert=False)
+    for section in site.sections:
+        spots = pd.read_csv(data / "spots" / f"{section.section_id}_selection.tsv", sep="\t")
+        assert section.mpp == derive_mpp(spots) and 0.687 < section.mpp < 0.689
+        assert section.adata.uns[keys.PROVENANCE]["mpp_source"] == "ST array pitch 200 um"
+
+
 def _write_hest(c2, folder: Path, mpp_in_tiff: bool = True) -> tuple[Path, Path]:
     """A HEST-1k style pair from real C2 data: h5ad (raw counts, obsm spatial) + pyramidal TIFF."""
     folder.mkdir(parents=True, exist_ok=True)

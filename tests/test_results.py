@@ -189,11 +189,11 @@ def test_weighted_means_by_num_examples():
 # -- readers ----------------------------------------------------------------------------------------------------
 def test_demo_progress_and_federation_status_read_through_the_schema(tmp_path, capsys):
     from server.cli import status
-    from server.demo import _progress_lines
+    from server.progress import progress_lines
 
-    assert _progress_lines(tmp_path / "results.json") == []  # not written yet
+    assert progress_lines(tmp_path / "results.json") == []  # not written yet
     save_results(tmp_path, sample_run(tmp_path))
-    assert _progress_lines(tmp_path / "results.json") == [
+    assert progress_lines(tmp_path / "results.json") == [
         "pretrain round 1: 2 sites, loss 1.5000",
         "pretrain round 2: 2 sites, loss 0.7500",
         "downstream: done on 1 sites, 1 failed",

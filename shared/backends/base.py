@@ -3,7 +3,9 @@
 
 A backend is built from the run config (``create_backend(run.backend, run)``); its phase methods take the
 typed section of their phase, so every knob comes from shared/config/run.py and nowhere else. State crosses as
-plain numpy state dicts (what Flower's ArrayRecord carries).
+plain numpy state dicts (what Flower's ArrayRecord carries). The training phases take an optional
+``on_advance(done, total)`` callback (shared.progress.Advance) that they call as their steps (or synthetic pairs)
+complete; a site's task passes its progress record (shared.progress.ProgressRecord) there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from shared.errors import FedstError
 
 if TYPE_CHECKING:
     from shared.config import AdaptConfig, DPConfig, PretrainConfig, RunConfig, SynthesizeConfig
+    from shared.progress import Advance
     from shared.store.format import PatchStore
 
 State = dict[str, np.ndarray]
@@ -47,9 +50,10 @@ class Backend(Protocol):
         seed: int,
         prox_mu: float = 0.0,
         server_round: int = 1,
+        on_advance: Advance | None = None,
     ) -> tuple[State, Metrics]:
         """Local pretraining steps from ``state`` in (global) round ``server_round``; ``prox_mu`` > 0 adds
-        FedProx's proximal term."""
+        FedProx's proximal term; ``on_advance(step, settings.steps)`` after each step."""
 
     def adapt(
         self,
@@ -62,9 +66,11 @@ class Backend(Protocol):
         adapter_state: State | None = None,
         work_dir: Path | None = None,
         server_round: int = 1,
+        on_advance: Advance | None = None,
     ) -> tuple[State, Metrics]:
         """Train the adapter on the site's paired spots (central frozen) in round ``server_round``; returns the
-        adapter's weights. With DP, ``epsilon`` is the site's cumulative spend (its ledger in ``work_dir``)."""
+        adapter's weights. With DP, ``epsilon`` is the site's cumulative spend (its ledger in ``work_dir``).
+        ``on_advance(step, settings.steps)`` after each step."""
 
     def synthesize(
         self,
@@ -75,8 +81,10 @@ class Backend(Protocol):
         settings: SynthesizeConfig,
         *,
         seed: int,
+        on_advance: Advance | None = None,
     ) -> PatchStore:
-        """Write synthetic pairs conditioned on the site's spots as a store flagged synthetic."""
+        """Write synthetic pairs conditioned on the site's spots as a store flagged synthetic;
+        ``on_advance(pairs, settings.count)`` as pairs are generated."""
 
     def downstream(
         self,

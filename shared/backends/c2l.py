@@ -14,6 +14,7 @@ from shared.config import AdaptConfig, DPConfig, PretrainConfig, RunConfig, Synt
 from shared.errors import FedstError
 
 if TYPE_CHECKING:
+    from shared.progress import Advance
     from shared.store.format import PatchStore
 
 PRESETS = ("tiny", "base", "large")  # shared.c2l.presets.PRESETS, named here without importing torch
@@ -69,7 +70,17 @@ def adapt_model(central, store: PatchStore, settings: AdaptConfig, dp: DPConfig 
     return adapt(central, store, seed=seed, dp=target, progress=False, **kwargs)
 
 
-def synthesize_pairs(central, adapted, store: PatchStore, n: int, out: Path, settings: SynthesizeConfig, *, seed: int):
+def synthesize_pairs(
+    central,
+    adapted,
+    store: PatchStore,
+    n: int,
+    out: Path,
+    settings: SynthesizeConfig,
+    *,
+    seed: int,
+    on_advance: Advance | None = None,
+):
     """`shared.c2l.synthesize.synthesize` with every knob of the synthesize section (``n`` pairs)."""
     from shared.c2l.synthesize import synthesize
 
@@ -86,6 +97,7 @@ def synthesize_pairs(central, adapted, store: PatchStore, n: int, out: Path, set
         batch_size=settings.batch_size,
         seed=seed,
         progress=False,
+        on_advance=on_advance,
     )
 
 
@@ -147,7 +159,15 @@ class C2LBackend:
         )
 
     def pretrain(
-        self, state, store, settings: PretrainConfig, *, seed: int, prox_mu: float = 0.0, server_round: int = 1
+        self,
+        state,
+        store,
+        settings: PretrainConfig,
+        *,
+        seed: int,
+        prox_mu: float = 0.0,
+        server_round: int = 1,
+        on_advance: Advance | None = None,
     ):
         from shared.c2l.ema import EMA_PREFIX, resume_ema, shadow_state, split_ema
         from shared.c2l.train import train_central
@@ -170,6 +190,7 @@ class C2LBackend:
             augmentation=settings.augmentation,
             ema=ema,
             progress=False,
+            on_advance=on_advance,
         )
         new_state = _to_numpy(model.state_dict())
         if ema is not None:
@@ -190,11 +211,12 @@ class C2LBackend:
         adapter_state=None,
         work_dir: Path | None = None,
         server_round: int = 1,
+        on_advance: Advance | None = None,
     ):
         from shared.c2l.dp import PrivacyLedger
         from shared.c2l.modulation import save_adapter
 
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"on_advance": on_advance}
         if adapter_state is not None:  # federated adaptation: start from the round's averaged modulation
             extra["initial_modulation"] = _to_torch(adapter_state)
         if dp.epsilon > 0 and work_dir is not None:  # every DP round this site runs on its data, composed
@@ -222,9 +244,21 @@ class C2LBackend:
         model.modulation.load_state_dict(_to_torch(adapter_state))
         return model
 
-    def synthesize(self, central, adapter_state, store, out: Path, settings: SynthesizeConfig, *, seed: int):
+    def synthesize(
+        self,
+        central,
+        adapter_state,
+        store,
+        out: Path,
+        settings: SynthesizeConfig,
+        *,
+        seed: int,
+        on_advance: Advance | None = None,
+    ):
         model = self.conditioned(central, adapter_state, store.panel)
-        return synthesize_pairs(model.central, model, store, settings.count, out, settings, seed=seed)
+        return synthesize_pairs(
+            model.central, model, store, settings.count, out, settings, seed=seed, on_advance=on_advance
+        )
 
     def downstream(self, store, synthetic, *, seed: int, predictor: str, train_rows=None) -> dict[str, float]:
         from shared import keys
@@ -246,7 +280,12 @@ class C2LBackend:
         arms = {"real": []} if synthetic is None else {"real": [], "augmented": [synthetic]}
         for arm, extra in arms.items():
             model = train_predictor(
-                [store], kind=predictor, extra_stores=extra, seed=seed, progress=False, spot_indices={store: train_rows}
+                [store],
+                kind=predictor,
+                extra_stores=extra,
+                seed=seed,
+                progress=False,
+                spot_indices={store: train_rows},
             )
             metrics = evaluate_predictor(model, store, sections=[held_out])
             for key, value in _scalars(metrics).items():

@@ -21,6 +21,7 @@ from shared.store.format import PatchStore
 
 if TYPE_CHECKING:
     from shared.config import AdaptConfig, DPConfig, PretrainConfig, RunConfig, SynthesizeConfig
+    from shared.progress import Advance
 
 NOISE = 0.5
 
@@ -134,6 +135,7 @@ class ToyBackend:
         seed: int,
         prox_mu: float = 0.0,
         server_round: int = 1,
+        on_advance: Advance | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Local denoising steps from ``state``; with ``prox_mu`` > 0 a FedProx term pulls toward ``state``."""
         torch = _torch()
@@ -146,7 +148,7 @@ class ToyBackend:
         reference = [p.detach().clone() for p in model.parameters()]
         opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
         losses = []
-        for _ in range(settings.steps):
+        for step in range(settings.steps):
             idx = rng.integers(0, len(images), size=min(settings.batch_size, len(images)))
             x = _images(images[idx])
             noise = torch.randn_like(x)
@@ -160,6 +162,8 @@ class ToyBackend:
             objective.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            if on_advance is not None:
+                on_advance(step + 1, settings.steps)
         return _export(model), {"loss": float(np.mean(losses)), "num-examples": float(len(images))}
 
     def adapt(
@@ -173,6 +177,7 @@ class ToyBackend:
         adapter_state: dict[str, np.ndarray] | None = None,
         work_dir: Path | None = None,
         server_round: int = 1,
+        on_advance: Advance | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Train only the FiLM adapter on the site's paired spots; the central weights stay frozen (no DP here:
         ``dp``, ``work_dir`` and ``server_round`` are part of the interface, unused by this backend)."""
@@ -188,7 +193,7 @@ class ToyBackend:
             _load(film, adapter_state)
         opt = torch.optim.Adam(film.parameters(), lr=settings.lr)
         losses = []
-        for _ in range(settings.steps):
+        for step in range(settings.steps):
             idx = rng.integers(0, store.n_spots, size=min(settings.batch_size, store.n_spots))
             x = _images(np.asarray(store.patches)[idx])
             genes = torch.from_numpy(genes_all[idx])
@@ -198,6 +203,8 @@ class ToyBackend:
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            if on_advance is not None:
+                on_advance(step + 1, settings.steps)
         return _export(film), {"loss": float(np.mean(losses)), "num-examples": float(store.n_spots)}
 
     def synthesize(
@@ -209,6 +216,7 @@ class ToyBackend:
         settings: SynthesizeConfig,
         *,
         seed: int,
+        on_advance: Advance | None = None,
     ) -> PatchStore:
         """Write ``settings.count`` synthetic pairs (conditions drawn from real spots) as a store flagged synthetic."""
         torch = _torch()
@@ -241,6 +249,8 @@ class ToyBackend:
             writer.allocate_patches(n)[:] = img.permute(0, 2, 3, 1).round().byte().numpy()
             writer.set_spots(spots)
             writer.manifest.update(synthetic=True, provenance={"generator": "toy", "seed": seed})
+        if on_advance is not None:  # one batch: every pair at once
+            on_advance(n, n)
         return PatchStore(out)
 
     def downstream(

@@ -6,7 +6,7 @@ import copy
 import secrets
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -68,6 +68,7 @@ def adapt(
     lora_alpha: float | None = None,
     privacy_ledger: PrivacyLedger | None = None,
     ledger_label: str = "adapt",
+    on_advance: Callable[[int, int], None] | None = None,
 ) -> tuple[ConditionedDiffusion, dict[str, Any]]:
     """Adapt a copy of `central` to `store`'s (patch, expression) pairs; `central` itself is not touched.
 
@@ -83,7 +84,8 @@ def adapt(
     also trains LoRA adapters on the attention projections (counted in the trainable fraction).
     With `privacy_ledger` (DP with a target epsilon), this call's steps are recorded in the site's ledger before
     the first step and refused when they would take the site past `dp.target_epsilon`; the summary's `epsilon` is
-    then the cumulative spend, `epsilon_round` this call's alone.
+    then the cumulative spend, `epsilon_round` this call's alone. `on_advance(done, steps)` runs after each step,
+    with the progress bar on or off (a federated site's progress record, shared.progress).
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise FedstError(f"adapt: steps ({steps}) and batch_size ({batch_size}) must be >= 1, lr ({lr}) > 0")
@@ -150,7 +152,7 @@ def adapt(
     losses: list[float] = []
     step_seconds: list[float] = []
     start = time.perf_counter()
-    with StepBar(steps, "adapt" + (" (DP)" if dp_plan else ""), progress) as bar:
+    with StepBar(steps, "adapt" + (" (DP)" if dp_plan else ""), progress, on_advance) as bar:
         for step in range(steps):
             if batches is not None:
                 x0, expression, mask = next(batches)

@@ -1,13 +1,24 @@
-"""A rich progress bar showing loss and steps/s (or a no-op when disabled)."""
+"""A rich progress bar showing loss and steps/s (or a no-op when disabled), with an optional step callback."""
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 
 class StepBar:
-    def __init__(self, total: int, description: str, enabled: bool = True):
+    """``on_advance(done, total)`` runs at every `advance`, with or without the bar (a federated site runs with the
+    bar off and reports its steps through shared.progress.ProgressRecord this way)."""
+
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        enabled: bool = True,
+        on_advance: Callable[[int, int], None] | None = None,
+    ):
         self.total, self.description, self.enabled = total, description, enabled
+        self.on_advance = on_advance
         self._progress = None
         self._task = None
         self.start = time.perf_counter()
@@ -30,6 +41,8 @@ class StepBar:
         return self
 
     def advance(self, done: int, **info: float) -> None:
+        if self.on_advance is not None:
+            self.on_advance(done, self.total)
         if self._progress is None:
             return
         rate = done / max(time.perf_counter() - self.start, 1e-9)

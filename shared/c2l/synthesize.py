@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -86,8 +86,12 @@ def synthesize(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     progress: bool = True,
+    on_advance: Callable[[int, int], None] | None = None,
 ) -> PatchStore:
-    """Generate n (image, expression) pairs conditioned on `store`'s spots and write them as a synthetic store."""
+    """Generate n (image, expression) pairs conditioned on `store`'s spots and write them as a synthetic store.
+
+    `on_advance(done, n)` runs after each batch, with the progress bar on or off (a federated site's progress
+    record, shared.progress)."""
     import anndata
     import pandas as pd
 
@@ -109,7 +113,7 @@ def synthesize(
     cond = draw_conditions(store, n, perturb=perturb, seed=seed)
     px = central.sample_size
     images = np.empty((n, px, px, 3), dtype=np.uint8)
-    with StepBar(n, f"synthesize ({sampler}, {steps} steps)", progress) as bar:
+    with StepBar(n, f"synthesize ({sampler}, {steps} steps)", progress, on_advance) as bar:
         for b, lo in enumerate(range(0, n, batch_size)):
             hi = min(n, lo + batch_size)
             x = sample_conditioned(

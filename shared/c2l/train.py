@@ -52,6 +52,7 @@ def train_central(
     min_snr_gamma: float = 5.0,
     parametrization: str = "ddpm",
     on_step: Callable[[int, float], bool] | None = None,
+    on_advance: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place for `steps` optimizer steps; deterministic given `seed` on CPU.
 
@@ -63,7 +64,8 @@ def train_central(
     `parametrization="edm"` trains the network as the EDM denoiser's F (log-normal noise levels, c_noise as
     the timestep input), to be sampled with the `edm_*` samplers. The defaults are the DDPM recipe, unchanged.
     `on_step(step, seconds)` runs after each optimizer step (and EMA update); returning True stops training
-    there (benchmarks snapshot the model at wall-clock budgets this way).
+    there (benchmarks snapshot the model at wall-clock budgets this way). `on_advance(done, steps)` runs after
+    each step too, with the progress bar on or off (a federated site's progress record, shared.progress).
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise FedstError(f"train_central: steps ({steps}) and batch_size ({batch_size}) must be >= 1, lr ({lr}) > 0")
@@ -92,7 +94,7 @@ def train_central(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses: list[float] = []
     start = time.perf_counter()
-    with StepBar(steps, "pretrain", progress) as bar:
+    with StepBar(steps, "pretrain", progress, on_advance) as bar:
         for step in range(steps):
             idx = torch.randint(0, len(images), (batch_size,), generator=gen)
             x0 = images.batch(idx)

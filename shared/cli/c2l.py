@@ -160,7 +160,10 @@ def synthesize(
     perturb: str = typer.Option("none", help="none | mixup | noise"),
     device: str | None = typer.Option(None),
 ) -> None:
-    """Generate N synthetic image-gene pairs as a patch store flagged synthetic."""
+    """Generate N synthetic image-gene pairs as a patch store flagged synthetic.
+
+    Beside the store (which holds only the files its manifest checksums): OUT_samples.png (each conditioning
+    spot's real patch above its synthetic image) and OUT_summary.json (count, time, images/s, provenance)."""
     import time
 
     import numpy as np
@@ -197,9 +200,10 @@ def synthesize(
     obs = result.spots.obs
     rows = site.spots.obs_names.get_indexer(obs["source_spot"].to_numpy()[:k])
     real = np.asarray(site.patches[site.spots.obs["patch_index"].to_numpy()[rows]])
+    samples, summary_path = synthesis_outputs(out)
     image_grid(
         [("real patch of the conditioning spot", real), (f"synthetic ({perturb})", np.asarray(result.patches[:k]))],
-        out.parent / f"{out.name}_samples.png",
+        samples,
         "real vs synthetic, per condition",
     )
     summary = {
@@ -209,8 +213,22 @@ def synthesize(
         "images_per_s": n / seconds,
         "provenance": result.manifest["provenance"],
     }
-    write_json_atomic(out.parent / f"{out.name}_summary.json", summary)
-    typer.echo(f"synthetic store -> {out} ({n} pairs, {n / seconds:.2f} images/s)")
+    write_json_atomic(summary_path, summary)
+    typer.echo(f"synthetic store -> {out} ({n} pairs, {n / seconds:.2f} images/s); {samples.name}, {summary_path.name}")
+
+
+def synthesis_outputs(out: Path) -> tuple[Path, Path]:
+    """Where `fedst c2l synthesize --out OUT` puts its sample grid and summary: beside the store, not in it."""
+    return out.parent / f"{out.name}_samples.png", out.parent / f"{out.name}_summary.json"
+
+
+def kid_line(kid: dict) -> str:
+    """The audit's KID as printed: its value and subset spread on the x1 scale (no x1000 as some papers use),
+    the feature space it is computed in, and the real-vs-real floor it should be read against."""
+    return (
+        f"KID {kid['value']:.3f} +- {kid['std']:.3f} (x1, colour/texture features standardised on the real set; "
+        f"real-vs-real floor {kid['real_half_vs_half']:.3f})"
+    )
 
 
 @app.command()
@@ -223,7 +241,9 @@ def audit(
     baseline: bool = typer.Option(True, help="also score the unconditioned central model on the same conditions"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Conditional consistency, KID and memorisation of a synthetic store (no downloaded weights)."""
+    """Conditional consistency, KID and memorisation of a synthetic store (no downloaded weights).
+
+    Writes OUT/audit.json and OUT/samples.png (real, synthetic and, with the baseline, unconditioned patches)."""
     import shutil
 
     import numpy as np
@@ -246,6 +266,7 @@ def audit(
         raise FedstError(f"{synthetic}: provenance adapter hash differs from {adapter}")
     out.mkdir(parents=True, exist_ok=True)
     report = run_audit(real_store, syn_store, seed=seed)
+    rows = [("real", np.asarray(real_store.patches[:8])), ("synthetic", np.asarray(syn_store.patches[:8]))]
     if baseline:
         tmp = out / "unconditioned_store"
         base = run_synthesize(
@@ -261,23 +282,16 @@ def audit(
             perturb=prov.get("perturb", "none"),
         )
         report["unconditioned_baseline"] = conditional_consistency(real_store, base, syn_store.patch_px, seed)
-        image_grid(
-            [
-                ("real", np.asarray(real_store.patches[:8])),
-                ("synthetic", np.asarray(syn_store.patches[:8])),
-                ("unconditioned central", np.asarray(base.patches[:8])),
-            ],
-            out / "samples.png",
-            "audit",
-        )
+        rows.append(("unconditioned central", np.array(base.patches[:8])))  # a copy: its store is removed next
         shutil.rmtree(tmp, ignore_errors=True)
+    image_grid(rows, out / "samples.png", "audit")
     write_json_atomic(out / "audit.json", report)
     cc = report["conditional_consistency"]
     line = f"conditional consistency PCC {cc['pcc_mean']:.3f} (real hold-out {cc['real_holdout_pcc_mean']:.3f}"
     if baseline:
         line += f", unconditioned {report['unconditioned_baseline']['pcc_mean']:.3f}"
     typer.echo(
-        line + f"); KID {report['kid']['value']:.4f}; near-copies {report['memorisation']['near_copies']}"
+        line + f"); {kid_line(report['kid'])}; near-copies {report['memorisation']['near_copies']}"
         f" -> {out / 'audit.json'}"
     )
 

@@ -38,9 +38,11 @@ def load_h5ad_section(
     spatial_key: str = keys.SPATIAL,
     counts_layer: str | None = None,
     fmt: str = "h5ad",
+    convert: bool = True,
 ) -> Section:
     """Read a section from an h5ad + image. Raw counts come from ``layers[counts_layer]`` when named, else
-    from layers[keys.COUNTS] when present, else X. Coordinates must already be full-resolution pixels."""
+    from layers[keys.COUNTS] when present, else X. Coordinates must already be full-resolution pixels.
+    ``convert=False``: every check, no conversion into the slide cache (see `finish_section`)."""
     path = require_file(h5ad, "an .h5ad with obsm['spatial']")
     adata = read_h5ad(path)
     if spatial_key not in adata.obsm:
@@ -75,4 +77,4 @@ def load_h5ad_section(
         "counts": f"layers[{layer!r}]" if layer else "X",
         "mpp_source": origin,
     }
-    return finish_section(sid, clean, image_path, value, provenance, str(path), cache_dir)
+    return finish_section(sid, clean, image_path, value, provenance, str(path), cache_dir, convert)

@@ -16,6 +16,9 @@ def load_hest_section(
     section_id: str | None = None,
     mpp: float | None = None,
     cache_dir: str | os.PathLike | None = None,
+    convert: bool = True,
 ) -> Section:
     """Read one HEST-style section; the same checks as the generic reader, recorded as format 'hest'."""
-    return load_h5ad_section(h5ad, image, section_id=section_id, mpp=mpp, cache_dir=cache_dir, fmt="hest")
+    return load_h5ad_section(
+        h5ad, image, section_id=section_id, mpp=mpp, cache_dir=cache_dir, fmt="hest", convert=convert
+    )

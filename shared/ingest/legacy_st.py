@@ -70,9 +70,11 @@ def load_legacy_st_section(
     section_id: str | None = None,
     mpp: float | None = None,
     cache_dir: str | os.PathLike | None = None,
+    convert: bool = True,
 ) -> Section:
     """Join counts and spot table on "<x>x<y>" (keeping spots in both and, when the column exists, selected),
-    with pixel_x/pixel_y as obsm[SPATIAL]."""
+    with pixel_x/pixel_y as obsm[SPATIAL]. ``convert=False``: every check, no conversion into the slide cache
+    (see `finish_section`)."""
     import anndata
     import scipy.sparse as sp
 
@@ -120,4 +122,4 @@ def load_legacy_st_section(
         "spots_without_counts": int(len(spot_table) - len(common)),
         "counts_without_spot": int(len(table) - len(common)),
     }
-    return finish_section(sid, adata, image_path, value, provenance, str(counts_path), cache_dir)
+    return finish_section(sid, adata, image_path, value, provenance, str(counts_path), cache_dir, convert)

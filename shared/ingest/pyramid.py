@@ -97,6 +97,25 @@ def read_plain_image(path: Path) -> np.ndarray:
         return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
 
 
+def _refuse_unrecognised_vendor_file(source: Path) -> None:
+    if source.suffix.lower() in VENDOR_SUFFIXES:
+        raise FedstError(
+            f"{source}: unreadable or corrupt slide (openslide does not recognise this {source.suffix} file)"
+        )
+
+
+def check_plain_image(source: Path) -> None:
+    """What converting a plain image would find wrong, found without converting it (nothing is written): a
+    vendor slide openslide does not recognise, an image above the size bound (its header only), a file PIL's
+    verify refuses, and for a JPEG the corruption check `_decode_jpeg` runs before decoding (jpeg.py)."""
+    _refuse_unrecognised_vendor_file(source)
+    with open_plain_image(source) as image:
+        is_jpeg = image.format in ("JPEG", "MPO")
+        image.verify()
+    if is_jpeg:  # libjpeg decodes a corrupt JPEG without an error
+        check_jpeg(source, source.read_bytes())
+
+
 def ensure_pyramidal(
     image_path: str | os.PathLike, mpp: float | None = None, cache_dir: str | os.PathLike | None = None
 ) -> Path:
@@ -108,10 +127,7 @@ def ensure_pyramidal(
     source = require_file(image_path, "an image (SVS, pyramidal TIFF, JPEG or PNG)")
     if is_openslide_readable(source):
         return source
-    if source.suffix.lower() in VENDOR_SUFFIXES:
-        raise FedstError(
-            f"{source}: unreadable or corrupt slide (openslide does not recognise this {source.suffix} file)"
-        )
+    _refuse_unrecognised_vendor_file(source)
     if mpp is None:
         mpp = plain_image_mpp(source)
     if mpp is None:

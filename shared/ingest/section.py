@@ -23,7 +23,9 @@ READER_VERSION = "fedst.ingest/1"
 @dataclass
 class Section:
     """One tissue section. ``adata``: raw counts in X, obsm[SPATIAL] in full-resolution pixels of the
-    image at ``slide_path`` (openslide-readable), uns[MPP] == ``mpp``, uns[PROVENANCE] says where it came from."""
+    image at ``slide_path``, uns[MPP] == ``mpp``, uns[PROVENANCE] says where it came from. ``slide_path`` is
+    openslide-readable, except for a section read with ``convert=False`` (inspect): there a plain JPEG/PNG is
+    the source image itself, which `open_slide` converts (once, into the slide cache) when first opened."""
 
     section_id: str
     adata: anndata.AnnData
@@ -40,8 +42,9 @@ class Section:
         return str(self.adata.uns.get(keys.PROVENANCE, {}).get("format", "unknown"))
 
     def describe(self) -> dict[str, Any]:
-        with self.open_slide() as slide:
-            width, height = slide.width, slide.height
+        from shared.ingest.slide import image_size
+
+        width, height = image_size(self.slide_path)  # the header: describing a section converts nothing
         return {
             "id": self.section_id,
             "format": self.format,
@@ -82,10 +85,14 @@ def finish_section(
     provenance: dict[str, Any],
     source: str,
     cache_dir: str | os.PathLike | None = None,
+    convert: bool = True,
 ) -> Section:
     """Stamp the data-model keys onto ``adata`` and check it against the image's size; only then convert a
-    plain image into the slide cache (so bad input writes nothing) and return the Section."""
-    from shared.ingest.slide import ensure_pyramidal, image_size, open_slide
+    plain image into the slide cache (so bad input writes nothing) and return the Section.
+
+    ``convert=False`` (`fedst data inspect`): the same checks, the image's included (`check_image`), but a
+    plain image is not converted: the Section points at the image itself and nothing is written."""
+    from shared.ingest.slide import check_image, ensure_pyramidal, image_size, open_slide
 
     adata.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL], dtype=np.float64)
     adata.uns[keys.MPP] = float(mpp)
@@ -93,9 +100,12 @@ def finish_section(
     validate.check_section_adata(adata, source)
     width, height = image_size(image)
     validate.check_coordinates(adata.obsm[keys.SPATIAL], width, height, source, str(image))
-    slide_path = ensure_pyramidal(image, mpp, cache_dir)
-    with open_slide(slide_path, mpp=mpp):
-        pass  # fails here, clearly, when the converted or given slide is unreadable
+    if convert:
+        slide_path = ensure_pyramidal(image, mpp, cache_dir)
+        with open_slide(slide_path, mpp=mpp):
+            pass  # fails here, clearly, when the converted or given slide is unreadable
+    else:
+        slide_path = check_image(image, mpp)
     adata.uns[keys.PROVENANCE] = {
         "section": section_id,
         "reader": READER_VERSION,

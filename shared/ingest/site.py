@@ -67,10 +67,15 @@ def check_section_spec(spec: Any, index: int, toml_path: Path) -> dict[str, Any]
 
 
 def load_section(
-    spec: dict[str, Any], base: Path, *, mpp: float | None = None, cache_dir: str | os.PathLike | None = None
+    spec: dict[str, Any],
+    base: Path,
+    *,
+    mpp: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    convert: bool = True,
 ) -> Section:
     """Dispatch one checked section table to its reader; paths resolve against ``base`` (the TOML's folder).
-    ``mpp``: site-wide fallback, see `load_site`."""
+    ``mpp``: site-wide fallback, see `load_site`; ``convert``: see `shared.ingest.section.finish_section`."""
     from shared.ingest.generic import load_h5ad_section
     from shared.ingest.hest import load_hest_section
     from shared.ingest.legacy_st import load_legacy_st_section
@@ -87,14 +92,13 @@ def load_section(
         image = at("image")
         carried = image_mpp(image) if image is not None and image.is_file() else None
         value = mpp if carried is None else None
+    where = {"section_id": sid, "mpp": value, "cache_dir": cache_dir, "convert": convert}
     if fmt == "visium":
-        return load_visium_section(at("path"), at("image"), section_id=sid, mpp=value, cache_dir=cache_dir)
+        return load_visium_section(at("path"), at("image"), **where)
     if fmt == "legacy-st":
-        return load_legacy_st_section(
-            at("counts"), at("spots"), at("image"), section_id=sid, mpp=value, cache_dir=cache_dir
-        )
+        return load_legacy_st_section(at("counts"), at("spots"), at("image"), **where)
     reader = load_hest_section if fmt == "hest" else load_h5ad_section
-    return reader(at("h5ad"), at("image"), section_id=sid, mpp=value, cache_dir=cache_dir)
+    return reader(at("h5ad"), at("image"), **where)
 
 
 def parse_site(site_toml: str | os.PathLike) -> tuple[str, Path | None, list[dict[str, Any]]]:
@@ -131,13 +135,18 @@ def parse_site(site_toml: str | os.PathLike) -> tuple[str, Path | None, list[dic
 
 
 def load_site(
-    site_toml: str | os.PathLike, mpp: float | None = None, cache_dir: str | os.PathLike | None = None
+    site_toml: str | os.PathLike,
+    mpp: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    convert: bool = True,
 ) -> Site:
     """Read every section a SITE.toml lists. ``mpp`` (the CLI's --mpp) applies to sections that have no
     ``mpp`` field and whose image carries none; it beats the format's derived estimate (Visium spot size, ST
-    pitch). Per-section ``mpp`` fields override everything."""
+    pitch). Per-section ``mpp`` fields override everything. ``convert=False`` (`fedst data inspect`): every
+    check, but no plain image is converted into the slide cache (`shared.ingest.section.finish_section`)."""
     path = Path(site_toml)
     check_mpp(mpp, "--mpp")
     name, panel_path, specs = parse_site(path)
-    sections = [load_section(spec, path.parent, mpp=mpp, cache_dir=cache_dir) for spec in specs]
+    sections = [load_section(spec, path.parent, mpp=mpp, cache_dir=cache_dir, convert=convert) for spec in specs]
     return Site(name=name, sections=sections, panel_path=panel_path, toml_path=path, spec={"sections": specs})

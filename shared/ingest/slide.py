@@ -22,6 +22,7 @@ from shared.ingest.pyramid import (
     CACHE_ENV,
     TILE_PX,
     VENDOR_SUFFIXES,
+    check_plain_image,
     default_cache_dir,
     ensure_pyramidal,
     is_openslide_readable,
@@ -39,7 +40,9 @@ __all__ = [
     "TILE_PX",
     "VENDOR_SUFFIXES",
     "Slide",
+    "check_image",
     "check_mpp",
+    "check_plain_image",
     "default_cache_dir",
     "ensure_pyramidal",
     "image_mpp",
@@ -199,6 +202,18 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, cache_dir: str
             "give it with --mpp or `mpp = ...` in SITE.toml"
         )
     return Slide(readable, osr, found, source=source)
+
+
+def check_image(path: str | os.PathLike, mpp: float | None = None) -> Path:
+    """Every check `open_slide` runs on an image, without its side effect: a plain JPEG/PNG is checked as its
+    conversion would check it (`check_plain_image`) but not converted into the slide cache. Returns the path."""
+    source = require_file(path, "a slide image (SVS, pyramidal TIFF, JPEG or PNG)")
+    if is_openslide_readable(source):
+        with open_slide(source, mpp=mpp):  # a slide format: used in place, nothing is converted
+            return source
+    check_mpp(mpp, str(source))
+    check_plain_image(source)
+    return source
 
 
 def image_mpp(path: str | os.PathLike) -> float | None:

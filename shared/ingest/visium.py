@@ -130,9 +130,11 @@ def load_visium_section(
     section_id: str | None = None,
     mpp: float | None = None,
     cache_dir: str | os.PathLike | None = None,
+    convert: bool = True,
 ) -> Section:
     """Read a Space Ranger `outs/` folder. ``image``: the full-resolution H&E (optional, see module doc);
-    ``mpp``: microns per FULL-RESOLUTION pixel (optional)."""
+    ``mpp``: microns per FULL-RESOLUTION pixel (optional). ``convert=False``: every check, no conversion into
+    the slide cache (see `finish_section`)."""
     root = Path(path)
     if not root.is_dir():
         raise FedstError(f"{root}: no such directory (expected a Space Ranger outs/ folder with {MATRIX} and spatial/)")
@@ -172,4 +174,4 @@ def load_visium_section(
         "in_tissue_without_counts": int(len(in_tissue) - len(common)),
     }
     sid = section_id or (root.name if root.name != "outs" else root.parent.name)
-    return finish_section(sid, adata, image_path, value, provenance, str(root), cache_dir)
+    return finish_section(sid, adata, image_path, value, provenance, str(root), cache_dir, convert)
