@@ -329,7 +329,8 @@ def _document(results: RunRecord) -> _Doc:
     doc.para(
         f"backend {_code(cfg.get('backend'))}, preset {_code(cfg.get('preset'))}, "
         f"strategy {_code(cfg.get('aggregation.strategy'))}, "
-        f"patch {cfg.get('patch-px')} px, seed {cfg.get('seed')}"
+        f"patch {cfg.get('patch-px')} px, seed {cfg.get('seed')}, "
+        f"downstream predictor {_code(cfg.get('predictor'))} on {_code(cfg.get('predictor-encoder'))} features"
     )
     if results.sites:
         doc.para("sites (declared names): " + ", ".join(_code(name) for name in sorted(results.sites)))

@@ -24,6 +24,23 @@ def test_stats_encoder_is_deterministic_and_sees_colour() -> None:
     assert not np.allclose(enc.embed(pink), enc.embed(purple))
 
 
+def test_stats_colour_is_stats_then_the_audits_rotation_invariant_colour_features() -> None:
+    from shared.c2l.audit import image_features
+
+    enc = create_encoder("stats_colour", device="cpu")
+    x = _patches(n=5, px=48)
+    got = enc.embed(x)
+    stats = create_encoder("stats", device="cpu").embed(x)
+    assert got.shape == (5, enc.dim) and enc.dim == stats.shape[1] + 51 and got.dtype == np.float32
+    np.testing.assert_array_equal(got[:, : stats.shape[1]], stats)
+    np.testing.assert_allclose(got[:, stats.shape[1] :], image_features(x, 32), rtol=1e-6, atol=1e-6)
+    turned = np.rot90(x, 1, axes=(1, 2))  # the colour half does not see orientation; the Gabor bank of stats does
+    np.testing.assert_allclose(enc.embed(turned)[:, stats.shape[1] :], got[:, stats.shape[1] :], rtol=1e-5, atol=1e-5)
+    assert enc.config() == {"name": "stats_colour"}
+    with pytest.raises(FedstError, match="encoder 'stats_colour' has no weights"):
+        create_encoder("stats_colour", weights="w.safetensors")
+
+
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
 def test_timm_encoder_random_init_and_local_weights_round_trip(name: str, tmp_path) -> None:
     import torch

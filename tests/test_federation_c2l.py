@@ -189,3 +189,31 @@ def test_default_sections_pass_exactly_what_the_federation_computed_before(monke
         assert {k: seen[name][k] for k in own} == own
     assert seen["adapt"]["lr"] == 1e-3 and seen["synthesize"]["guidance"] == 1.5
     assert set(seen["synthesize"]) >= {"sampler", "steps", "guidance", "perturb", "batch_size"}
+
+
+def test_downstream_phase_trains_on_the_run_configs_encoder(tmp_path, monkeypatch):
+    """`predictor-encoder` (default stats_colour) reaches train_predictor for both arms; a bad name is a clear error."""
+    import shared.downstream.predictor as predictor_module
+    from shared.backends.c2l import C2LBackend
+    from shared.errors import FedstError
+
+    store = write_toy_store(
+        tmp_path / "store", n_spots=40, n_tiles=4, panel=PANEL, patch_px=32, seed=0, missing_gene_in_section_b=False
+    )
+    seen: list[str] = []
+    train = predictor_module.train_predictor
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["encoder"])
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "train_predictor", spy)
+    scores = {}
+    for encoder in ("stats_colour", "stats"):
+        run = RunConfig.from_mapping({} if encoder == "stats_colour" else {"predictor-encoder": encoder})
+        scores[encoder] = C2LBackend(run).downstream(store, store, seed=0, predictor="ridge")
+    assert seen == ["stats_colour", "stats_colour", "stats", "stats"]  # real and augmented arm of each run
+    assert scores["stats"]["real-pcc_per_slide_mean"] != scores["stats_colour"]["real-pcc_per_slide_mean"]
+    run = RunConfig.from_mapping({"predictor-encoder": "no_such_encoder"})
+    with pytest.raises(FedstError, match="encoder 'no_such_encoder': unknown"):
+        C2LBackend(run).downstream(store, None, seed=0, predictor="ridge")

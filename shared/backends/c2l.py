@@ -282,6 +282,7 @@ class C2LBackend:
             model = train_predictor(
                 [store],
                 kind=predictor,
+                encoder=self.run.predictor_encoder,
                 extra_stores=extra,
                 seed=seed,
                 progress=False,

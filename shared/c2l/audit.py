@@ -14,38 +14,21 @@ import numpy as np
 from shared import keys
 from shared.c2l.data import expression_and_mask, to_model_images
 from shared.downstream.baselines import RidgeBaseline
+from shared.downstream.colour_features import colour_texture_features
 from shared.downstream.metrics import pcc_per_gene_masked
 from shared.errors import FedstError
 from shared.store.format import PatchStore
 
 
 def image_features(patches: np.ndarray, px: int = 32, chunk: int = 512) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, F) float64 colour/texture features at resolution `px`.
+    """(N, H, W, 3) uint8 -> (N, F) float64 colour/texture features at resolution `px`
+    (shared.downstream.colour_features, also the colour half of the ``stats_colour`` encoder).
 
     Not the downstream's "stats" encoder (shared.downstream.encoders): the audit compares synthetic patches
     with real ones that trained the generator under rotations and flips, so its features must not change when
     a patch is rotated or flipped; the encoder's oriented Gabor bank does (both tested in test_c2l_core.py).
     """
-    import torch
-    import torch.nn.functional as F
-
-    out = []
-    for lo in range(0, len(patches), chunk):
-        x = to_model_images(np.asarray(patches[lo : lo + chunk]), px)  # (B, 3, px, px) in [-1, 1]
-        flat = x.flatten(2)
-        feats = [flat.mean(2), flat.std(2)]
-        feats += [flat.quantile(q, dim=2) for q in (0.1, 0.5, 0.9)]
-        bins = ((flat + 1) / 2 * 8).clamp(0, 7.999).long()
-        hist = torch.zeros(x.shape[0], 3, 8).scatter_add_(2, bins, torch.ones_like(flat)) / flat.shape[2]
-        feats.append(hist.flatten(1))
-        for scale in (1, 2):
-            y = F.avg_pool2d(x, scale) if scale > 1 else x
-            gx, gy = y[..., :, 1:] - y[..., :, :-1], y[..., 1:, :] - y[..., :-1, :]
-            feats += [gx.abs().flatten(2).mean(2) + gy.abs().flatten(2).mean(2)]
-            lap = y[..., 1:-1, 1:-1] * 4 - y[..., :-2, 1:-1] - y[..., 2:, 1:-1] - y[..., 1:-1, :-2] - y[..., 1:-1, 2:]
-            feats += [lap.abs().flatten(2).mean(2)]
-        out.append(torch.cat(feats, 1).double().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    return colour_texture_features(patches, px, chunk)
 
 
 PROBE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))

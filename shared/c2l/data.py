@@ -11,20 +11,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from shared import keys
 from shared.arrays import dense
+from shared.downstream.colour_features import to_unit_images
 from shared.errors import FedstError
 from shared.store.format import PatchStore
 
-
-def to_model_images(batch: np.ndarray, px: int) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, px, px) in [-1, 1]."""
-    x = torch.from_numpy(np.array(batch, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    if x.shape[-1] != px or x.shape[-2] != px:
-        x = F.interpolate(x, size=(px, px), mode="area" if x.shape[-1] > px else "bilinear", align_corners=None)
-    return x
+to_model_images = to_unit_images
+"""uint8 (B, H, W, 3) -> float (B, 3, px, px) in [-1, 1]: the model's input (one definition, in downstream)."""
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, stain_jitter: float = 0.05) -> torch.Tensor:

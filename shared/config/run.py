@@ -150,6 +150,11 @@ class RunConfig(Section):
     seed: int = Field(0, description="seed of every random stream of the run")
     resume: bool = Field(False, description="continue from the run directory's last checkpoint")
     predictor: str = Field("ridge", description="downstream predictor kind")
+    predictor_encoder: str = Field(
+        "stats_colour",
+        description="patch encoder of the downstream predictor (shared.downstream.encoders); stats_colour: synthetic "
+        "pairs are learnable in it (docs/benchmarks.md)",
+    )
     min_sites: int = Field(2, ge=1, description="fewer valid replies than this in a round fails the run")
     failure_tolerance: int = Field(1, ge=0, description="more failed sites than this in a round fails the run")
     round_timeout: float = Field(

@@ -6,6 +6,9 @@ name-based factory sit:
 - ``"stats"``: a non-learned encoder (colour statistics in optical-density space at a few scales plus a small
   Gabor / gradient-energy bank). It needs no training, no weights, and is strong on the tiny patches the
   tests and the synthetic consortium use;
+- ``"stats_colour"``: ``"stats"`` plus the rotation-invariant colour/texture statistics the synthesis audit uses
+  (``shared.downstream.colour_features``), the federation's downstream default: synthetic C2L patches match real
+  ones in that space, so a predictor can learn from them (docs/benchmarks.md, the data-limited site claim);
 - any ``timm`` architecture (``resnet18``, ``vit_tiny_patch16_224``, ...) created with random init
   (``pretrained=False``: nothing is downloaded) or with weights read from a local file the user names, e.g. a
   pathology foundation model's checkpoint (``.safetensors``, ``.pt``/``.pth``/``.bin`` state dict);
@@ -31,7 +34,16 @@ if TYPE_CHECKING:
     import torch
 
 STATS = "stats"
-SUPPORTED = (STATS, "resnet18", "resnet50", "vit_tiny_patch16_224", "vit_small_patch16_224", "convnext_atto")
+STATS_COLOUR = "stats_colour"
+SUPPORTED = (
+    STATS,
+    STATS_COLOUR,
+    "resnet18",
+    "resnet50",
+    "vit_tiny_patch16_224",
+    "vit_small_patch16_224",
+    "convnext_atto",
+)
 """Names the tests exercise. Any other timm architecture name also works (``timm.list_models()``)."""
 
 _HEAD_PREFIXES = ("head.", "fc.", "classifier.", "head_drop.", "heads.")
@@ -96,7 +108,8 @@ class StatsEncoder(ImageEncoder):
 
     def __init__(self, device: str | None = None):
         self.device = _pick_device(device)
-        self.dim = 3 * 2 * len(self.scales) + 3 * 2 + 3 + self.orientations * len(self.wavelengths) + 1
+        self.stats_dim = 3 * 2 * len(self.scales) + 3 * 2 + 3 + self.orientations * len(self.wavelengths) + 1
+        self.dim = self.stats_dim
         self._kernels: torch.Tensor | None = None
 
     def _bank(self) -> torch.Tensor:
@@ -152,11 +165,36 @@ class StatsEncoder(ImageEncoder):
         import torch
 
         patches = _check_patches(patches)
-        out = np.zeros((len(patches), self.dim), dtype=np.float32)
+        out = np.zeros((len(patches), self.stats_dim), dtype=np.float32)
         with torch.no_grad():
             for start in range(0, len(patches), batch_size):
                 out[start : start + batch_size] = self._embed_batch(patches[start : start + batch_size])
         return out
+
+
+class StatsColourEncoder(StatsEncoder):
+    """``stats`` features followed by the audit's rotation-invariant colour/texture features at 32 px.
+
+    Why: a predictor trained on real + synthetic pairs learns from the synthetic half only in a feature space
+    where the generator's samples look like real patches. The C2L generator reproduces stain colour and nuclei
+    density (the colour statistics; low KID there) better than oriented pixel texture at CPU budgets (the
+    Gabor/Sobel energies of ``stats`` shift by 0.2-0.45 real standard deviations on its samples). 32 px is the
+    resolution the audit measures KID at and the generator samples at.
+    """
+
+    name = STATS_COLOUR
+    colour_px = 32
+
+    def __init__(self, device: str | None = None):
+        super().__init__(device=device)
+        self.dim = self.stats_dim + 51  # shared.downstream.colour_features: 3 channels x 17
+
+    def embed(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        from shared.downstream.colour_features import colour_texture_features
+
+        patches = _check_patches(patches)
+        colour = colour_texture_features(patches, self.colour_px).astype(np.float32)
+        return np.concatenate([super().embed(patches, batch_size), colour], axis=1)
 
 
 class TimmEncoder(ImageEncoder):
@@ -283,16 +321,16 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def create_encoder(name: str, weights: str | os.PathLike | None = None, **kw: Any) -> ImageEncoder:
-    """The encoder called ``name``: ``"stats"``, ``"efficientnet_lite0_imagenet"`` (ImageNet weights from the
-    ``encoders`` extra) or a timm architecture (random init, or ``weights`` file).
+    """The encoder called ``name``: ``"stats"``, ``"stats_colour"``, ``"efficientnet_lite0_imagenet"`` (ImageNet
+    weights from the ``encoders`` extra) or a timm architecture (random init, or ``weights`` file).
 
     Keyword options: ``device`` (default CUDA when available), ``input_px`` (timm: resize patches to this
     size), ``seed`` (timm random init), and any timm ``create_model`` option.
     """
     require(isinstance(name, str) and name != "", "encoder name: expected a non-empty string")
-    if name == STATS:
-        require(weights is None, "encoder 'stats' has no weights; do not pass a weights file")
-        return StatsEncoder(device=kw.get("device"))
+    if name in (STATS, STATS_COLOUR):
+        require(weights is None, f"encoder {name!r} has no weights; do not pass a weights file")
+        return (StatsEncoder if name == STATS else StatsColourEncoder)(device=kw.get("device"))
     if name == EFFICIENTNET_LITE0:
         require(weights is None, f"encoder {name!r} uses the weights of its package; do not pass a weights file")
         unknown = sorted(set(kw) - {"device", "package_versions"})
@@ -302,8 +340,8 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, **kw: An
 
     if not timm.is_model(name):
         raise FedstError(
-            f"encoder {name!r}: unknown (expected 'stats', {EFFICIENTNET_LITE0!r} or a timm architecture name such as "
-            f"{', '.join(SUPPORTED[1:])})"
+            f"encoder {name!r}: unknown (expected 'stats', 'stats_colour', {EFFICIENTNET_LITE0!r} or a timm "
+            f"architecture name such as {', '.join(SUPPORTED[2:])})"
         )
     return TimmEncoder(name, weights=weights, **kw)
 
