@@ -22,6 +22,7 @@ import numpy as np
 from server.headline import HELPS_BY, effect, headline, write_headline
 from server.results import RunRecord, save_results
 from server.rounds import PER_SITE_ONLY
+from shared.contract import LOSS_CURVE_KEYS
 from shared.io import write_text_atomic
 
 SCORES = {"pcc": "PCC", "ssc": "SSC", "gsc": "GSC"}
@@ -57,9 +58,19 @@ def _scores_present(sites: dict[str, dict[str, float]]) -> list[str]:
 
 
 # -- plots ------------------------------------------------------------------------------------------------------
+def _loss_points(round_number: int, metrics: dict[str, float]) -> list[tuple[float, float]]:
+    """(x, loss) of one site's round: the per-step curve (``loss-step-NN``: the mean over each tenth of the round's
+    local steps, shared.contract.loss_curve) placed inside the round on the x axis, else the round's mean loss."""
+    curve = [metrics[k] for k in LOSS_CURVE_KEYS if k in metrics]
+    if not curve:
+        return [(float(round_number), metrics["loss"])] if "loss" in metrics else []
+    return [(round_number - 1 + (i + 0.5) / len(curve), value) for i, value in enumerate(curve)]
+
+
 def plot_losses(results: RunRecord, out: Path) -> Path | None:
-    """Local loss per round per site, one panel per trained phase, integer round ticks. The server has one loss
-    per site and round (the contract sends scalars only), so this is a per-round curve, not a per-step one."""
+    """Local loss per site along the steps of each trained phase, one panel per phase, integer round ticks at
+    round ends. Only scalars cross the network, so a round's steps arrive as ten means (each tenth of the round);
+    a site that sent none is drawn as one point per round."""
     phases = [p for p in ("pretrain", "adapt") if p in results.phases and results.phases[p].kind == "train"]
     phases = [p for p in phases if results.phases[p].rounds]
     if not phases:
@@ -69,16 +80,23 @@ def plot_losses(results: RunRecord, out: Path) -> Path | None:
 
     fig, axes = plt.subplots(1, len(phases), figsize=(4.5 * len(phases), 3.5), squeeze=False)
     for ax, phase in zip(axes[0], phases):
-        per_site: dict[str, list[tuple[int, float]]] = {}
+        per_site: dict[str, list[tuple[float, float]]] = {}
         for row in results.phases[phase].rounds:
             for site, metrics in row.sites.items():
-                if "loss" in metrics:
-                    per_site.setdefault(site, []).append((row.round, metrics["loss"]))
+                per_site.setdefault(site, []).extend(_loss_points(row.round, metrics))
+        stepwise = any(
+            k in m for row in results.phases[phase].rounds for m in row.sites.values() for k in LOSS_CURVE_KEYS
+        )
         for site, points in sorted(per_site.items()):
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=site)
-        ax.set(title=f"{phase}: local loss per round", xlabel="round", ylabel="loss")
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if not stepwise else ".", markersize=4, label=site)
+        title = f"{phase}: local loss along the steps" if stepwise else f"{phase}: local loss per round"
+        xlabel = "round (each point: mean over a tenth of the round's steps)" if stepwise else "round"
+        ax.set(title=title, xlabel=xlabel, ylabel="loss")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if stepwise:
+            ax.set_xlim(0, max(row.round for row in results.phases[phase].rounds))
         if per_site:
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -288,7 +306,11 @@ def _phase(phase: str, results: RunRecord, doc: _Doc) -> None:
     if block.kind == "train":
         items = []
         for row in block.rounds:
-            agg = ", ".join(f"{k}={v:.4g}" for k, v in row.aggregate.items() if k not in PER_SITE_ONLY)
+            agg = ", ".join(
+                f"{k}={v:.4g}"
+                for k, v in row.aggregate.items()
+                if k not in PER_SITE_ONLY and k not in LOSS_CURVE_KEYS  # the curve is in the loss plot
+            )
             spent = ", ".join(f"{s} {m['epsilon']:.3g}" for s, m in sorted(row.sites.items()) if "epsilon" in m)
             text = f"round {row.round}: {len(row.sites)} sites accepted; {agg}" + (
                 f"; epsilon per site: {spent}" if spent else ""

@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import re
 
+LOSS_CURVE_POINTS = 10
+LOSS_CURVE_KEYS = tuple(f"loss-step-{i + 1:02d}" for i in range(LOSS_CURVE_POINTS))
+"""A trained phase's per-step curve as scalars: the mean local loss over each tenth of the round's steps
+(``loss_curve``), so the lead can plot learning within a round without any per-step data leaving a site."""
+
 PHASE_METRICS: dict[str, frozenset[str]] = {
-    "pretrain": frozenset({"loss", "num-examples", "compute-seconds"}),
-    "adapt": frozenset({"loss", "num-examples", "trainable-fraction", "epsilon", "delta", "compute-seconds"}),
+    "pretrain": frozenset({"loss", "num-examples", "compute-seconds", *LOSS_CURVE_KEYS}),
+    "adapt": frozenset(
+        {"loss", "num-examples", "trainable-fraction", "epsilon", "delta", "compute-seconds", *LOSS_CURVE_KEYS}
+    ),
     "synthesize": frozenset(
         {"synthetic-pairs", "num-examples", "audit-real-pcc", "audit-synthetic-pcc", "audit-passed"}
     ),
@@ -25,6 +32,23 @@ PHASE_METRICS: dict[str, frozenset[str]] = {
 DOWNSTREAM_ARM_METRIC = re.compile(r"(real|augmented)-[a-z][a-z0-9_]{0,39}(-[a-z][a-z0-9_]{0,39})?")
 """The downstream phase's per-arm scores (``real-pcc_per_slide_mean``, ``augmented-gsc``, ...): metric names of
 shared.downstream.metrics, lower case, no path or gene characters."""
+
+
+def loss_curve(losses: list[float]) -> dict[str, float]:
+    """``LOSS_CURVE_KEYS`` -> mean of the finite losses in each tenth of ``losses`` (fewer points when there are
+    fewer steps; a tenth with no finite loss, e.g. DP-skipped steps, is left out)."""
+    import numpy as np
+
+    values = np.asarray(losses, dtype=np.float64)
+    if values.size == 0:
+        return {}
+    chunks = np.array_split(values, min(LOSS_CURVE_POINTS, values.size))
+    curve = {}
+    for key, chunk in zip(LOSS_CURVE_KEYS, chunks):
+        finite = chunk[np.isfinite(chunk)]
+        if finite.size:
+            curve[key] = float(finite.mean())
+    return curve
 
 
 def metric_key_problems(phase: str, keys: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
@@ -163,3 +164,52 @@ def test_plots_have_a_normal_size(tmp_path):
         with PIL.open(plot) as image:
             width, height = image.size
         assert 400 <= width < 1600 and 250 <= height < 1000, (plot, image.size)
+
+
+def test_loss_plot_draws_the_per_step_curve_sites_send_and_the_text_leaves_it_out(tmp_path, monkeypatch):
+    from server import report
+    from shared.contract import LOSS_CURVE_KEYS, loss_curve, metric_key_problems
+
+    # a site's 250 adaptation steps become 10 declared scalars: the means of each tenth, in order
+    losses = list(np.linspace(1.0, 0.1, 250))
+    curve = loss_curve(losses)
+    assert list(curve) == list(LOSS_CURVE_KEYS) and metric_key_problems("adapt", list(curve)) == []
+    assert (
+        curve["loss-step-01"] == pytest.approx(np.mean(losses[:25])) and curve["loss-step-10"] < curve["loss-step-01"]
+    )
+    assert list(loss_curve([0.5, float("nan"), 0.3])) == ["loss-step-01", "loss-step-03"]  # a NaN (DP skip) is left out
+    assert loss_curve([]) == {}
+
+    run = realistic_run(tmp_path)
+    for row in run.phases["adapt"].rounds:
+        for metrics in row.sites.values():
+            metrics.update(loss_curve(list(np.linspace(metrics["loss"] + 0.2, metrics["loss"], 50))))
+        row.aggregate.update(loss_curve(list(np.linspace(0.5, 0.3, 50))))
+    drawn: dict[str, list] = {}
+    real_plot = report._plt()
+
+    class Recorder:
+        def __getattr__(self, name):
+            return getattr(real_plot, name)
+
+        def subplots(self, *args, **kwargs):
+            fig, axes = real_plot.subplots(*args, **kwargs)
+            for ax in axes[0]:
+                original = ax.plot
+
+                def plot(xs, ys, *a, _ax=ax, _original=original, **kw):
+                    drawn.setdefault(kw.get("label"), []).append((_ax, list(xs)))
+                    return _original(xs, ys, *a, **kw)
+
+                ax.plot = plot
+            return fig, axes
+
+    monkeypatch.setattr(report, "_plt", lambda: Recorder())
+    results = write_run_report(tmp_path, run)
+    assert (tmp_path / "loss_per_round.png").is_file()
+    adapt_lines = [xs for site in ("basel", "geneva", "zurich") for ax, xs in drawn[site] if "adapt" in ax.get_title()]
+    assert [len(xs) for xs in adapt_lines] == [30, 30, 30]  # 3 rounds x 10 points per site
+    assert adapt_lines[0][0] == pytest.approx(2.05) and adapt_lines[0][-1] == pytest.approx(4.95)  # inside rounds 3-5
+    pretrain_lines = [xs for ax, xs in drawn["basel"] if "pretrain" in ax.get_title()]
+    assert pretrain_lines == [[1.0, 2.0]]  # no curve sent: one point per round, as before
+    assert "loss-step" not in summary_markdown(results)  # the curve is in the plot, not in the round lines

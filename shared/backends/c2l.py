@@ -11,6 +11,7 @@ import numpy as np
 
 from shared.backends.base import register_backend
 from shared.config import AdaptConfig, DPConfig, PretrainConfig, RunConfig, SynthesizeConfig
+from shared.contract import loss_curve
 from shared.errors import FedstError
 
 if TYPE_CHECKING:
@@ -198,6 +199,7 @@ class C2LBackend:
         return new_state, {
             "loss": float(summary["mean_loss"]),
             "num-examples": float(summary["n_examples"]),
+            **loss_curve(summary["losses"]),
         }
 
     def adapt(
@@ -229,6 +231,7 @@ class C2LBackend:
             "loss": float(np.mean(summary.get("losses") or [summary.get("mean_loss", 0.0)])),
             "num-examples": float(summary["n_spots"]),
             "trainable-fraction": float(summary["trainable_fraction"]),
+            **loss_curve(summary.get("losses") or []),
         }
         if summary.get("epsilon") is not None:  # cumulative over the site's ledger when it keeps one
             metrics.update(epsilon=float(summary["epsilon"]), delta=float(summary["delta"]))

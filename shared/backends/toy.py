@@ -16,6 +16,7 @@ import numpy as np
 
 from shared.arrays import dense
 from shared.backends.base import register_backend
+from shared.contract import loss_curve
 from shared.errors import FedstError
 from shared.store.format import PatchStore
 
@@ -164,7 +165,11 @@ class ToyBackend:
             losses.append(float(loss.detach()))
             if on_advance is not None:
                 on_advance(step + 1, settings.steps)
-        return _export(model), {"loss": float(np.mean(losses)), "num-examples": float(len(images))}
+        return _export(model), {
+            "loss": float(np.mean(losses)),
+            "num-examples": float(len(images)),
+            **loss_curve(losses),
+        }
 
     def adapt(
         self,
@@ -205,7 +210,11 @@ class ToyBackend:
             losses.append(float(loss.detach()))
             if on_advance is not None:
                 on_advance(step + 1, settings.steps)
-        return _export(film), {"loss": float(np.mean(losses)), "num-examples": float(store.n_spots)}
+        return _export(film), {
+            "loss": float(np.mean(losses)),
+            "num-examples": float(store.n_spots),
+            **loss_curve(losses),
+        }
 
     def synthesize(
         self,
