@@ -231,8 +231,9 @@ class C2LBackend:
             "loss": float(np.mean(summary.get("losses") or [summary.get("mean_loss", 0.0)])),
             "num-examples": float(summary["n_spots"]),
             "trainable-fraction": float(summary["trainable_fraction"]),
-            **loss_curve(summary.get("losses") or []),
         }
+        if dp.epsilon <= 0:  # under DP-SGD only the accounted model update should leave: no per-step losses
+            metrics.update(loss_curve(summary.get("losses") or []))
         if summary.get("epsilon") is not None:  # cumulative over the site's ledger when it keeps one
             metrics.update(epsilon=float(summary["epsilon"]), delta=float(summary["delta"]))
         return _to_numpy(model.modulation.state_dict()), metrics
