@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+N_FEATURES = 3 * (2 + 3 + 8 + 4)
+"""Per channel: mean, std, 3 quantiles, 8 histogram bins, gradient and Laplacian energy at 2 scales."""
+
 
 def to_unit_images(batch: np.ndarray, px: int):
     """uint8 (B, H, W, 3) -> float tensor (B, 3, px, px) in [-1, 1] (area-downsampled / bilinear-upsampled)."""
@@ -26,7 +29,7 @@ def to_unit_images(batch: np.ndarray, px: int):
 
 
 def colour_texture_features(patches: np.ndarray, px: int = 32, chunk: int = 512) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, 51) float64 features at resolution ``px`` (see the module docstring)."""
+    """(N, H, W, 3) uint8 -> (N, N_FEATURES) float64 features at resolution ``px`` (see the module docstring)."""
     import torch
     import torch.nn.functional as F
 

@@ -186,8 +186,10 @@ class StatsColourEncoder(StatsEncoder):
     colour_px = 32
 
     def __init__(self, device: str | None = None):
+        from shared.downstream.colour_features import N_FEATURES
+
         super().__init__(device=device)
-        self.dim = self.stats_dim + 51  # shared.downstream.colour_features: 3 channels x 17
+        self.dim = self.stats_dim + N_FEATURES
 
     def embed(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
         from shared.downstream.colour_features import colour_texture_features
