@@ -156,39 +156,16 @@ def test_cli_pretrain_adapt_synthesize_audit(tmp_path):
     syn_summary = json.loads((tmp_path / "syn_summary.json").read_text())
     assert syn_summary["n"] == 6 and syn_summary["provenance"]["perturb"] == "mixup"
     assert "syn_samples.png" in result.output and not (tmp_path / "syn" / "syn_summary.json").exists()
-    result = run(
-        "audit",
-        "--central",
-        tmp_path / "central",
-        "--adapter",
-        tmp_path / "ad",
-        "--real",
-        tmp_path / "site",
-        "--synthetic",
-        tmp_path / "syn",
-        "--out",
-        tmp_path / "audit",
-    )
+    audit_args = ["audit", "--central", tmp_path / "central", "--adapter", tmp_path / "ad"]
+    audit_args += ["--real", tmp_path / "site", "--synthetic", tmp_path / "syn"]
+    result = run(*audit_args, "--out", tmp_path / "audit")
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert {"conditional_consistency", "kid", "memorisation", "unconditioned_baseline"} <= set(report)
     assert (tmp_path / "audit" / "samples.png").stat().st_size > 0
     kid = report["kid"]  # printed with its scale and the real-vs-real floor it is read against
     assert f"KID {kid['value']:.3f} +- {kid['std']:.3f} (x1," in result.output
     assert f"real-vs-real floor {kid['real_half_vs_half']:.3f})" in result.output
-    run(
-        "audit",
-        "--central",
-        tmp_path / "central",
-        "--adapter",
-        tmp_path / "ad",
-        "--real",
-        tmp_path / "site",
-        "--synthetic",
-        tmp_path / "syn",
-        "--out",
-        tmp_path / "audit2",
-        "--no-baseline",
-    )
+    run(*audit_args, "--out", tmp_path / "audit2", "--no-baseline")
     assert (tmp_path / "audit2" / "samples.png").stat().st_size > 0  # the sample grid without the baseline too
 
     (tmp_path / "central" / "model.safetensors").unlink()
