@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from shared import keys
-from shared.c2l.data import expression_and_mask, to_model_images
+from shared.c2l.data import expression_and_mask
 from shared.downstream.baselines import RidgeBaseline
-from shared.downstream.colour_features import colour_texture_features
+from shared.downstream.colour_features import colour_texture_features, to_unit_images
 from shared.downstream.metrics import pcc_per_gene_masked
 from shared.errors import FedstError
 from shared.store.format import PatchStore
@@ -138,8 +138,8 @@ def memorisation(train: np.ndarray, syn: np.ndarray, px: int, threshold: float =
     leave-one-out real-to-real NN distance; ratio < threshold flags a near-copy."""
     import torch
 
-    t = to_model_images(np.asarray(train), px).flatten(1)
-    s = to_model_images(np.asarray(syn), px).flatten(1)
+    t = to_unit_images(np.asarray(train), px).flatten(1)
+    s = to_unit_images(np.asarray(syn), px).flatten(1)
     real_d = torch.cdist(t, t)
     real_d.fill_diagonal_(float("inf"))
     real_nn = real_d.min(1).values

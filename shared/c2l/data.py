@@ -18,9 +18,6 @@ from shared.downstream.colour_features import to_unit_images
 from shared.errors import FedstError
 from shared.store.format import PatchStore
 
-to_model_images = to_unit_images
-"""uint8 (B, H, W, 3) -> float (B, 3, px, px) in [-1, 1]: the model's input (one definition, in downstream)."""
-
 
 def augment(x: torch.Tensor, generator: torch.Generator, stain_jitter: float = 0.05) -> torch.Tensor:
     """Random flips, 90-degree rotations and mild per-channel scale/shift, per image."""
@@ -59,7 +56,7 @@ class PretrainImages:
         idx = indices.numpy()
         which = np.searchsorted(self.offsets, idx, side="right") - 1
         rows = [np.asarray(self.arrays[w][i - self.offsets[w]]) for w, i in zip(which, idx)]
-        return to_model_images(np.stack(rows), self.px)
+        return to_unit_images(np.stack(rows), self.px)
 
 
 def expression_and_mask(store: PatchStore) -> tuple[np.ndarray, np.ndarray]:
@@ -98,10 +95,10 @@ class PairedSpots(torch.utils.data.Dataset):
         return len(self.patch_rows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        img = to_model_images(np.asarray(self.patches[self.patch_rows[i]])[None], self.px)[0]
+        img = to_unit_images(np.asarray(self.patches[self.patch_rows[i]])[None], self.px)[0]
         return img, torch.from_numpy(self.expression[i]), torch.from_numpy(self.mask[i])
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = indices.numpy()
-        imgs = to_model_images(np.stack([np.asarray(self.patches[r]) for r in self.patch_rows[idx]]), self.px)
+        imgs = to_unit_images(np.stack([np.asarray(self.patches[r]) for r in self.patch_rows[idx]]), self.px)
         return imgs, torch.from_numpy(self.expression[idx]), torch.from_numpy(self.mask[idx])
