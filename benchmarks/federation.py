@@ -15,8 +15,12 @@ The SuperLink runs with Flower's in-memory state (the default of server/superlin
 `--state sqlite` (`--database FILE`, what they used before) reproduces the failure of the `base` preset on a busy host:
 SQLite `database is locked` after Flower's fixed 5 s busy timeout -> HTTP 500, which Flower does not retry, so a
 SuperNode leaves, a reply is dropped or the ServerApp exits (see server/procs.FLWR_IN_MEMORY_STATE).
-Usage: python benchmarks/federation.py [--models tiny,base] [--modes simulation,deployment] [--rounds 2]
-       [--local-steps 2] [--batch-size 4] [--state memory|sqlite] [--work DIR] [--out report.json]
+Modes: ``simulation``; ``deployment`` (a fresh ClientApp process per message, run config ``site-worker = "off"``);
+``deployment-worker`` (each site's long-lived worker, client/worker.py). Targets (issue 14), printed last with
+their ratio to ``deployment`` measured in the same run: tiny per-round overhead <= 5 s, base overhead <= 15 % of
+the round, ClientApp process start (Python + the shim's imports) <= 1 s.
+Usage: python benchmarks/federation.py [--models tiny,base] [--modes simulation,deployment,deployment-worker]
+       [--rounds 2] [--local-steps 2] [--batch-size 4] [--state memory|sqlite] [--work DIR] [--out report.json]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +83,7 @@ def import_cost() -> dict:
     for label, code in {
         "python": "pass",
         "flwr-clientapp-module": "import client.app",
+        "worker-shim": "import client.app, client.worker_link, flwr.common.serde",
         "handler-and-site": "import client.app, client.handlers, client.site",
         "plus-torch-and-c2l": "import client.handlers, shared.backends.c2l, torch, shared.c2l.train, shared.c2l.adapt",
     }.items():
@@ -138,8 +144,10 @@ def federated_rounds(
         "min-sites": sites,
         "sites-root": str(work / "sites"),
         "max-update-norm": 1e9,
+        "site-worker": "required" if mode == "deployment-worker" else "off",
     }
     procs = []
+    sockets = Path(tempfile.mkdtemp(prefix="fedst-w-"))  # short: a Unix socket path holds 107 bytes
     logs = [work / f"supernode-{i}.log" for i in range(sites)]
     t0 = time.perf_counter()
     home = work / f"flwr-{mode}-{preset}"
@@ -158,15 +166,19 @@ def federated_rounds(
                 threads = str(max(1, (os.cpu_count() or 1) // sites))
                 env = {**link.env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
                 for i, store in enumerate(stores):
-                    cmd = supernode_command(
-                        link.address, {"data-path": str(store), "work-dir": str(work / f"site-{mode}-{i}")}, free_port()
-                    )
-                    procs.append(start(cmd, logs[i], env=env))
+                    node = {"data-path": str(store), "work-dir": str(work / f"site-{mode}-{i}")}
+                    if mode == "deployment-worker":  # the site's long-lived worker, as start-supernode.sh starts it
+                        node["worker-socket"] = str(sockets / f"w{i}" / "site.sock")
+                        fedst = str(Path(sys.executable).parent / "fedst")
+                        worker = [fedst, "site", "worker", "--socket", node["worker-socket"]]
+                        procs.append(start(worker, work / f"worker-{i}.log", env=env))
+                    procs.append(start(supernode_command(link.address, node, free_port()), logs[i], env=env))
                 run_id = link.submit(REPO, config)
             info = link.wait(run_id, timeout=3000)
         finally:
             for proc in procs:
                 stop_tree(proc)
+            shutil.rmtree(sockets, ignore_errors=True)
     total = time.perf_counter() - t0
     results_file = work / "runs" / config["run-name"] / "results.json"
     rows = json.loads(results_file.read_text())["phases"]["pretrain"]["rounds"] if results_file.is_file() else []
@@ -251,10 +263,40 @@ def round_lines(res: dict, imports: dict[str, float], message_bytes: float) -> l
     return lines
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def target_lines(report: dict) -> list[str]:
+    """Issue 14's targets for the worker path, each with its ratio to the fresh-process path of the same run."""
+    by = {(r["preset"], r["mode"]): r for r in report["rounds"] if r["rounds"]}
+    lines = []
+    for preset, check in (("tiny", "overhead-s"), ("base", "overhead-fraction")):
+        worker, fresh = by.get((preset, "deployment-worker")), by.get((preset, "deployment"))
+        if worker is None:
+            continue
+        value = _mean([row[check] for row in worker["rounds"]])
+        target, unit = (5.0, "s") if check == "overhead-s" else (0.15, "of the round")
+        line = f"target [{preset}] worker {check} {value:.2f} {unit} (target <= {target:g}): "
+        line += "met" if value <= target else f"missed by {value - target:.2f}"
+        if fresh is not None:
+            before = _mean([row[check] for row in fresh["rounds"]])
+            line += f"; fresh-process path {before:.2f} (ratio {value / before:.2f})"
+        lines.append(line)
+    imports = report["clientapp-imports-s"]
+    shim, fresh_start = imports.get("worker-shim", float("nan")), imports.get("plus-torch-and-c2l", float("nan"))
+    verdict = "met" if shim <= 1.0 else f"missed by {shim - 1.0:.2f} s"
+    lines.append(
+        f"target ClientApp process start (python + shim imports) {shim:.2f} s (target <= 1 s): {verdict}; "
+        f"fresh-process path with torch + c2l {fresh_start:.2f} s (ratio {shim / fresh_start:.2f})"
+    )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,base")
-    parser.add_argument("--modes", default="simulation,deployment")
+    parser.add_argument("--modes", default="simulation,deployment,deployment-worker")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=2, help="optimiser steps per site per round")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -276,6 +318,7 @@ def main() -> None:
         sizes = {s["preset"]: s["message-bytes"] for s in report["serialisation"]}
         for res in report["rounds"]:
             print("\n".join(round_lines(res, report["clientapp-imports-s"], sizes.get(res["preset"], 0))))
+        print("\n".join(target_lines(report)))
         return
     report: dict = {"device": "cpu", "serialisation": [], "rounds": [], "clientapp-imports-s": import_cost()}
     print(
@@ -308,6 +351,7 @@ def main() -> None:
                 print("\n".join(round_lines(res, report["clientapp-imports-s"], sizes[preset])), flush=True)
                 if args.out:  # written after every run: a long benchmark keeps what it measured
                     args.out.write_text(json.dumps(report, indent=2))
+    print("\n".join(target_lines(report)))
     if args.out:
         print(f"report: {args.out}")
 

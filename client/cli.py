@@ -66,6 +66,27 @@ def check(
     typer.echo(f"all {len(results)} checks passed")
 
 
+@app.command()
+def worker(
+    socket_path: Path = typer.Option(
+        ..., "--socket", help="the Unix socket to listen on; give the same path as node config 'worker-socket'"
+    ),
+) -> None:
+    """Run this site's worker: a long-lived process that runs the phases for the SuperNode's ClientApps.
+
+    torch, the C2L code and the store are loaded once instead of in a fresh process per Flower message. Only
+    processes of this user can connect (the socket's folder is made 0700, the socket 0600, and each peer's uid
+    is checked). deploy/start-supernode.sh starts it; stop it with SIGTERM or Ctrl-C.
+    """
+    from client.worker import run_worker
+
+    try:
+        run_worker(socket_path, echo=typer.echo)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def register(root: typer.Typer) -> None:
     """Add `fedst site ...` to the top-level app."""
     root.add_typer(app, name="site")

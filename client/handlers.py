@@ -22,18 +22,50 @@ from shared.contract import metric_key_problems
 from shared.errors import ConfigError, ContractError, FedstError
 
 
+class SiteTasks:
+    """The site worker's memory of `SiteTask` objects (opened store, backend) between messages of one run.
+
+    A fresh ClientApp process builds its task once and exits; the worker lives for many messages, so it keeps
+    the task of each (run id, run config, node config, panel, work root) and reopens nothing. Only the last
+    ``keep`` are kept, and a task is rebuilt when any of those inputs differs.
+    """
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._tasks: dict[str, Any] = {}
+
+    def get(self, key: str, build):
+        if key not in self._tasks:
+            self._tasks[key] = build()
+            while len(self._tasks) > self.keep:
+                self._tasks.pop(next(iter(self._tasks)))
+        return self._tasks[key]
+
+
+TASKS: SiteTasks | None = None  # set by the site worker (client/worker.py); None in a one-message ClientApp
+
+
 def site_task(msg: Message, context: Context, config: dict[str, Any] | None = None):
     """The site's task for this message; ``config`` defaults to the message's ConfigRecord ``config``."""
     from client.site import SiteTask
 
-    run = RunConfig.from_mapping(context.run_config)
     if config is None:
         record = msg.content.config_records.get("config")
         config = dict(record) if record is not None else {}
     root = config.get("default-work-root")
-    node = NodeConfig.from_mapping(context.node_config, run, default_work_root=Path(str(root)) if root else None)
-    panel = config.get("panel")
-    return SiteTask(run, node, panel=list(panel) if panel else None), config
+    panel = list(config["panel"]) if config.get("panel") else None
+
+    def build():
+        run = RunConfig.from_mapping(context.run_config)
+        node = NodeConfig.from_mapping(context.node_config, run, default_work_root=Path(str(root)) if root else None)
+        return SiteTask(run, node, panel=panel)
+
+    if TASKS is None:
+        return build(), config
+    key = json.dumps(
+        [context.run_id, dict(context.run_config), dict(context.node_config), panel, root], sort_keys=True, default=str
+    )
+    return TASKS.get(key, build), config
 
 
 def site_record(name: str) -> ConfigRecord:

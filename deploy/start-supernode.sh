@@ -15,6 +15,13 @@
 #     state); retried until the operator re-registers them, for at most FEDST_REFUSED_GRACE_S (default 1800 s),
 #     then explained, exit status 3.
 # Any other Flower exit code (bad address, TLS or key file) is a setup problem: explained, exit status 3.
+#
+# Site worker (client/worker.py): Flower starts a fresh ClientApp process per message; the site worker keeps torch,
+# the C2L code and the store loaded and the ClientApp forwards to it over a Unix socket only this user can open.
+#   FEDST_SITE_WORKER=start (default): this script starts `fedst site worker` (log: WORK_DIR/worker.log) and stops
+#     it on exit; =external: one runs already (e.g. deploy/systemd/fedst-site-worker.service); =off: none (every
+#     message in a fresh process, as before). FEDST_WORKER_SOCKET: its socket (default WORK_DIR/worker/site.sock).
+#   If the worker is gone, the ClientApp runs the phase itself (run config site-worker = "auto").
 # SIGTERM / SIGINT stop the SuperNode and the script (status 0). The SuperNode's own log goes to stdout and to
 # WORK_DIR/supernode.log (the last attempt only).
 set -euo pipefail
@@ -29,7 +36,16 @@ data="$(realpath "$data")"; work="$(realpath "$work")"
 # The node config goes to the SuperNode as a TOML file (`--node-config FILE.toml`, read by Flower with a TOML
 # parser): an inline `key='value'` list cannot hold a path with a quote (Flower's pattern ends a value at the
 # next quote and cuts it silently). Values are TOML basic strings: backslash and double quote escaped.
-for value in "DATA_PATH=$data" "WORK_DIR=$work" "SITE_NAME=${SITE_NAME:-}"; do
+site_worker="${FEDST_SITE_WORKER:-start}"; worker_socket="${FEDST_WORKER_SOCKET:-$work/worker/site.sock}"
+case "$site_worker" in
+  start | external | off) ;;
+  *) say "FEDST_SITE_WORKER is '$site_worker' (expected start, external or off)"; exit 2 ;;
+esac
+if [[ "$site_worker" == start ]] && ! command -v fedst >/dev/null; then
+  say "fedst is not on PATH: no site worker, every message runs in its own process (activate fedst's venv)"
+  site_worker=off
+fi
+for value in "DATA_PATH=$data" "WORK_DIR=$work" "SITE_NAME=${SITE_NAME:-}" "FEDST_WORKER_SOCKET=$worker_socket"; do
   if [[ "$value" == *[[:cntrl:]]* ]]; then
     say "${value%%=*} contains a control character (newline, tab, ...): $(printf '%q' "${value#*=}")"
     exit 2
@@ -44,13 +60,24 @@ node_config="$work/node-config.toml"
   echo "data-path = $(toml_string "$data")"
   echo "work-dir = $(toml_string "$work")"
   if [[ -n "${SITE_NAME:-}" ]]; then echo "site = $(toml_string "$SITE_NAME")"; fi
+  if [[ "$site_worker" != off ]]; then echo "worker-socket = $(toml_string "$worker_socket")"; fi
 } >"$node_config.tmp"
 mv "$node_config.tmp" "$node_config"
 
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# SuperExec looks for a new ClientApp task every FLWR_SUPEREXEC_TASK_POLL_INTERVAL s (Flower's default 1 s): a
+# local call, cheap at 0.2 s.
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"
 attempt_log="$work/supernode.log"
-child=""; stopping=0
+child=""; stopping=0; worker=""
 trap 'stopping=1; if [[ -n "$child" ]]; then kill -TERM "$child" 2>/dev/null || true; fi' TERM INT
+stop_worker() { if [[ -n "$worker" ]]; then kill -TERM "$worker" 2>/dev/null || true; wait "$worker" 2>/dev/null || true; fi; }
+trap stop_worker EXIT
+if [[ "$site_worker" == start ]]; then
+  fedst site worker --socket "$worker_socket" >"$work/worker.log" 2>&1 &
+  worker=$!
+  say "site worker started (pid $worker, socket $worker_socket, log $work/worker.log)"
+fi
 
 # Wait for the background process $child (so that a signal reaches the trap at once); its exit status in $status.
 wait_child() {

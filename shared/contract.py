@@ -69,6 +69,7 @@ SITE_ERROR_CODES: dict[str, int] = {
     "privacy-budget": 13,  # the round would exceed the site's DP budget
     "contract": 14,  # the reply would break the privacy contract
     "out-of-memory": 15,
+    "site-worker": 16,  # the site's worker process is missing, stopped or refused the message
     "internal": 19,  # anything else (a bug): the site's log has the traceback
 }
 SITE_ERROR_PREFIX = "fedst-site-error"

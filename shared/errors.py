@@ -30,6 +30,12 @@ class PrivacyBudgetError(FedstError):
     category = "privacy-budget"
 
 
+class SiteWorkerError(FedstError):
+    """The site's worker process (client/worker.py) is missing, stopped or refused the message."""
+
+    category = "site-worker"
+
+
 class ContractError(FedstError):
     """A reply would carry something the privacy contract does not allow."""
 

@@ -62,3 +62,6 @@ SITE_CENTRAL = "central.safetensors"
 SITE_ADAPTER = "adapter.safetensors"
 """File in a site's work dir: the site's adapter (modulation) weights after its last adapt round; read by its
 synthesize phase and by the experiment's federated-adapt arm, which plays every site in one process."""
+
+WORKER_SOCKET = "worker-socket"
+"""node config key: the site worker's Unix socket (client/worker.py), read by the ClientApp shim."""

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -140,7 +141,7 @@ def _stub(tmp_path: Path, *plan: str) -> dict[str, str]:
     (folder / "plan").write_text("\n".join(plan) + "\n")
     return {
         **os.environ,
-        "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}",
+        "PATH": os.pathsep.join([str(folder), str(Path(sys.executable).parent), os.environ["PATH"]]),  # + fedst
         "STUB_DIR": str(folder),
         "FEDST_RECONNECT_MIN_S": "0",
         "FEDST_RECONNECT_MAX_S": "1",
@@ -175,6 +176,7 @@ def test_node_config_keeps_paths_with_quotes(tmp_path):
         "data-path": str(data.resolve()),
         "work-dir": str(work.resolve()),
         "site": "hospital-b",
+        "worker-socket": str(work.resolve() / "worker" / "site.sock"),  # the site worker the script started
     }
     bad = tmp_path / "line\nbreak"
     bad.mkdir()
@@ -213,7 +215,9 @@ def test_sigterm_stops_the_supernode_and_the_script(tmp_path):
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
-        assert _calls(env) == 1 and "stopped" in (tmp_path / "log").read_text()
+        log = (tmp_path / "log").read_text()
+        assert _calls(env) == 1 and "stopped" in log
+        assert "site worker started" in log  # and stopped with the script: nothing left below it
         assert not family(proc.pid)
     finally:
         stop_tree(proc)

@@ -5,9 +5,12 @@ processes (the size of the ~25M-parameter `base` preset). Every process started 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +210,63 @@ def test_model_update_over_100_mb_reaches_every_site_and_back(tmp_path):
     for i in range(sites):
         assert "Failed to send message" not in (tmp_path / f"supernode-{i}.log").read_text()
     assert not any(family(proc.pid) for proc in [*started, link.proc])
+
+
+def _numbers(results: dict) -> list:
+    """Every per-site metric of every round of a results.json, without the timings (which differ run to run)."""
+    rows = []
+    for phase, block in sorted(results["phases"].items()):
+        for row in block["rounds"]:
+            for site, metrics in sorted(row["sites"].items()):
+                kept = {k: v for k, v in metrics.items() if "second" not in k and not k.endswith("-s")}
+                rows.append((phase, row["round"], site, kept))
+    return rows
+
+
+@pytest.mark.timeout(600)
+def test_site_worker_serves_the_run_and_matches_the_fresh_process_path(tmp_path):
+    """Real SuperLink + SuperNodes, each site with a real `fedst site worker`: a run with ``site-worker =
+    "required"`` is served by the workers and gives the same numbers as a run with ``"off"`` (a fresh ClientApp
+    process per message, Flower's path)."""
+    stores = [
+        write_toy_store(
+            tmp_path / f"store-{i}",
+            n_spots=24,
+            n_tiles=16,
+            panel=PANEL,
+            patch_px=16,
+            seed=i,
+            missing_gene_in_section_b=False,
+        ).path
+        for i in range(2)
+    ]
+    sockets = [Path(f"/tmp/fedst-dw-{os.getpid()}-{i}") / "site.sock" for i in range(2)]
+    started: list[subprocess.Popen] = []
+    link = SuperLink(tmp_path / "flwr", simulation=False)
+    try:
+        with link:
+            for i, (store, sock) in enumerate(zip(stores, sockets)):
+                fedst = str(Path(sys.executable).parent / "fedst")
+                worker_log = tmp_path / f"worker-{i}.log"
+                started.append(start([fedst, "site", "worker", "--socket", str(sock)], worker_log, env=link.env))
+                node = {"data-path": str(store), "work-dir": str(tmp_path / f"work-{i}"), "worker-socket": str(sock)}
+                started.append(
+                    start(supernode_command(link.address, node, free_port()), tmp_path / f"sn-{i}.log", env=link.env)
+                )
+            for mode in ("required", "off"):
+                overrides = toy_config(tmp_path, **{"run-name": mode, "min-sites": 2, "site-worker": mode})
+                run_id = link.submit(REPO, overrides)
+                info = link.wait(run_id, timeout=300)
+                assert info["status"] == "finished:completed", link.logs(run_id)[-3000:]
+    finally:
+        for proc in started:
+            stop_tree(proc)
+        for sock in sockets:
+            shutil.rmtree(sock.parent, ignore_errors=True)
+    served = [(tmp_path / f"worker-{i}.log").read_text() for i in range(2)]
+    for text in served:  # pretrain x2, adapt, synthesize, downstream: all in the worker, none failed
+        assert text.count("done in") == 5 and "failed" not in text, text[-2000:]
+        assert "stopped after 5 messages" in text
+    by_worker, fresh = (json.loads((tmp_path / "runs" / m / "results.json").read_text()) for m in ("required", "off"))
+    assert by_worker["status"] == fresh["status"] == "completed"
+    assert _numbers(by_worker) == _numbers(fresh)

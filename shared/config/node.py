@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from shared import keys
 from shared.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class NodeConfig:
         hold_out = values.get(HOLD_OUT, True)
         if not isinstance(hold_out, bool):
             raise ConfigError(f"node config {HOLD_OUT!r} is {hold_out!r} (expected true or false)")
-        known = ("data-path", "work-dir", "site", LABELLED_FRACTION, HOLD_OUT)
+        known = ("data-path", "work-dir", "site", LABELLED_FRACTION, HOLD_OUT, keys.WORKER_SOCKET)
         extra = {k: v for k, v in values.items() if k not in known}
         return cls(
             data_path=data_path.absolute(),

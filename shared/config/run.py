@@ -160,6 +160,12 @@ class RunConfig(Section):
     round_timeout: float = Field(
         900.0, gt=0, description="seconds to wait for a round's replies, and for min-sites connected sites"
     )
+    site_worker: Literal["auto", "off", "required"] = Field(
+        "auto",
+        description="where a site runs each phase in deployment: auto (its long-lived worker when the SuperNode's "
+        "node config names 'worker-socket', else a fresh ClientApp process) | off (always the fresh process) | "
+        "required (fail a site without a worker)",
+    )
     max_update_norm: float = Field(1e4, gt=0, description="L2 norm of (update - global) above which it is rejected")
     max_update_ratio: float = Field(
         5.0, gt=0, description="reject an update whose L2 distance to the global model exceeds this x the model's norm"
