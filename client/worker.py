@@ -34,6 +34,7 @@ from client import worker_link as link
 from client.guard import SiteFailure, guarded
 
 log = logging.getLogger("fedst.worker")
+REQUEST_TIMEOUT_S = 300.0  # to receive one request (a base-preset message is ~100 MB over a local socket)
 
 
 def phase_handlers() -> dict[str, Callable[[Message, Context], Message]]:
@@ -135,7 +136,7 @@ class SiteWorker:
 
     def handle(self, conn: socket.socket) -> None:
         """One request: check who asks and what, run the phase, answer."""
-        conn.settimeout(None)
+        conn.settimeout(REQUEST_TIMEOUT_S)  # a peer that stops sending mid-request does not hold the worker
         uid = peer_uid(conn)
         if uid != os.getuid():
             log.warning("site worker: refused a connection from uid %d (only uid %d may connect)", uid, os.getuid())
@@ -150,9 +151,10 @@ class SiteWorker:
                 self.answer(conn, link.REFUSED, f"site worker runs {expected}, the ClientApp sent {head}".encode())
                 return
             msg, context = self.decode(link.recv_frame(conn), link.recv_frame(conn))
-        except (ConnectionError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # closed, timed out, oversized or undecodable
             log.warning("site worker: bad request (%s)", exc)
             return
+        conn.settimeout(None)
         handler = self.handlers.get(msg.metadata.message_type)
         if handler is None:
             self.answer(conn, link.REFUSED, f"no phase for message type {msg.metadata.message_type!r}".encode())

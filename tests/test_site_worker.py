@@ -184,3 +184,15 @@ def test_the_shim_imports_no_torch():
     code = "import sys, client.app, client.worker_link, flwr.common.serde; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "False"
+
+
+def test_a_stalled_peer_does_not_hold_the_worker(tmp_path, store, worker, monkeypatch):
+    import client.worker
+
+    monkeypatch.setattr(client.worker, "REQUEST_TIMEOUT_S", 0.5)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:
+        stalled.connect(str(worker.path))
+        stalled.sendall(link.MAGIC)  # ... and nothing more
+        msg, context = pretrain_message(tmp_path, store, worker.path)
+        assert "arrays" in run_phase("pretrain", msg, context).content.array_records
+        assert worker.served == 1  # served by the worker once it gave up on the stalled request
