@@ -79,14 +79,27 @@ def train_predictor_cmd(
         False, "--stain-normalise", help="Map each section's H&E onto the reference stains (Macenko) first."
     ),
     tta: bool = typer.Option(False, "--tta", help="Average each patch's embedding over its 8 flips/rotations."),
+    smooth_features: str = typer.Option(
+        "off",
+        "--smooth-features",
+        help="DRIFT on the image embeddings over each section's spot graph: off, auto (t by "
+        "leave-one-training-section-out) or a diffusion time t >= 0.",
+    ),
+    smooth_predictions: str = typer.Option(
+        "off", "--smooth-predictions", help="DRIFT on the predictions: off, auto or a diffusion time t >= 0."
+    ),
     seed: int = typer.Option(0, "--seed"),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda (FLAG; default: CUDA when available)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train an H&E -> expression predictor on patch stores and save it (config JSON + safetensors)."""
     from shared.downstream.predictor import train_predictor
+    from shared.downstream.spatial_smoothing import parse_setting
 
-    kw: dict = {}
+    kw: dict = {
+        "smooth_features": parse_setting(smooth_features, "--smooth-features"),
+        "smooth_predictions": parse_setting(smooth_predictions, "--smooth-predictions"),
+    }
     if kind == "flag":
         kw.update(preset=preset, device=device, **({"steps": steps} if steps is not None else {}))
     if kind == "mlp" and epochs is not None:

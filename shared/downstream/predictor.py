@@ -50,8 +50,9 @@ META_KEYS = (
     "patch_params",
     "info",
     "patch_transforms",
+    "smoothing",
 )
-META_DEFAULTS: dict[str, Any] = {"patch_transforms": None}
+META_DEFAULTS: dict[str, Any] = {"patch_transforms": None, "smoothing": None}
 """Keys added after format_version 1 was first written, with the value that reproduces older files' behaviour."""
 
 
@@ -135,6 +136,7 @@ class Predictor:
         encoder_obj: ImageEncoder | None = None,
         info: dict[str, Any] | None = None,
         patch_transforms: PatchTransforms | Mapping[str, Any] | None = None,
+        smoothing: Mapping[str, Any] | None = None,
     ):
         from shared.downstream.patch_transforms import PatchTransforms
 
@@ -152,6 +154,8 @@ class Predictor:
             if isinstance(patch_transforms, PatchTransforms)
             else PatchTransforms.from_config(patch_transforms)
         )
+        # DRIFT in the prediction path: {"features": t | None, "predictions": t | None, "k", "max_edge_um"}
+        self.smoothing = _check_smoothing(smoothing)
 
     # ---- features ----
     def _get_encoder(self) -> ImageEncoder:
@@ -202,9 +206,15 @@ class Predictor:
         """(spots x panel genes) float32 normalised expression, in the input's spot order."""
         batch = self._batch_of(data)
         feats = self.features(batch)
-        if self.kind == "flag":
-            return self.model.predict(feats, batch.coords, batch.sections, batch.mpp, **kw)
-        return np.clip(self.model.predict(feats), 0.0, None).astype(np.float32)
+        if not self.smoothing:
+            return _model_predict(self.kind, self.model, feats, batch, **kw)
+        from shared.downstream.spatial_smoothing import smooth, spot_laplacian
+
+        cfg = self.smoothing
+        lap = spot_laplacian(batch.coords, batch.sections, batch.mpp, k=cfg["k"], max_edge_um=cfg["max_edge_um"])
+        pred = _model_predict(self.kind, self.model, smooth(feats, lap, cfg["features"]), batch, **kw)
+        pred = smooth(pred, lap, cfg["predictions"])
+        return pred if self.kind == "flag" else np.clip(pred, 0.0, None).astype(np.float32)
 
     # ---- persistence ----
     def save_pretrained(self, out: str | os.PathLike) -> Path:
@@ -226,6 +236,7 @@ class Predictor:
             "patch_params": self.patch_params,
             "info": self.info,
             "patch_transforms": self.patch_transforms.to_config(),
+            "smoothing": self.smoothing,
         }
         files[META] = json_file(meta)
         return write_artifact(out, files)
@@ -285,6 +296,7 @@ def load_predictor(path: str | os.PathLike, device: str | None = None) -> Predic
         encoder_obj,
         meta.get("info"),
         transforms,
+        _check_smoothing(meta["smoothing"], f"{meta_path}: field 'smoothing'"),
     )
 
 
@@ -298,6 +310,7 @@ META_TYPES: dict[str, tuple[type, ...]] = {
     "patch_params": (dict, type(None)),
     "info": (dict, type(None)),
     "patch_transforms": (dict, type(None)),
+    "smoothing": (dict, type(None)),
 }
 
 
@@ -311,6 +324,35 @@ def _check_meta_types(meta_path: Path, meta: Mapping[str, Any]) -> None:
     genes = meta["genes"]
     if not genes or not all(isinstance(g, str) and g for g in genes):
         raise FedstError(f"{meta_path}: field 'genes' must be a non-empty list of gene names")
+
+
+def _model_predict(kind: str, model: Any, feats: np.ndarray, batch: SpotBatch, **kw: Any) -> np.ndarray:
+    """The fitted model's (spots x genes) output on ``feats``; ridge/MLP clipped at 0 as float32."""
+    if kind == "flag":
+        return model.predict(feats, batch.coords, batch.sections, batch.mpp, **kw)
+    return np.clip(model.predict(feats), 0.0, None).astype(np.float32)
+
+
+def _check_smoothing(config: Mapping[str, Any] | None, where: str = "smoothing") -> dict[str, Any] | None:
+    """A smoothing config as saved ({"features", "predictions": t or None, "k", "max_edge_um"}) or None."""
+    if config is None:
+        return None
+    from shared.downstream.spatial_smoothing import K_NEIGHBOURS, MAX_EDGE_UM, parse_setting
+
+    require(isinstance(config, Mapping), f"{where}: expected a mapping, got {config!r:.60}")
+    check_keys(Path(where), config, ("features", "predictions", "k", "max_edge_um"), "smoothing")
+    out: dict[str, Any] = {"k": K_NEIGHBOURS, "max_edge_um": MAX_EDGE_UM}
+    for name in ("features", "predictions"):
+        t = parse_setting(config[name], f"{where}: {name}")
+        require(t != "auto", f"{where}: {name} is 'auto'; a saved predictor holds the chosen t")
+        out[name] = t
+    require(isinstance(config["k"], int) and config["k"] >= 1, f"{where}: k must be an integer >= 1")
+    require(
+        isinstance(config["max_edge_um"], (int, float)) and config["max_edge_um"] > 0,
+        f"{where}: max_edge_um must be a positive distance",
+    )
+    out.update(k=int(config["k"]), max_edge_um=float(config["max_edge_um"]))
+    return out
 
 
 def _n_outputs(model: Any) -> int:
@@ -386,6 +428,7 @@ def train_predictor(
     per section, to the reference stains) and ``tta`` (mean embedding over the 8 flips/rotations) transform the
     patches before the encoder at training and prediction time (``shared.downstream.patch_transforms``); with
     either on, precomputed ``obsm`` features are not used (they were computed without it).
+    ``smooth_features`` / ``smooth_predictions``: see :func:`train_predictor_on_batch`.
     """
     require(kind in KINDS, f"predictor kind {kind!r}: expected one of {', '.join(KINDS)}")
     stores = [_open(s) for s in train_stores]
@@ -453,12 +496,22 @@ def train_predictor_on_batch(
     encoder_kw: Mapping[str, Any] | None = None,
     stain_normalise: bool = False,
     tta: bool = False,
+    smooth_features: float | str | None = None,
+    smooth_predictions: float | str | None = None,
     **kw: Any,
 ) -> Predictor:
     """``train_predictor`` on spots already in memory (``Y``: spots x ``genes`` targets; ``mask``: measured
     entries, default all): the one model path, also used by cross-validation and benchmarks that hold their
-    data as arrays. ``feature_key`` names the obsm key ``data.features`` came from (None: encode patches)."""
+    data as arrays. ``feature_key`` names the obsm key ``data.features`` came from (None: encode patches).
+
+    ``smooth_features`` / ``smooth_predictions`` (DRIFT in the prediction path,
+    :mod:`shared.downstream.spatial_smoothing`): None/"off", a diffusion time t, or "auto" (t chosen by
+    leave-one-training-section-out, the grouping that chooses ridge's alpha). The chosen t is saved."""
     require(kind in KINDS, f"predictor kind {kind!r}: expected one of {', '.join(KINDS)}")
+    from shared.downstream.spatial_smoothing import parse_setting
+
+    smooth_features = parse_setting(smooth_features, "smooth_features")
+    smooth_predictions = parse_setting(smooth_predictions, "smooth_predictions")
     genes = list(genes)
     Y = np.asarray(Y, dtype=np.float32)
     require(
@@ -487,11 +540,70 @@ def train_predictor_on_batch(
     feats = predictor.features(data)
     log(f"training {kind} on {feats.shape[1]}-d features -> {len(genes)} genes")
     real = np.arange(len(Y)) < len(Y) - int(predictor.info.get("n_synthetic_spots", 0))  # synthetic: never held out
+    if smooth_features is not None or smooth_predictions is not None:
+        feats = _setup_smoothing(predictor, feats, Y, M, data, seed, log, kw, real, smooth_features, smooth_predictions)
     predictor.model = _fit(kind, feats, Y, M, data, genes, seed, log, kw, holdout=real)
     selection = getattr(predictor.model, "selection_", None) or getattr(predictor.model, "validation_", None)
     if selection is not None:  # how alpha / the early-stopping split was chosen, for predictor.json readers
         predictor.info["model_selection"] = selection
     return predictor
+
+
+def _subset(data: SpotBatch, rows: np.ndarray) -> SpotBatch:
+    """The spots ``rows`` of ``data`` (features only; patches are not needed once encoded)."""
+    feats = None if data.features is None else data.features[rows]
+    return SpotBatch(None, data.coords[rows], data.sections[rows], data.mpp, feats)
+
+
+def _setup_smoothing(
+    predictor: Predictor,
+    feats: np.ndarray,
+    Y: np.ndarray,
+    M: np.ndarray,
+    data: SpotBatch,
+    seed: int,
+    log: _Log,
+    kw: dict[str, Any],
+    real: np.ndarray,
+    smooth_features: float | str | None,
+    smooth_predictions: float | str | None,
+) -> np.ndarray:
+    """Resolve "auto" by inner CV on the training sections, store the chosen t on ``predictor.smoothing``
+    (saved in predictor.json, logged) and return the training features smoothed with it."""
+    from shared.downstream import spatial_smoothing as ss
+
+    kind, genes = predictor.kind, predictor.genes
+    t_f, t_p = smooth_features, smooth_predictions
+    if ss.AUTO in (t_f, t_p):
+        filled = np.where(M > 0, Y, (Y * M).sum(0) / np.maximum(M.sum(0), 1))
+
+        def fit_predict(train: np.ndarray, test: np.ndarray, x_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+            quiet = _Log(False)
+            model = _fit(
+                kind, x_train, Y[train], M[train], _subset(data, train), genes, seed, quiet, dict(kw), real[train]
+            )
+            return _model_predict(kind, model, x_test, _subset(data, test))
+
+        selection = ss.choose_times(
+            feats,
+            filled,
+            data.coords,
+            data.sections,
+            data.mpp,
+            fit_predict,
+            smooth_features=t_f,
+            smooth_predictions=t_p,
+            holdout=real,
+        )
+        t_f, t_p = selection.features, selection.predictions
+        predictor.info["smoothing_selection"] = {"scheme": selection.scheme, "scores": selection.scores}
+        log(f"smoothing: {selection.summary()}")
+    predictor.smoothing = {"features": t_f, "predictions": t_p, "k": ss.K_NEIGHBOURS, "max_edge_um": ss.MAX_EDGE_UM}
+    log(
+        f"smoothing: features t={t_f}, predictions t={t_p} (heat kernel over each section's {ss.K_NEIGHBOURS}-NN graph)"
+    )
+    lap = ss.spot_laplacian(data.coords, data.sections, data.mpp)
+    return ss.smooth(feats, lap, t_f)
 
 
 def _patch_params(store: PatchStore) -> dict[str, Any]:
