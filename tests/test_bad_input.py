@@ -406,3 +406,10 @@ def test_corrupt_predictor(tmp_path: Path, world: World, fedst, damage, file: st
     before = _files(tmp_path)
     result = fedst("predict", "--model", model, "--section", world.store, "--out", tmp_path / "p.h5ad", "--no-progress")
     assert_clean_error(result, model / file, expected, tmp_path, before)
+
+
+def test_flag_options_on_a_ridge_model_are_refused(tmp_path: Path, world: World, fedst):
+    before = _files(tmp_path)
+    out = ("--section", world.store, "--out", tmp_path / "p.h5ad", "--no-progress")
+    result = fedst("predict", "--model", world.predictor, "--flag-mode", "mean", *out)
+    assert_clean_error(result, "--flag-mode", "apply only to FLAG models", tmp_path, before)

@@ -93,3 +93,83 @@ def test_edge_condition_switch_changes_the_condition(fitted) -> None:
         finally:
             model.use_edge_conditions = True
     assert not torch.allclose(with_edges, without)
+
+
+def test_preconditioning_known_answers() -> None:
+    """ "eps": D = x - sigma F. "edm": with F = 0, D = x / (sigma^2 + 1), the exact Tweedie denoiser of N(0, 1)
+    data (genes are z-scored); the loss weights make both losses unit-scale in F."""
+    from shared.downstream.flag.model import FlagModel
+
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)) * 4.0
+    raw = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.01, 0.1, 1.0, 3.0, 10.0])
+    eps_model = FlagModel.from_preset("tiny", n_genes=3, feat_dim=4)
+    edm_model = FlagModel.from_preset("tiny", n_genes=3, feat_dim=4, precondition="edm")
+    assert eps_model.config["precondition"] == "eps"  # the constructor default: configs saved before the switch
+    torch.testing.assert_close(eps_model.precondition(x, sigma, raw), x - sigma[:, None] * raw)
+    torch.testing.assert_close(edm_model.precondition(x, sigma, torch.zeros_like(x)), x / (sigma[:, None] ** 2 + 1))
+    torch.testing.assert_close(eps_model.loss_weight(sigma), 1 / sigma**2)
+    c_out = sigma / torch.sqrt(sigma**2 + 1)
+    torch.testing.assert_close(edm_model.loss_weight(sigma), 1 / c_out**2)
+
+
+def test_dsm_loss_with_eps_weight_is_the_noise_mse() -> None:
+    """Oracle: weight 1/sigma^2 on || D - x0 ||^2 with D = x - sigma F equals || F - eps ||^2 (same draws)."""
+    from shared.downstream.flag.sde import dsm_loss, sample_sigma
+
+    x0 = torch.randn(64, 5, generator=torch.Generator().manual_seed(2))
+    w = torch.randn(5, 5, generator=torch.Generator().manual_seed(3)) * 0.1
+
+    def raw(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ w) + sigma[:, None] * 0.01
+
+    loss = dsm_loss(
+        lambda x, s: x - s[:, None] * raw(x, s),
+        x0,
+        0.01,
+        10.0,
+        lambda s: 1 / s**2,
+        None,
+        torch.Generator().manual_seed(4),
+    )
+    gen = torch.Generator().manual_seed(4)
+    sigma = sample_sigma(64, 0.01, 10.0, gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    expected = ((raw(x0 + sigma[:, None] * eps, sigma) - eps) ** 2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_settings_are_validated() -> None:
+    from shared.errors import FedstError
+
+    with pytest.raises(FedstError, match="predict 'draw'"):
+        FlagSettings(predict="draw")
+    with pytest.raises(FedstError, match="precondition 've'"):
+        FlagSettings(precondition="ve")
+    assert (FlagSettings().predict, FlagSettings().precondition) == ("mean", "edm")
+
+
+def test_fitted_model_records_its_preconditioning(fitted) -> None:
+    reg, _ = fitted
+    assert reg.model.config["precondition"] == "edm"
+
+
+def test_mean_prediction_beats_averaged_samples_when_the_image_explains_little() -> None:
+    """Weak signal (a quarter of each gene's variance): averaged samples carry the conditional noise, the
+    conditional mean does not (regressor.py's docstring), so its PCC against fresh noise is clearly higher.
+    The best possible PCC is sqrt(0.36 / 1.36) = 0.51; two averaged ideal samples reach 0.33."""
+    feats, _, coords, sections, genes = _toy_problem(n_per_section=80, n_genes=4, seed=1)
+    rng = np.random.default_rng(5)
+    signal = feats[:, :4] * 0.6
+    expr = (2.0 + signal + rng.normal(size=signal.shape)).astype(np.float32)
+    settings = FlagSettings(preset="tiny", steps=300, batch_crops=2, n_samples=2, sample_steps=6, seed=0)
+    reg = FlagRegressor(settings, device="cpu").fit(feats, expr, coords, sections, genes, mpp=1.0)
+
+    fresh = 2.0 + signal + rng.normal(size=signal.shape)  # same spots, new noise: a held-out measurement
+
+    def pcc(pred: np.ndarray) -> float:
+        return float(np.mean([np.corrcoef(pred[:, g], fresh[:, g])[0, 1] for g in range(expr.shape[1])]))
+
+    mean = pcc(reg.predict(feats, coords, sections, mpp=1.0))
+    sample = pcc(reg.predict(feats, coords, sections, mpp=1.0, mode="sample"))
+    assert mean > 0.3 and mean > sample + 0.06, (mean, sample)

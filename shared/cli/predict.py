@@ -17,6 +17,12 @@ def predict(
     top: int = typer.Option(4, "--top", help="Number of genes (most variable) in the heatmaps."),
     sample_steps: int | None = typer.Option(None, "--sample-steps", help="FLAG: Heun steps (default: the model's)."),
     n_samples: int | None = typer.Option(None, "--n-samples", help="FLAG: samples averaged (default: the model's)."),
+    flag_mode: str | None = typer.Option(
+        None,
+        "--flag-mode",
+        help="FLAG: mean (the denoiser's conditional mean, the default of new models) or sample (the paper's "
+        "averaged ODE samples).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
 ) -> None:
     """Predict expression from H&E; writes AnnData (X = prediction, obsm spatial, truth in layers if measured)."""
@@ -29,8 +35,10 @@ def predict(
 
     require(out.suffix == ".h5ad", f"--out {out}: expected a path ending in .h5ad")
     predictor = load_predictor(model)
-    kw = {k: v for k, v in (("sample_steps", sample_steps), ("n_samples", n_samples)) if v is not None}
-    require(not kw or predictor.kind == "flag", "--sample-steps/--n-samples apply only to FLAG models")
+    flag_options = {"sample_steps": sample_steps, "n_samples": n_samples, "mode": flag_mode}
+    kw = {k: v for k, v in flag_options.items() if v is not None}
+    require(not kw or predictor.kind == "flag", "--sample-steps/--n-samples/--flag-mode apply only to FLAG models")
+    require(flag_mode in (None, "mean", "sample"), f"--flag-mode {flag_mode!r}: expected mean or sample")
     with tempfile.TemporaryDirectory(prefix="fedst-predict-") as tmp:
         if has_manifest(section):  # a damaged manifest is reported as such, not as "not a store"
             store = PatchStore(section)

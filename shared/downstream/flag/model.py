@@ -1,9 +1,15 @@
 """FLAG network: graph transformer over the spots of a crop -> per-spot condition -> gene-token DiT.
 
-The DiT predicts the noise ``eps`` of a variance-exploding perturbation ``x_sigma = x0 + sigma * eps``; the
-score is ``-eps / sigma``, so the sigma^2-weighted denoising score-matching loss equals the plain MSE on
-``eps``. Inputs are scaled by ``c_in = 1 / sqrt(sigma^2 + 1)`` (gene values are z-scored, unit variance) so
-the network sees unit-scale tokens at every noise level; the noise level enters as ``log(sigma) / 4``.
+The DiT's raw output F is turned into the denoiser D(x_sigma) ~ E[x0 | x_sigma] of a variance-exploding
+perturbation ``x_sigma = x0 + sigma * eps`` by ``precondition`` (config ``precondition``):
+  - ``"eps"`` (the paper's): F predicts the noise, D = x - sigma * F, loss weight 1 / sigma^2, i.e. the
+    sigma^2-weighted score loss = plain MSE on eps. An error in F is multiplied by sigma in D, so at
+    sigma_max = 10 the denoiser (the conditional mean the point prediction needs) is learnt worst.
+  - ``"edm"`` (Karras et al. 2022, sigma_data = 1 since genes are z-scored): D = c_skip x + c_out F with
+    c_skip = 1 / (sigma^2 + 1), c_out = sigma / sqrt(sigma^2 + 1), loss weight 1 / c_out^2: F has a unit-scale
+    target at every sigma, and at sigma_max it regresses x0 directly.
+Inputs are scaled by ``c_in = 1 / sqrt(sigma^2 + 1)`` (gene values are z-scored, unit variance) so the network
+sees unit-scale tokens at every noise level; the noise level enters as ``log(sigma) / 4``.
 
 Constructor arguments are the config (saved as config.json beside weights.safetensors, shared/persistence.py);
 data statistics used to standardise features and genes are buffers, so they travel with the weights.
@@ -24,6 +30,7 @@ from shared.persistence import Pretrained
 from ..dit import DiTBlock, modulate, transformer_mlp
 from .graph import N_EDGE_CONDITIONS
 
+PRECONDITIONS = ("eps", "edm")
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(graph_width=32, graph_depth=1, graph_heads=2, dit_width=32, dit_depth=2, dit_heads=2),
     "small": dict(graph_width=128, graph_depth=2, graph_heads=4, dit_width=128, dit_depth=4, dit_heads=4),
@@ -102,6 +109,7 @@ class FlagModel(nn.Module, Pretrained):
         sigma_max: float = 10.0,
         gene_embed_dim: int = 0,
         align_block: int | None = None,
+        precondition: str = "eps",
     ):
         super().__init__()
         require(n_genes >= 1 and feat_dim >= 1, f"FlagModel: n_genes={n_genes}, feat_dim={feat_dim} must be >= 1")
@@ -111,6 +119,7 @@ class FlagModel(nn.Module, Pretrained):
         )
         require(dit_width % dit_heads == 0, f"FlagModel: dit_width {dit_width} not divisible by dit_heads {dit_heads}")
         require(0 < sigma_min < sigma_max, f"FlagModel: need 0 < sigma_min ({sigma_min}) < sigma_max ({sigma_max})")
+        require(precondition in PRECONDITIONS, f"FlagModel: precondition {precondition!r} not in {PRECONDITIONS}")
         if align_block is None:
             align_block = dit_depth // 2
         require(0 <= align_block < dit_depth, f"FlagModel: align_block {align_block} outside 0..{dit_depth - 1}")
@@ -130,7 +139,9 @@ class FlagModel(nn.Module, Pretrained):
             sigma_max=sigma_max,
             gene_embed_dim=gene_embed_dim,
             align_block=align_block,
+            precondition=precondition,
         )
+        self.precondition_kind = precondition
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.use_edge_conditions, self.use_graph = bool(use_edge_conditions), bool(use_graph)
         self.align_block = align_block
@@ -174,7 +185,7 @@ class FlagModel(nn.Module, Pretrained):
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, return_tokens: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Noise prediction for spots: x (S, G) noisy z-scored expression, sigma (S,), cond (S, width)."""
+        """Raw output F (the noise for ``"eps"``): x (S, G) noisy z-scored expression, sigma (S,), cond (S, width)."""
         c_in = 1.0 / torch.sqrt(sigma**2 + 1.0)
         tokens = self.value((x * c_in[:, None])[..., None]) + self.gene_id[None]
         c = self.time(timestep_embedding(torch.log(sigma) / 4.0, tokens.shape[-1])) + cond
@@ -184,9 +195,22 @@ class FlagModel(nn.Module, Pretrained):
             if i == self.align_block:
                 aligned = tokens
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
-        eps = self.final(modulate(self.final_norm(tokens), shift, scale))[..., 0]
-        return (eps, aligned) if return_tokens else eps
+        raw = self.final(modulate(self.final_norm(tokens), shift, scale))[..., 0]
+        return (raw, aligned) if return_tokens else raw
+
+    def precondition(self, x: torch.Tensor, sigma: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """The denoiser D from the network's raw output (module docstring)."""
+        sig = sigma[:, None]
+        if self.precondition_kind == "edm":
+            return x / (sig**2 + 1.0) + raw * sig / torch.sqrt(sig**2 + 1.0)
+        return x - sig * raw
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma) of the denoising loss lambda * || D - x0 ||^2 (unit-scale target for F)."""
+        if self.precondition_kind == "edm":
+            return (sigma**2 + 1.0) / sigma**2
+        return 1.0 / sigma**2
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Tweedie estimate E[x0 | x_sigma] = x + sigma^2 * score = x - sigma * eps."""
-        return x - sigma[:, None] * self.forward(x, sigma, cond)
+        """Tweedie estimate E[x0 | x_sigma] = x + sigma^2 * score (= x - sigma * eps for ``"eps"``)."""
+        return self.precondition(x, sigma, self.forward(x, sigma, cond))

@@ -2,7 +2,9 @@
 
 Forward process: x_sigma = x0 + sigma * eps, sigma from sigma_min = 0.01 to sigma_max = 10 (log-uniform when
 training, i.e. t ~ U(0, 1) with sigma(t) = sigma_min (sigma_max / sigma_min)^t as in Song et al.).
-Loss: sigma^2 * || s(x_sigma) + eps / sigma ||^2 with s = -eps_hat / sigma, i.e. || eps_hat - eps ||^2.
+Loss: sigma^2 * || s(x_sigma) + eps / sigma ||^2 with s = -eps_hat / sigma, i.e. || eps_hat - eps ||^2, written
+on the denoiser D = x - sigma eps_hat as || D - x0 ||^2 / sigma^2 so that other parameterisations of D (the
+model's ``precondition``) plug in with their own weight.
 Sampling: the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (D = Tweedie denoiser) integrated
 with Heun's method on a geometric sigma grid from sigma_max to sigma_min, then one final Tweedie denoise
 at sigma_min. Each step costs two network evaluations (one for the last).
@@ -24,17 +26,22 @@ def sample_sigma(n: int, sigma_min: float, sigma_max: float, generator: torch.Ge
 
 
 def dsm_loss(
-    eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    denoise: Denoiser,
     x0: torch.Tensor,
     sigma_min: float,
     sigma_max: float,
+    weight: Callable[[torch.Tensor], torch.Tensor],
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """sigma^2-weighted denoising score matching; ``mask`` (S, G) drops unmeasured entries from the mean."""
+    """Denoising score matching, weight(sigma) * || D(x0 + sigma eps, sigma) - x0 ||^2 averaged over entries.
+
+    ``weight = 1 / sigma^2`` is the sigma^2-weighted score loss (= || eps_hat - eps ||^2 for an eps-predicting
+    D); ``mask`` (S, G) drops unmeasured entries from the mean.
+    """
     sigma = sample_sigma(len(x0), sigma_min, sigma_max, generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-    err = (eps_model(x0 + sigma[:, None] * eps, sigma) - eps) ** 2
+    err = weight(sigma)[:, None] * (denoise(x0 + sigma[:, None] * eps, sigma) - x0) ** 2
     if mask is None:
         return err.mean()
     return (err * mask).sum() / mask.sum().clamp_min(1.0)
