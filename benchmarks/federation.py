@@ -15,11 +15,13 @@ The SuperLink runs with Flower's in-memory state (the default of server/superlin
 `--state sqlite` (`--database FILE`, what they used before) reproduces the failure of the `base` preset on a busy host:
 SQLite `database is locked` after Flower's fixed 5 s busy timeout -> HTTP 500, which Flower does not retry, so a
 SuperNode leaves, a reply is dropped or the ServerApp exits (see server/procs.FLWR_IN_MEMORY_STATE).
-Modes: ``simulation``; ``deployment`` (a fresh ClientApp process per message, run config ``site-worker = "off"``);
-``deployment-worker`` (each site's long-lived worker, client/worker.py). Targets (issue 14), printed last with
+Modes: ``simulation``; ``deployment``: Flower's path as it was (a fresh ClientApp process per message, one object
+per tensor, 3 s reply polls: run config ``site-worker = "off"``, ``transport = "flower"``); ``deployment-packed``:
+fedst's transport (packed models, prompt polls) with the fresh process; ``deployment-worker``: fedst's transport and
+each site's long-lived worker (client/worker.py), the default in deployment. Targets (issue 14), printed last with
 their ratio to ``deployment`` measured in the same run: tiny per-round overhead <= 5 s, base overhead <= 15 % of
 the round, ClientApp process start (Python + the shim's imports) <= 1 s.
-Usage: python benchmarks/federation.py [--models tiny,base] [--modes simulation,deployment,deployment-worker]
+Usage: python benchmarks/federation.py [--models tiny,base] [--modes simulation,deployment,deployment-packed,...]
        [--rounds 2] [--local-steps 2] [--batch-size 4] [--state memory|sqlite] [--work DIR] [--out report.json]
 """
 
@@ -145,6 +147,7 @@ def federated_rounds(
         "sites-root": str(work / "sites"),
         "max-update-norm": 1e9,
         "site-worker": "required" if mode == "deployment-worker" else "off",
+        "transport": "flower" if mode == "deployment" else "fedst",
     }
     procs = []
     sockets = Path(tempfile.mkdtemp(prefix="fedst-w-"))  # short: a Unix socket path holds 107 bytes
@@ -239,7 +242,7 @@ def round_lines(res: dict, imports: dict[str, float], message_bytes: float) -> l
     lazy_import = max(imports.get("plus-torch-and-c2l", 0.0) - imports.get("handler-and-site", 0.0), 0.0)
     lines = []
     for row in res["rounds"]:
-        moved = lazy_import if res["mode"] == "deployment" else 0.0
+        moved = lazy_import if res["mode"] in ("deployment", "deployment-packed") else 0.0
         compute, overhead = row["compute-s"] - moved, row["overhead-s"] + moved
         note = f" (incl. {moved:.1f} s torch+c2l import moved from the site's timer)" if moved else ""
         steps = steps_for_target({"compute-s": compute, "overhead-s": overhead}, res["local-steps"])
@@ -296,7 +299,7 @@ def target_lines(report: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,base")
-    parser.add_argument("--modes", default="simulation,deployment,deployment-worker")
+    parser.add_argument("--modes", default="simulation,deployment,deployment-packed,deployment-worker")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=2, help="optimiser steps per site per round")
     parser.add_argument("--batch-size", type=int, default=4)

@@ -22,6 +22,16 @@ def run_phase(name: str, msg: Message, context: Context) -> Message:
 
 
 def _run_phase(name: str, msg: Message, context: Context) -> Message:
+    from client.wire import pack_content, unpack_content
+
+    packed = unpack_content(msg.content)
+    reply = _dispatch(name, msg, context)
+    if packed and reply.has_content():
+        pack_content(reply.content)
+    return reply
+
+
+def _dispatch(name: str, msg: Message, context: Context) -> Message:
     from client import worker_link as link
     from shared.contract import site_error_category, site_error_reason
 

@@ -21,7 +21,7 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_mapping(context.run_config)
     run_dir = resolve_run_dir(run, context.run_id)
     try:
-        Workflow(PromptGrid(grid), run, run_dir, context.run_id).run_all()
+        Workflow(grid if run.transport == "flower" else PromptGrid(grid), run, run_dir, context.run_id).run_all()
     except FedstError as exc:
         # One plain line for `flwr log` before Flower's traceback; the run fails with it (`flwr ls`: status-details).
         log(ERROR, "fedst: %s", exc)

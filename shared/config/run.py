@@ -166,6 +166,11 @@ class RunConfig(Section):
         "node config names 'worker-socket', else a fresh ClientApp process) | off (always the fresh process) | "
         "required (fail a site without a worker)",
     )
+    transport: Literal["fedst", "flower"] = Field(
+        "fedst",
+        description="how the ServerApp moves messages: fedst (models packed into one buffer per dtype, replies "
+        "polled promptly; server/prompt_grid.py) | flower (Flower's grid as is: one object per tensor, 3 s polls)",
+    )
     max_update_norm: float = Field(1e4, gt=0, description="L2 norm of (update - global) above which it is rejected")
     max_update_ratio: float = Field(
         5.0, gt=0, description="reject an update whose L2 distance to the global model exceeds this x the model's norm"
