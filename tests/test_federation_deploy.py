@@ -226,8 +226,8 @@ def _numbers(results: dict) -> list:
 @pytest.mark.timeout(600)
 def test_site_worker_serves_the_run_and_matches_the_fresh_process_path(tmp_path):
     """Real SuperLink + SuperNodes, each site with a real `fedst site worker`: a run with ``site-worker =
-    "required"`` is served by the workers and gives the same numbers as a run with ``"off"`` (a fresh ClientApp
-    process per message, Flower's path)."""
+    "required"`` (and packed models) is served by the workers and gives the same numbers as a run with ``"off"``
+    and ``transport = "flower"`` (a fresh ClientApp process per message, one object per tensor: Flower's path)."""
     stores = [
         write_toy_store(
             tmp_path / f"store-{i}",
@@ -254,7 +254,10 @@ def test_site_worker_serves_the_run_and_matches_the_fresh_process_path(tmp_path)
                     start(supernode_command(link.address, node, free_port()), tmp_path / f"sn-{i}.log", env=link.env)
                 )
             for mode in ("required", "off"):
-                overrides = toy_config(tmp_path, **{"run-name": mode, "min-sites": 2, "site-worker": mode})
+                transport = "flower" if mode == "off" else "fedst"  # Flower's path as is vs packed models
+                overrides = toy_config(
+                    tmp_path, **{"run-name": mode, "min-sites": 2, "site-worker": mode, "transport": transport}
+                )
                 run_id = link.submit(REPO, overrides)
                 info = link.wait(run_id, timeout=300)
                 assert info["status"] == "finished:completed", link.logs(run_id)[-3000:]
