@@ -3,8 +3,9 @@
 ``worker-socket``, the message goes to the site's long-lived worker (client/worker.py: torch, the C2L code and the
 store already loaded) and this process imports no torch. Without a worker (``site-worker = "off"``, or none
 configured) the phase runs here, every import beyond Flower's own lazy (client/handlers.py -> client/site.py ->
-torch only when training). Either way it runs under `client.guard.guarded`: a failure leaves the site as a fixed
-code and category, its details stay in the site's log."""
+torch only when training). Models arrive packed (one buffer per dtype, client/wire.py): they are unpacked before
+either path and the reply is packed the same way. Either way the phase runs under `client.guard.guarded`: a
+failure leaves the site as a fixed code and category, its details stay in the site's log."""
 
 from __future__ import annotations
 

@@ -23,6 +23,22 @@ pytestmark = pytest.mark.slow
 PANEL = [f"G{i}" for i in range(6)]
 
 
+def _two_stores(root) -> list:
+    """Two small toy sites (24 spots, 16 tiles) on the test panel."""
+    return [
+        write_toy_store(
+            root / f"store-{i}",
+            n_spots=24,
+            n_tiles=16,
+            panel=PANEL,
+            patch_px=16,
+            seed=i,
+            missing_gene_in_section_b=False,
+        ).path
+        for i in range(2)
+    ]
+
+
 def _script(name: str, *args: str) -> None:
     subprocess.run(["bash", str(REPO / "deploy" / name), *map(str, args)], check=True, capture_output=True, timeout=120)
 
@@ -36,18 +52,7 @@ def test_tls_and_node_auth_multi_phase_run(tmp_path):
     _script("make-certs.sh", certs)
     for name in ("site-0", "site-1", "rogue"):
         _script("make-node-key.sh", keys, name)
-    stores = [
-        write_toy_store(
-            tmp_path / f"store-{i}",
-            n_spots=24,
-            n_tiles=16,
-            panel=PANEL,
-            patch_px=16,
-            seed=i,
-            missing_gene_in_section_b=False,
-        ).path
-        for i in range(2)
-    ]
+    stores = _two_stores(tmp_path)
     started: list[subprocess.Popen] = []
     link = SuperLink(
         tmp_path / "flwr",
@@ -228,18 +233,7 @@ def test_site_worker_serves_the_run_and_matches_the_fresh_process_path(tmp_path)
     """Real SuperLink + SuperNodes, each site with a real `fedst site worker`: a run with ``site-worker =
     "required"`` (and packed models) is served by the workers and gives the same numbers as a run with ``"off"``
     and ``transport = "flower"`` (a fresh ClientApp process per message, one object per tensor: Flower's path)."""
-    stores = [
-        write_toy_store(
-            tmp_path / f"store-{i}",
-            n_spots=24,
-            n_tiles=16,
-            panel=PANEL,
-            patch_px=16,
-            seed=i,
-            missing_gene_in_section_b=False,
-        ).path
-        for i in range(2)
-    ]
+    stores = _two_stores(tmp_path)
     sockets = [Path(f"/tmp/fedst-dw-{os.getpid()}-{i}") / "site.sock" for i in range(2)]
     started: list[subprocess.Popen] = []
     link = SuperLink(tmp_path / "flwr", simulation=False)
