@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client.wire import pack_content as site_pack
 from client.wire import unpack_content as site_unpack
