@@ -351,5 +351,6 @@ def test_start_script_brings_the_site_back_after_a_superlink_restart(tmp_path):
         "data-path": str(store.resolve()),
         "work-dir": str((quoted / "work").resolve()),
         "site": "site-q",
+        "worker-socket": str((quoted / "work").resolve() / "worker" / "site.sock"),  # the script's site worker
     }
     assert not any(family(proc.pid) for proc in [*started, link.proc])
