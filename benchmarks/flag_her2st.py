@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from her2st_predictors import DATA, N_GENES, SECTIONS, hvg_panel, load_section, pcc_zero_var, targets  # noqa: E402
+from her2st_predictors import DATA, N_GENES, SECTIONS, fold_scores, hvg_panel, load_section, targets  # noqa: E402
 
 ABLATIONS = (  # the paper's formulation as first implemented, its fixes one at a time, then ablations of the default
     "precondition=eps+predict=sample+steps=400",
@@ -101,8 +101,6 @@ def run_fold(
     data: dict[str, dict], feats: dict[str, np.ndarray], test: str, variants: list[str], encoder: str
 ) -> dict[str, dict[str, float]]:
     """{method: metrics} for one held-out section: ridge first, then each FLAG variant."""
-    from shared.downstream.graph import moran_weights
-    from shared.downstream.metrics import gsc, ssc
     from shared.downstream.predictor import SpotBatch, train_predictor_on_batch
 
     train_names = [s for s in SECTIONS if s != test]
@@ -120,19 +118,13 @@ def run_fold(
 
     train_batch, Y = batch(train_names)
     test_batch, truth = batch([test])
-    weights = moran_weights(test_batch.coords, k=6)
     out: dict[str, dict[str, float]] = {}
     for name in ["ridge", *variants]:
         t0 = time.time()
         kind, kw = ("ridge", {}) if name == "ridge" else ("flag", parse_variant(name))
         predictor = train_predictor_on_batch(train_batch, Y, panel, kind, encoder, progress=False, **kw)
-        pred = predictor.predict(test_batch)
         out[name] = {
-            "pcc": pcc_zero_var(pred, truth),
-            "gsc": gsc(pred, truth),
-            "ssc": ssc(pred, truth, weights),
-            "mse": float(np.mean((pred - truth) ** 2)),
-            "mse_train_mean": float(np.mean((Y.mean(0) - truth) ** 2)),
+            **fold_scores(predictor.predict(test_batch), truth, Y, test_batch.coords),
             "seconds": time.time() - t0,
         }
         r = out[name]

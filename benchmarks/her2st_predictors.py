@@ -107,6 +107,20 @@ def pcc_zero_var(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.nan_to_num(pcc_per_gene(pred, truth), nan=0.0).mean())
 
 
+def fold_scores(pred: np.ndarray, truth: np.ndarray, train_targets: np.ndarray, coords: np.ndarray) -> dict:
+    """The protocol's metrics of one held-out section's prediction (SSC on its 6-NN Moran weights)."""
+    from shared.downstream.graph import moran_weights
+    from shared.downstream.metrics import gsc, ssc
+
+    return {
+        "pcc": pcc_zero_var(pred, truth),
+        "gsc": gsc(pred, truth),
+        "ssc": ssc(pred, truth, moran_weights(coords, k=6)),
+        "mse": float(np.mean((pred - truth) ** 2)),
+        "mse_train_mean": float(np.mean((train_targets.mean(0) - truth) ** 2)),
+    }
+
+
 def parse_method(spec: str) -> tuple[str, str, dict]:
     kind, _, rest = spec.partition(":")
     encoder, *options = (rest or "stats").split("+")
@@ -126,8 +140,6 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
 
 
 def run_fold(method: str, data: dict[str, dict], test: str) -> dict[str, float]:
-    from shared.downstream.graph import moran_weights
-    from shared.downstream.metrics import gsc, ssc
     from shared.downstream.predictor import SpotBatch, train_predictor_on_batch
 
     kind, encoder, kw = parse_method(method)
@@ -146,15 +158,7 @@ def run_fold(method: str, data: dict[str, dict], test: str) -> dict[str, float]:
     train_batch, Y = batch(train_names)
     test_batch, truth = batch([test])
     predictor = train_predictor_on_batch(train_batch, Y, panel, kind, encoder, progress=False, **kw)
-    pred = predictor.predict(test_batch)
-    weights = moran_weights(test_batch.coords, k=6)
-    return {
-        "pcc": pcc_zero_var(pred, truth),
-        "gsc": gsc(pred, truth),
-        "ssc": ssc(pred, truth, weights),
-        "mse": float(np.mean((pred - truth) ** 2)),
-        "mse_train_mean": float(np.mean((Y.mean(0) - truth) ** 2)),
-    }
+    return fold_scores(predictor.predict(test_batch), truth, Y, test_batch.coords)
 
 
 def plot(results: dict[str, dict], png: Path) -> None:

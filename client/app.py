@@ -41,7 +41,7 @@ def _dispatch(name: str, msg: Message, context: Context) -> Message:
         try:
             status, payload = link.forward(path, msg, context)
         except link.WorkerUnavailable:
-            if context.run_config.get("site-worker") == "required":
+            if link.site_worker_mode(context) == "required":
                 raise
             import logging
 

@@ -31,7 +31,6 @@ MAGIC = b"FEDSTW1\n"
 PROTOCOL = 1
 MAX_FRAME_BYTES = int(os.environ.get("FEDST_WORKER_MAX_BYTES", str(2 << 30)))  # the base preset is ~100 MB
 OK, FAILED, REFUSED = 0, 1, 2
-SITE_WORKER_MODES = ("auto", "off", "required")
 
 
 class WorkerUnavailable(SiteWorkerError):
@@ -75,15 +74,18 @@ def header() -> bytes:
     return json.dumps({"protocol": PROTOCOL, "fedst": fedst_version()}).encode()
 
 
+def site_worker_mode(context: Context) -> str:
+    """Run config ``site-worker``, read without pydantic (this module is imported in every ClientApp process)."""
+    return str(context.run_config.get("site-worker", "auto"))
+
+
 def site_worker_socket(context: Context) -> Path | None:
     """The worker socket this run should use, or None for the in-process (fresh ClientApp) path.
 
     Run config ``site-worker``: ``auto`` (default: the worker when the node config names ``worker-socket``),
     ``off`` (always in-process), ``required`` (a site without a worker fails the message).
     """
-    mode = str(context.run_config.get("site-worker", "auto"))
-    if mode not in SITE_WORKER_MODES:
-        raise WorkerRefused(f"run config 'site-worker' is {mode!r} (expected one of {', '.join(SITE_WORKER_MODES)})")
+    mode = site_worker_mode(context)  # validated by the ServerApp's RunConfig before any message is sent
     if mode == "off":
         return None
     path = context.node_config.get(WORKER_SOCKET)

@@ -13,7 +13,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from server.prompt_grid import PromptGrid
+    from server.transport import TransportGrid
     from server.workflow import Workflow, resolve_run_dir
     from shared.config import RunConfig
     from shared.errors import FedstError
@@ -21,7 +21,7 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_mapping(context.run_config)
     run_dir = resolve_run_dir(run, context.run_id)
     try:
-        Workflow(grid if run.transport == "flower" else PromptGrid(grid), run, run_dir, context.run_id).run_all()
+        Workflow(grid if run.transport == "flower" else TransportGrid(grid), run, run_dir, context.run_id).run_all()
     except FedstError as exc:
         # One plain line for `flwr log` before Flower's traceback; the run fails with it (`flwr ls`: status-details).
         log(ERROR, "fedst: %s", exc)

@@ -1,4 +1,4 @@
-"""fedst's wire format for models (shared/packing.py, client/wire.py, server/prompt_grid.py): exact round trips,
+"""fedst's wire format for models (shared/packing.py, client/wire.py, server/transport.py): exact round trips,
 one object per dtype instead of one per tensor, and a peer's layout checked, never trusted."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client.wire import pack_content as site_pack
 from client.wire import unpack_content as site_unpack
-from server.prompt_grid import pack_content as server_pack
-from server.prompt_grid import unpack_content as server_unpack
 from server.strategy import arrays_to_numpy, numpy_to_arrays
+from server.transport import pack_content as server_pack
+from server.transport import unpack_content as server_unpack
 from shared.errors import ContractError
 from shared.packing import PREFIX, RECORD, pack, unpack
 

@@ -38,7 +38,10 @@ def predict(
     flag_options = {"sample_steps": sample_steps, "n_samples": n_samples, "mode": flag_mode}
     kw = {k: v for k, v in flag_options.items() if v is not None}
     require(not kw or predictor.kind == "flag", "--sample-steps/--n-samples/--flag-mode apply only to FLAG models")
-    require(flag_mode in (None, "mean", "sample"), f"--flag-mode {flag_mode!r}: expected mean or sample")
+    if flag_mode is not None:
+        from shared.downstream.flag.regressor import PREDICT_MODES
+
+        require(flag_mode in PREDICT_MODES, f"--flag-mode {flag_mode!r}: expected one of {', '.join(PREDICT_MODES)}")
     with tempfile.TemporaryDirectory(prefix="fedst-predict-") as tmp:
         if has_manifest(section):  # a damaged manifest is reported as such, not as "not a store"
             store = PatchStore(section)

@@ -169,7 +169,7 @@ class RunConfig(Section):
     transport: Literal["fedst", "flower"] = Field(
         "fedst",
         description="how the ServerApp moves messages: fedst (models packed into one buffer per dtype, replies "
-        "polled promptly; server/prompt_grid.py) | flower (Flower's grid as is: one object per tensor, 3 s polls)",
+        "polled promptly; server/transport.py) | flower (Flower's grid as is: one object per tensor, 3 s polls)",
     )
     max_update_norm: float = Field(1e4, gt=0, description="L2 norm of (update - global) above which it is rejected")
     max_update_ratio: float = Field(

@@ -24,8 +24,8 @@ from shared.errors import ContractError
 from shared.packing import PACKED_MESSAGE_TYPES, RECORD, pack, unpack
 
 
-class PromptGrid(Grid):
-    """Flower's grid with a prompt `send_and_receive`."""
+class TransportGrid(Grid):
+    """Flower's grid whose `send_and_receive` packs fedst's models and pulls replies promptly."""
 
     def __init__(self, inner: Grid, first_poll_s: float = 0.05, max_poll_s: float = 1.0):
         self.inner = inner
