@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.demo import run_demo
+from server.demo import run_demo, simulation_resources
 from server.results import load_results
 
 pytestmark = pytest.mark.slow
@@ -58,3 +58,16 @@ def test_c2l_backend_runs_every_phase_through_a_flower_simulation(tmp_path: Path
         "site-1/report/report.md",
     ]
     assert any(line.strip() == "status: completed" for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("sites", "cpus", "expected"),
+    [
+        (3, 2, "num_supernodes=3 client_resources_num_cpus=1 init_args_num_cpus=3"),  # no site waits for a core
+        (2, 2, "num_supernodes=2 client_resources_num_cpus=1 init_args_num_cpus=2"),
+        (3, 16, "num_supernodes=3 client_resources_num_cpus=5 init_args_num_cpus=16"),  # cores shared out
+        (1, 1, "num_supernodes=1 client_resources_num_cpus=1 init_args_num_cpus=1"),
+    ],
+)
+def test_every_simulated_site_runs_at_once_with_its_share_of_the_cores(sites: int, cpus: int, expected: str):
+    assert simulation_resources(sites, cpus) == expected
