@@ -156,10 +156,13 @@ def _ema_state(ema, model) -> dict[str, Any]:
 
 
 def model_overrides(args) -> dict[str, Any]:
-    if not args.channels:
-        return {}
-    channels = [int(c) for c in args.channels.split(",")]
-    return {"block_out_channels": channels, "norm_num_groups": min(8, min(channels) // 4)}
+    overrides: dict[str, Any] = {}
+    if args.channels:
+        channels = [int(c) for c in args.channels.split(",")]
+        overrides.update(block_out_channels=channels, norm_num_groups=min(8, min(channels) // 4))
+    if args.head_dim:
+        overrides["attention_head_dim"] = args.head_dim
+    return overrides
 
 
 def evaluate(name, snap, weights, sampler_spec, args, real_f, h_threshold) -> tuple[dict, np.ndarray]:
@@ -228,6 +231,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--channels", default="", help="override the tiny preset's block_out_channels, e.g. 48,96")
+    parser.add_argument("--head-dim", type=int, default=0, help="override the tiny preset's attention_head_dim")
     parser.add_argument("--n-samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -434,3 +434,56 @@ def test_audit_features_are_rotation_and_flip_invariant_unlike_the_stats_encoder
     np.testing.assert_allclose(image_features(flipped, 32), base, rtol=1e-5, atol=1e-6)
     encoder = create_encoder("stats", device="cpu")
     assert not np.allclose(encoder.embed(turned), encoder.embed(patches), rtol=1e-3, atol=1e-4)
+
+
+def test_attention_film_keeps_zero_init_contract_and_reaches_every_attention_block(central):
+    from shared.c2l.modulation import attention_norm_channels, create_conditioned, film_channels
+
+    panel = [f"G{i}" for i in range(5)]
+    model = create_conditioned(central, panel, attention_film=True)
+    assert len(attention_norm_channels(central)) == 4  # the fixture's 4 attention blocks
+    assert len(model.modulation.film) == len(film_channels(central)) + 4
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 500, 999])
+    expr, mask = torch.rand(3, 5) * 4, torch.ones(3, 5)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, expr, mask), central(x, t))  # zero-initialised: the central model exactly
+        for layer in model.modulation.film[-4:]:  # only the attention sites move
+            torch.nn.init.normal_(layer.weight, std=0.5)
+        moved = model(x, t, expr, mask)
+        assert not torch.allclose(moved, central(x, t), atol=1e-4)
+        assert not torch.allclose(moved, model(x, t, expr * 0.1, mask), atol=1e-4)  # and it follows the genes
+    plain = create_conditioned(central, panel)
+    assert model.trainable_parameters() - plain.trainable_parameters() == sum(
+        32 * 2 * c + 2 * c for c in attention_norm_channels(central)
+    )
+
+
+@pytest.mark.slow
+def test_attention_film_adapts_under_dp_and_round_trips(tmp_path, central, toy_store):
+    from shared.c2l.adapt import adapt
+    from shared.c2l.dp import DPConfig
+    from shared.c2l.modulation import create_conditioned, load_adapter, load_adapter_config, save_adapter
+
+    before = _state(central)
+    model, summary = adapt(
+        central,
+        toy_store,
+        steps=2,
+        batch_size=8,
+        seed=0,
+        attention_film=True,
+        progress=False,
+        dp=DPConfig(noise_multiplier=1.0),
+    )
+    assert summary["epsilon"] > 0 and all(torch.equal(model.central.state_dict()[k], v) for k, v in before.items())
+    assert all(float(layer.weight.detach().abs().sum()) > 0 for layer in model.modulation.film[-4:])
+    save_adapter(model, tmp_path / "ad")
+    assert load_adapter_config(tmp_path / "ad")["attention_channels"] == [32, 32, 32, 32]
+    loaded = load_adapter(central, tmp_path / "ad")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 700])
+    e, m = torch.rand(2, 8), torch.ones(2, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, e, m), model.eval()(x, t, e, m))
+    plain = create_conditioned(central, model.panel)  # an adapter without the attention sites does not take them
+    with pytest.raises(RuntimeError):
+        plain.modulation.load_state_dict(model.modulation.state_dict())

@@ -66,6 +66,7 @@ def adapt_model(central, store: PatchStore, settings: AdaptConfig, dp: DPConfig 
         timestep_power=settings.timestep_power,
         lora_rank=settings.lora_rank,
         lora_alpha=settings.lora_alpha or None,
+        attention_film=settings.attention_film,
     )
     kwargs.update(extra)
     return adapt(central, store, seed=seed, dp=target, progress=False, **kwargs)
@@ -155,7 +156,13 @@ class C2LBackend:
         a = self.run.adapt
         return _to_numpy(
             create_conditioned(
-                self.central(central), panel, a.hidden_dim, a.embed_dim, a.lora_rank, a.lora_alpha or None
+                self.central(central),
+                panel,
+                a.hidden_dim,
+                a.embed_dim,
+                a.lora_rank,
+                a.lora_alpha or None,
+                a.attention_film,
             ).modulation.state_dict()
         )
 
@@ -243,7 +250,7 @@ class C2LBackend:
 
         a = self.run.adapt
         model = create_conditioned(
-            self.central(central), panel, a.hidden_dim, a.embed_dim, a.lora_rank, a.lora_alpha or None
+            self.central(central), panel, a.hidden_dim, a.embed_dim, a.lora_rank, a.lora_alpha or None, a.attention_film
         )
         model.modulation.load_state_dict(_to_torch(adapter_state))
         return model

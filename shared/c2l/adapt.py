@@ -66,6 +66,7 @@ def adapt(
     timestep_power: float = 0.3,
     lora_rank: int = 0,
     lora_alpha: float | None = None,
+    attention_film: bool = False,
     privacy_ledger: PrivacyLedger | None = None,
     ledger_label: str = "adapt",
     on_advance: Callable[[int, int], None] | None = None,
@@ -81,7 +82,8 @@ def adapt(
     density), so that is where the modulation learns; 0.3 (the default) with a v-prediction central (every
     preset's) learns a clear gene signal in 200 steps where uniform timesteps with epsilon prediction learn
     almost none. `lora_rank > 0`
-    also trains LoRA adapters on the attention projections (counted in the trainable fraction).
+    also trains LoRA adapters on the attention projections (counted in the trainable fraction);
+    `attention_film` also lets the genes modulate every attention block's normalised input (adaLN-style).
     With `privacy_ledger` (DP with a target epsilon), this call's steps are recorded in the site's ledger before
     the first step and refused when they would take the site past `dp.target_epsilon`; the summary's `epsilon` is
     then the cumulative spend, `epsilon_round` this call's alone. `on_advance(done, steps)` runs after each step,
@@ -107,7 +109,9 @@ def adapt(
         cumulative = privacy_ledger.spend(dp_plan, steps, budget=float(dp.target_epsilon), label=ledger_label)
     dev = default_device(device)
     torch.manual_seed(int(seed))
-    model = create_conditioned(copy.deepcopy(central).cpu(), store.panel, hidden_dim, embed_dim, lora_rank, lora_alpha)
+    model = create_conditioned(
+        copy.deepcopy(central).cpu(), store.panel, hidden_dim, embed_dim, lora_rank, lora_alpha, attention_film
+    )
     if initial_modulation is not None:
         load_state_strict(model.modulation, initial_modulation, "adapt: initial modulation")
     model = model.to(dev)
@@ -229,6 +233,7 @@ def adapt(
         "cond_dropout": cond_dropout,
         "timestep_power": timestep_power,
         "lora_rank": lora_rank,
+        "attention_film": attention_film,
         "epsilon": summary["epsilon"],
         "delta": summary["delta"],
         "dp": summary["dp"],

@@ -7,6 +7,11 @@ The FiLM layers start at zero, so before adaptation the conditioned model equals
 The all-missing condition (mask = 0) is the null condition used by condition dropout and classifier-free
 guidance.
 
+Optionally (`attention_film`) the gene embedding also drives an adaptive GroupNorm in every attention block
+(adaLN-style, as DiT and gene-conditioned histology generators condition every block): a zero-initialised
+(scale, shift) on the attention's normalised input, so the genes steer what attention mixes, not only the
+ResNet outputs. Same zero-init contract, and plain nn.Linear layers for Opacus.
+
 Optionally (`lora_rank > 0`) low-rank adapters on the attention projections (to_q, to_k, to_v, to_out) add a
 site-specific, gene-independent correction W x + B A x; B starts at zero, so the zero-init contract holds.
 Hand-written (two bias-free nn.Linear per projection, applied by forward hooks like FiLM) rather than peft:
@@ -39,6 +44,21 @@ def _resnet_blocks(central: CentralDiffusion) -> list[tuple[str, nn.Module]]:
     from diffusers.models.resnet import ResnetBlock2D
 
     return [(n, m) for n, m in central.unet.named_modules() if isinstance(m, ResnetBlock2D)]
+
+
+def attention_norm_channels(central: CentralDiffusion) -> list[int]:
+    """Channels of every attention block's input GroupNorm, in module order (the adaptive-norm sites)."""
+    return [int(m.num_channels) for _, m in _attention_norms(central)]
+
+
+def _attention_norms(central: CentralDiffusion) -> list[tuple[str, nn.GroupNorm]]:
+    from diffusers.models.attention_processor import Attention
+
+    return [
+        (f"{n}.group_norm", m.group_norm)
+        for n, m in central.unet.named_modules()
+        if isinstance(m, Attention) and isinstance(m.group_norm, nn.GroupNorm)
+    ]
 
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -86,7 +106,7 @@ class GeneModulation(nn.Module, Pretrained):
     kind = "c2l-adapter"
     config_name = ADAPTER_CONFIG
     weights_name = ADAPTER_WEIGHTS
-    optional_config_keys = ("lora_rank", "lora_layers", "lora_alpha")  # absent from adapters without LoRA
+    optional_config_keys = ("lora_rank", "lora_layers", "lora_alpha", "attention_channels")  # absent when unused
 
     def __init__(
         self,
@@ -97,6 +117,7 @@ class GeneModulation(nn.Module, Pretrained):
         lora_rank: int = 0,
         lora_layers: Sequence[Sequence] | None = None,
         lora_alpha: float | None = None,
+        attention_channels: Sequence[int] | None = None,
     ):
         super().__init__()
         if lora_rank < 0 or (lora_rank > 0 and not lora_layers):
@@ -116,13 +137,16 @@ class GeneModulation(nn.Module, Pretrained):
                 lora_alpha=float(lora_alpha or lora_rank),
                 lora_layers=[[str(n), int(i), int(o)] for n, i, o in lora_layers],
             )
+        if attention_channels:  # likewise only when used
+            self.config["attention_channels"] = [int(c) for c in attention_channels]
         n_genes = len(self.config["panel"])
         if n_genes == 0:
             raise FedstError("gene modulation: empty gene panel")
         self.encoder = nn.Sequential(
             nn.Linear(2 * n_genes, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, embed_dim), nn.SiLU()
         )
-        self.film = nn.ModuleList(nn.Linear(embed_dim, 2 * c) for c in self.config["channels"])
+        sites = self.config["channels"] + self.config.get("attention_channels", [])
+        self.film = nn.ModuleList(nn.Linear(embed_dim, 2 * c) for c in sites)
         for layer in self.film:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -138,8 +162,12 @@ class GeneModulation(nn.Module, Pretrained):
     def panel(self) -> list[str]:
         return self.config["panel"]
 
+    @property
+    def attention_film(self) -> bool:
+        return bool(self.config.get("attention_channels"))
+
     def forward(self, expression: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-block (scale, shift), each (B, C)."""
+        """Per-site (scale, shift), each (B, C): the ResNet blocks, then the attention norms (if any)."""
         mask = mask.to(expression.dtype)
         embedding = self.encoder(torch.cat([expression * mask, mask], dim=1))
         out = []
@@ -162,13 +190,14 @@ class ConditionedDiffusion(nn.Module):
             raise FedstError("adapter does not fit the central model: its FiLM channels differ from the UNet's blocks")
         if modulation.lora_rank and modulation.config["lora_layers"] != lora_layers(central):
             raise FedstError("adapter does not fit the central model: its LoRA layers differ from the UNet's attention")
+        if modulation.attention_film and modulation.config["attention_channels"] != attention_norm_channels(central):
+            raise FedstError("adapter does not fit the central model: its attention norms differ from the UNet's")
         self.central = central
         self.modulation = modulation
         self._film: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.info: dict[str, Any] = {}  # provenance carried along (epsilon, store, training summary)
-        self._handles = [
-            module.register_forward_hook(self._make_hook(i)) for i, (_, module) in enumerate(_resnet_blocks(central))
-        ]
+        film_sites = _resnet_blocks(central) + (_attention_norms(central) if modulation.attention_film else [])
+        self._handles = [module.register_forward_hook(self._make_hook(i)) for i, (_, module) in enumerate(film_sites)]
         if modulation.lora_rank:
             self._handles += [
                 module.register_forward_hook(self._make_lora_hook(i))
@@ -181,7 +210,8 @@ class ConditionedDiffusion(nn.Module):
             if self._film is None:
                 return None
             scale, shift = self._film[index]
-            return output * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+            trailing = (1,) * (output.dim() - 2)  # (B, C, H, W) after a ResNet block, (B, C, H*W) in attention
+            return output * (1 + scale.view(*scale.shape, *trailing)) + shift.view(*shift.shape, *trailing)
 
         return hook
 
@@ -232,10 +262,14 @@ def create_conditioned(
     embed_dim: int = 32,
     lora_rank: int = 0,
     lora_alpha: float | None = None,
+    attention_film: bool = False,
 ) -> ConditionedDiffusion:
-    """Zero-initialised modulation for `central`; `lora_rank > 0` adds LoRA on every attention projection."""
+    """Zero-initialised modulation for `central`; `lora_rank > 0` adds LoRA on every attention projection,
+    `attention_film` the gene-driven adaptive norm in every attention block."""
     if lora_rank and not lora_layers(central):
         raise FedstError("lora_rank > 0 but the central UNet has no attention blocks to adapt")
+    if attention_film and not attention_norm_channels(central):
+        raise FedstError("attention_film but the central UNet has no attention blocks to modulate")
     modulation = GeneModulation(
         panel,
         film_channels(central),
@@ -244,6 +278,7 @@ def create_conditioned(
         lora_rank=lora_rank,
         lora_layers=lora_layers(central) if lora_rank else None,
         lora_alpha=lora_alpha,
+        attention_channels=attention_norm_channels(central) if attention_film else None,
     )
     return ConditionedDiffusion(central, modulation)
 

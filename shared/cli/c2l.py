@@ -88,6 +88,9 @@ def adapt(
         0.3, help="t = T u^power: < 1 favours the high-noise steps where the genes matter"
     ),
     lora_rank: int = typer.Option(0, min=0, help="also train rank-r LoRA on the attention projections (0: FiLM only)"),
+    attention_film: bool = typer.Option(
+        False, "--attention-film", help="the genes also modulate every attention block's input norm (adaLN-style)"
+    ),
     dp_epsilon: float | None = typer.Option(None, "--dp-epsilon", help="train with DP-SGD to this epsilon"),
     dp_delta: float | None = typer.Option(None, "--dp-delta", help="default: min(1e-5, 0.1 / n_spots)"),
     dp_max_grad_norm: float = typer.Option(1.0, "--dp-max-grad-norm"),
@@ -126,6 +129,7 @@ def adapt(
         device=device,
         timestep_power=timestep_power,
         lora_rank=lora_rank,
+        attention_film=attention_film,
     )
     save_adapter(model, out, central_dir=str(central))
     loss_curve(summary["losses"], out / "loss.png", "adaptation" + (" (DP)" if dp else ""))

@@ -67,6 +67,9 @@ class AdaptConfig(Section):
     timestep_power: float = Field(0.3, gt=0, description="timesteps drawn as T * u**power (< 1: more high-noise steps)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank on the central model's attention (0: off)")
     lora_alpha: float = Field(0.0, ge=0, description="LoRA scale numerator (0: the rank)")
+    attention_film: bool = Field(
+        False, description="the genes also modulate every attention block's input norm (adaLN-style), not only ResNets"
+    )
     hidden_dim: int = Field(64, ge=1, description="width of the modulation network")
     embed_dim: int = Field(32, ge=1, description="gene-embedding width of the modulation network")
     augmentation: bool = Field(True, description="random flips/rotations of the spot patches")
