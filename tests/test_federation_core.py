@@ -117,7 +117,9 @@ def test_run_config_coerces_and_rejects():
     nested = RunConfig.from_mapping({"pretrain": {"rounds": 2, "lr": 2e-4}, "adapt.lr": 5e-4, "paths": {"run-name": 7}})
     assert (nested.pretrain.rounds, nested.pretrain.lr, nested.adapt.lr, nested.paths.run_name) == (2, 2e-4, 5e-4, "7")
     assert RunConfig.from_mapping(nested.to_dict()) == nested
-    with pytest.raises(FedstError, match=r"unknown key 'round-pretrain' \(known keys: adapt.augmentation"):
+    with pytest.raises(
+        FedstError, match=r"unknown key 'round-pretrain' \(known keys: adapt.attention-film, adapt.augmentation"
+    ):
         RunConfig.from_mapping({"round-pretrain": 3})
     with pytest.raises(FedstError, match="unknown key 'pretrain.round'"):
         RunConfig.from_mapping({"pretrain": {"round": 3}})
