@@ -150,20 +150,16 @@ class C2LBackend:
     def initial_adapter(self, central: dict[str, np.ndarray], panel: list[str]) -> dict[str, np.ndarray]:
         import torch
 
+        torch.manual_seed(0)
+        return _to_numpy(self._fresh_conditioned(central, panel).modulation.state_dict())
+
+    def _fresh_conditioned(self, central: dict[str, np.ndarray], panel: list[str]):
+        """A conditioned model of the run's adapt settings, its modulation fresh (FiLM at zero)."""
         from shared.c2l.modulation import create_conditioned
 
-        torch.manual_seed(0)
         a = self.run.adapt
-        return _to_numpy(
-            create_conditioned(
-                self.central(central),
-                panel,
-                a.hidden_dim,
-                a.embed_dim,
-                a.lora_rank,
-                a.lora_alpha or None,
-                a.attention_film,
-            ).modulation.state_dict()
+        return create_conditioned(
+            self.central(central), panel, a.hidden_dim, a.embed_dim, a.lora_rank, a.lora_alpha or None, a.attention_film
         )
 
     def pretrain(
@@ -246,12 +242,7 @@ class C2LBackend:
         return _to_numpy(model.modulation.state_dict()), metrics
 
     def conditioned(self, central, adapter_state, panel):
-        from shared.c2l.modulation import create_conditioned
-
-        a = self.run.adapt
-        model = create_conditioned(
-            self.central(central), panel, a.hidden_dim, a.embed_dim, a.lora_rank, a.lora_alpha or None, a.attention_film
-        )
+        model = self._fresh_conditioned(central, panel)
         model.modulation.load_state_dict(_to_torch(adapter_state))
         return model
 
